@@ -1,0 +1,47 @@
+"""The ``diffuse`` command line: thin typer commands over :class:`~diffuse_engine.Engine`.
+
+Each sub-module adds its commands with ``register(app)``; installed plugins add theirs
+through the ``diffuse_register_commands`` hook. Errors a user can fix print one line
+and exit with status 2; ``--debug`` (anywhere on the line) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..plugins import make_plugin_manager
+from . import common, plugins_cmd, registry_cmd, run_cmd
+
+#: modules contributing built-in commands, in help order
+COMMAND_MODULES = [run_cmd, plugins_cmd, registry_cmd]
+
+
+def build_app(with_plugin_commands: bool = True) -> typer.Typer:
+    """The typer application with built-in and (optionally) plugin commands."""
+    app = typer.Typer(name="diffuse", no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False,
+                      help="Score-based generative modelling with SDEs, built from plugins.")
+
+    @app.callback()
+    def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+        common.STATE.debug = debug
+
+    for module in COMMAND_MODULES:
+        module.register(app)
+    if with_plugin_commands:
+        try:
+            pm, _ = make_plugin_manager()
+            pm.hook.diffuse_register_commands(app=app)
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            common.err(f"warning: plugin commands unavailable: {exc}")
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``diffuse`` console script and ``python -m diffuse_engine``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:  # accept --debug anywhere, as a global option
+        args = ["--debug"] + [a for a in args if a != "--debug"]
+    build_app()(args=args, prog_name="diffuse")

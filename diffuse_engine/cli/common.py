@@ -1,0 +1,79 @@
+"""Shared CLI plumbing: one-line errors, engine construction, tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import DiffuseError
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+STATE = _State()
+console = Console()
+err_console = Console(stderr=True)
+
+
+def err(message: str) -> None:
+    """Print one line to stderr (no markup interpretation)."""
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn user-fixable errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DiffuseError as exc:
+            if STATE.debug:
+                raise
+            err(f"error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+RegistryOpt = typer.Option(None, "--registry", "-r", help="extra registry file(s), merged "
+                           "over the default", exists=False)
+SetOpt = typer.Option(None, "--set", "-s", help="KEY=VALUE override: FIELD, KIND.FIELD or "
+                      "KIND.NAME.FIELD (repeatable)")
+
+
+def make_engine(registry: Optional[list[Path]] = None, sets: Optional[list[str]] = None):
+    """An Engine from CLI options (imported lazily so `--help` stays fast)."""
+    from ..engine import Engine
+    return Engine(registry=registry or [], sets=sets or [])
+
+
+def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> None:
+    """Print a rich table to stdout."""
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*(fmt(v) for v in row))
+    console.print(table)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return "" if v is None else str(v)

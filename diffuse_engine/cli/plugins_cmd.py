@@ -1,0 +1,45 @@
+"""``diffuse plugins``: what is installed, from where, and what failed."""
+
+from __future__ import annotations
+
+import typer
+
+from .common import console, handle_errors, make_engine, print_table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def plugins(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                             help="also list hooks and config schemas")):
+        """List plugins (distribution, version, status) and the implementations they add."""
+        from ..plugins import REGISTRATION_HOOKS
+        engine = make_engine()
+        rows = []
+        for info in engine.plugin_infos:
+            status = "ok" if info.ok else f"FAILED: {info.error}"
+            rows.append((info.name, info.distribution, info.version,
+                         "built-in" if info.builtin else "", status,
+                         ", ".join(h.removeprefix("diffuse_") for h in info.hooks) if verbose else ""))
+        cols = ["plugin", "distribution", "version", "", "status"] + (["hooks"] if verbose else [])
+        print_table("plugins", [r[:len(cols)] for r in rows], cols)
+        impl_rows = []
+        for kind in REGISTRATION_HOOKS:
+            for name in engine.catalogue.names(kind):
+                p = engine.catalogue.provided(kind, name)
+                impl_rows.append((kind, name, p.provider, (p.cls.__doc__ or "").strip().split("\n")[0]))
+        print_table("implementations", impl_rows, ["kind", "name", "plugin", "description"])
+        if verbose:
+            for kind in REGISTRATION_HOOKS:
+                for name in engine.catalogue.names(kind):
+                    cls = engine.catalogue.get(kind, name)
+                    fields = cls.Config.model_fields
+                    if not fields:
+                        continue
+                    console.print(f"[bold]{kind}.{name}[/bold] config:")
+                    for fname, f in fields.items():
+                        ann = getattr(f.annotation, "__name__", str(f.annotation))
+                        console.print(f"  {fname}: {ann} = {f.default!r}  {f.description or ''}",
+                                      markup=False, highlight=False)
+        if any(not i.ok for i in engine.plugin_infos):
+            raise typer.Exit(1)

@@ -1,0 +1,234 @@
+"""The Engine: the public Python API every CLI command is a thin layer over.
+
+``Engine()`` loads plugins (entry points plus any passed in), builds the catalogue of
+implementations, and merges and validates the registry. ``build`` turns registry
+entries into components; ``sample`` runs a solver. No global state: two engines
+with different plugins coexist in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .component import Component
+from .errors import DiffuseError, IncompatibleError, NumericalError, RegistryError
+from .plugins import Catalogue, PluginInfo, make_plugin_manager
+from .progress import progress_bar
+from .registry import Registry, RunPreset, parse_assignment
+from .score import CallableScore, CountingScore, ScoreModel
+from .sde import SDE
+from .solver import Solver
+
+#: kinds whose components are bound to an SDE when built
+SDE_BOUND = ("score", "loss")
+
+
+@dataclass
+class SamplingResult:
+    """Samples plus what it took to make them."""
+
+    samples: Tensor
+    nfe: int
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+    sde: SDE | None = None
+    score: Any = None
+
+
+class ScoreBoundary:
+    """Checks a score function's output once per call (shape and dtype, no device
+    sync) and counts evaluations. Wraps every score the engine hands a solver."""
+
+    def __init__(self, fn, name: str):
+        self.fn = fn
+        self.name = name
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        out = self.fn(x, t)
+        if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+            got = (f"shape {tuple(out.shape)} dtype {out.dtype}" if isinstance(out, Tensor)
+                   else type(out).__name__)
+            raise DiffuseError(f"score model {self.name!r} returned {got}; expected a tensor "
+                               f"of the input's shape {tuple(x.shape)} and dtype {x.dtype}")
+        return out
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, Path)):
+        return [v]
+    return list(v)
+
+
+class Engine:
+    """Plugins + catalogue + registry; builds components and samples.
+
+    ``registry``: extra registry file(s) merged over the built-in default.
+    ``plugins``: objects with ``@hookimpl`` functions, registered without entry points.
+    ``autoload``: also load third-party entry-point plugins (built-ins always load).
+    ``sets``: ``"KEY=VALUE"`` strings as on the command line; ``KIND.NAME.FIELD=V``
+    changes the registry, a bare ``FIELD=V`` (or ``KIND.FIELD=V``) overrides the
+    entries chosen by each call.
+    """
+
+    def __init__(self, registry: str | Path | Sequence[str | Path] | None = None,
+                 plugins: Iterable[Any] = (), *, autoload: bool = True,
+                 sets: Iterable[str] = ()):
+        self.pm, self.plugin_infos = make_plugin_manager(plugins, autoload)
+        self.catalogue = Catalogue.from_plugin_manager(self.pm, self.plugin_infos)
+        qualified, self.set_overrides = [], {}
+        for item in sets:
+            key, value = parse_assignment(item)
+            if key.count(".") == 2:
+                qualified.append((key, value))
+            else:
+                self.set_overrides[key] = value
+        self.registry = Registry.load(_as_list(registry), self.catalogue, sets=qualified)
+
+    @property
+    def hook(self):
+        """The pluggy hook relay, for firing events (``engine.hook.diffuse_run_end``)."""
+        return self.pm.hook
+
+    def has_observers(self, hook_name: str) -> bool:
+        """Whether any plugin implements ``hook_name`` (so per-step events cost nothing)."""
+        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
+    # ---- building -------------------------------------------------------------
+    def resolve(self, kind: str, name: str, **overrides):
+        """``(class, validated config)`` for entry ``[kind.name]`` with ``overrides``."""
+        return self.registry.resolve(kind, name, overrides)
+
+    def build(self, kind: str, name: str, *, sde: SDE | None = None, **overrides) -> Component:
+        """Build the component of registry entry ``[kind.name]`` (or implementation
+        ``name`` with its defaults). Score models and losses need ``sde=``."""
+        cls, config = self.resolve(kind, name, **overrides)
+        if kind == "sde":
+            obj = cls(config)
+            if config.kernel is not None:
+                obj.attach_kernel(self.build("kernel", config.kernel, sde=obj))
+            return obj
+        if kind == "kernel":
+            return cls(config, sde=sde)
+        if kind in SDE_BOUND:
+            if sde is None:
+                raise TypeError(f"building a {kind} needs sde=")
+            return cls(config, sde=sde)
+        if kind == "solver":
+            return cls(config, catalogue=self.catalogue)
+        return cls(config)
+
+    def route_overrides(self, chosen: Mapping[str, type], overrides: Mapping[str, Any]
+                        ) -> dict[str, dict[str, Any]]:
+        """Send each ``FIELD`` or ``KIND.FIELD`` override to the chosen entry that has it."""
+        routed: dict[str, dict[str, Any]] = {k: {} for k in chosen}
+        for key, value in {**self.set_overrides, **overrides}.items():
+            kind, _, fname = key.rpartition(".")
+            if kind:
+                if kind not in chosen:
+                    raise RegistryError(f"override {key}: {kind!r} is not part of this call; "
+                                        f"use one of: {', '.join(chosen)}")
+                targets = [kind]
+            else:
+                targets = [k for k, cls in chosen.items() if fname in cls.Config.model_fields]
+            if not targets:
+                allowed = sorted({f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields})
+                raise RegistryError(f"override {key!r}: no chosen entry has that field; "
+                                    f"allowed: {', '.join(allowed)}")
+            if len(targets) > 1:
+                raise RegistryError(f"override {key!r} is ambiguous; qualify it as one of "
+                                    + ", ".join(f"{k}.{fname}" for k in targets))
+            routed[targets[0]][fname] = value
+        return routed
+
+    # ---- sampling -------------------------------------------------------------
+    def sample(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
+               shape: int | Sequence[int] = 1000, seed: int = 0, **kwargs) -> Tensor:
+        """Samples ``shape`` (or ``(shape, *data_dims)`` for an int) from ``score``.
+
+        ``score`` is a callable ``fn(x, t)``, a :class:`ScoreModel`, or a registry name.
+        Remaining keyword arguments: ``device``, ``dtype``, ``progress`` and registry
+        field overrides of the chosen entries (``steps=``, ``snr=``, ...).
+        """
+        return self.sampling(score=score, sde=sde, solver=solver, shape=shape, seed=seed,
+                             **kwargs).samples
+
+    def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
+                 shape: int | Sequence[int] = 1000, seed: int = 0, *,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 progress: bool = False, **overrides) -> SamplingResult:
+        """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config)."""
+        device = torch.device(device or "cpu")
+        sde_cls, _ = self.resolve("sde", sde)
+        solver_cls, _ = self.resolve("solver", solver)
+        if isinstance(score, str):
+            score_cls, _ = self.resolve("score", score)
+        elif isinstance(score, ScoreModel):
+            score_cls = type(score)
+        else:
+            score_cls = CallableScore
+        routed = self.route_overrides({"sde": sde_cls, "solver": solver_cls,
+                                       "score": score_cls}, overrides)
+        sde_obj = self.build("sde", sde, **routed["sde"])
+        solver_obj = self.build("solver", solver, **routed["solver"])
+        if isinstance(score, str):
+            score_obj = self.build("score", score, sde=sde_obj, **routed["score"])
+        elif isinstance(score, ScoreModel):
+            score_obj = score
+        elif callable(score):
+            score_obj = CallableScore(score, sde=sde_obj, **routed["score"])
+        else:
+            raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
+                               f"name, not {type(score).__name__}")
+        solver_obj.check(sde_obj)
+        if isinstance(shape, int):
+            data_shape = getattr(score_obj, "data_shape", None)
+            if data_shape is None:
+                raise DiffuseError("shape=int needs a score model that knows its data shape; "
+                                   "pass shape=(n, *dims)")
+            shape = (shape, *data_shape)
+        shape = tuple(int(s) for s in shape)
+        if hasattr(score_obj, "to"):
+            score_obj = score_obj.to(device)
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        x = sde_obj.prior_sample(shape, generator=gen, device=device, dtype=dtype)
+        counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)
+        config = {"sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
+                  "solver": {"name": solver, "type": solver_cls.name,
+                             **solver_obj.config.model_dump()},
+                  "score": {"name": score if isinstance(score, str) else score_cls.name,
+                            **score_obj.config.model_dump(mode="json")},
+                  "shape": list(shape), "seed": seed, "device": str(device),
+                  "dtype": str(dtype).removeprefix("torch.")}
+        observe = self.has_observers("diffuse_sampling_step")
+        steps = solver_obj.config.steps
+        start = time.perf_counter()
+        with progress_bar(steps, f"sampling {sde}/{solver}", enabled=progress) as bar:
+            callback = None
+            if bar is not None or observe:
+                hook = self.pm.hook.diffuse_sampling_step
+
+                def callback(step: int, total: int, t: float) -> None:
+                    if bar is not None:
+                        bar(step, t=t)
+                    if observe:
+                        hook(step=step, total=total, t=t)
+            with torch.no_grad():
+                out = solver_obj.sample(counted, sde_obj, x, generator=gen, callback=callback)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
+            raise NumericalError(f"{bad} of {out.shape[0]} samples are NaN/Inf after "
+                                 f"{solver!r} on {sde!r}; try more steps or a smaller snr")
+        return SamplingResult(out, counted.calls, seconds, config, sde_obj, score_obj)

@@ -1,0 +1,159 @@
+"""Every hook a diffuse-engine plugin can implement, in one place.
+
+Plugins are Python objects (usually modules) with functions marked
+``@diffuse_engine.hookimpl`` whose names match the specs below. They are found through
+the entry-point group ``diffuse_engine.plugins`` or passed as ``Engine(plugins=[...])``.
+
+Two families of hooks:
+
+* **Registration hooks** (``diffuse_register_*``) are called once when an engine is
+  created. Each returns a list of implementation *classes*; every class declares a
+  ``name`` unique within its kind and a pydantic ``Config``. Two classes with the same
+  kind and name are an error naming both providers.
+* **Event hooks** are called for coarse events (run start and end, a checkpoint
+  written) and, only when some plugin implements them, once per sampling or training
+  step. No tensor computation is ever routed through a hook: solver loops are plain
+  tensor code.
+
+Shape and time conventions shared by all components: data ``x`` is ``(B, *dims)``;
+times ``t`` are ``(B,)`` tensors on ``x``'s device with ``x``'s dtype, continuous in
+``[eps, T]`` with ``T = 1`` by default; the forward SDE runs from data at ``t = 0`` to
+noise at ``T``, samplers run backwards from ``T`` to ``eps``. For the discrete DDPM
+chain, step ``i`` of ``N`` is ``t = i / N``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "diffuse_engine"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------
+# Registration: forward processes
+# ---------------------------------------------------------------------------------
+@hookspec
+def diffuse_register_sdes():
+    """Return SDE classes (subclasses of :class:`diffuse_engine.SDE`).
+
+    An SDE gives the drift ``f(x, t)`` (same shape as ``x``), the diffusion ``g(t)``
+    ``(B,)``, its Gaussian perturbation kernel ``marginal(t) -> (mean_coeff, std)``
+    each ``(B,)``, the prior at ``T`` (``prior_sample``, ``prior_log_prob`` -> ``(B,)``)
+    and the discretisations used by the predictors. Results keep ``x``'s dtype and
+    device. Time runs forward (data at 0, noise at ``T``).
+    """
+
+
+@hookspec
+def diffuse_register_kernels():
+    """Return perturbation-kernel classes (:class:`diffuse_engine.PerturbationKernel`).
+
+    A kernel is built for one SDE and gives ``marginal(t) -> (mean_coeff, std)`` for
+    ``t`` of shape ``(B,)``. Selected per SDE entry with ``kernel = "NAME"``; replaces
+    the SDE's closed form.
+    """
+
+
+# ---------------------------------------------------------------------------------
+# Registration: models and objectives
+# ---------------------------------------------------------------------------------
+@hookspec
+def diffuse_register_score_models():
+    """Return score-model classes (:class:`diffuse_engine.ScoreModel`).
+
+    Built as ``cls(config, sde=sde)``; calling the model with ``x`` ``(B, *dims)`` and
+    ``t`` ``(B,)`` returns ``grad_x log p_t(x)`` of ``x``'s shape, dtype and device.
+    ``forward`` may instead output epsilon or x0 per ``config.parameterisation``.
+    """
+
+
+@hookspec
+def diffuse_register_losses():
+    """Return loss classes (:class:`diffuse_engine.Loss`).
+
+    Built as ``cls(config, sde=sde)``; ``loss(model, x0, generator)`` returns a scalar
+    tensor for a data batch ``x0`` ``(B, *dims)``, sampling ``t`` in ``[eps, T]``.
+    """
+
+
+@hookspec
+def diffuse_register_datasets():
+    """Return dataset classes (:class:`diffuse_engine.Dataset`).
+
+    ``sample(n, generator)`` returns float tensors ``(n, *shape)`` on the CPU; the
+    engine moves batches to the run's device.
+    """
+
+
+# ---------------------------------------------------------------------------------
+# Registration: solvers
+# ---------------------------------------------------------------------------------
+@hookspec
+def diffuse_register_solvers():
+    """Return sampler classes (:class:`diffuse_engine.Solver`).
+
+    ``sample(score, sde, x_T, generator=, callback=)`` integrates from ``x_T`` (a prior
+    sample, ``(B, *dims)``) at time ``T`` down to ``eps`` and returns samples of the
+    same shape. ``check(sde)`` raises ``IncompatibleError`` for unsupported SDEs; the
+    engine calls it when it builds the pair, before sampling.
+    """
+
+
+@hookspec
+def diffuse_register_predictors():
+    """Return predictor classes for the PC sampler (:class:`diffuse_engine.Predictor`).
+
+    ``step(x, t, t_next, score, sde, generator) -> (x, x_mean)`` moves from ``t`` to
+    ``t_next < t``; ``t`` and ``t_next`` are ``(B,)`` tensors.
+    """
+
+
+@hookspec
+def diffuse_register_correctors():
+    """Return corrector classes for the PC sampler (:class:`diffuse_engine.Corrector`).
+
+    ``step(x, t, score, sde, generator) -> (x, x_mean)`` runs ``config.steps`` MCMC
+    steps targeting ``p_t`` at fixed ``t`` ``(B,)``.
+    """
+
+
+# ---------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------
+@hookspec
+def diffuse_register_commands(app):
+    """Add commands to the ``diffuse`` typer application ``app`` (``app.command()``)."""
+
+
+# ---------------------------------------------------------------------------------
+# Events (observers). Return values are ignored.
+# ---------------------------------------------------------------------------------
+@hookspec
+def diffuse_run_start(run):
+    """A run begins. ``run`` is a dict with ``command``, ``out`` (a path or None) and
+    ``config`` (the fully resolved configuration, JSON-serialisable)."""
+
+
+@hookspec
+def diffuse_run_end(run, metrics):
+    """A run finished successfully; ``metrics`` is the dict written to metrics.json."""
+
+
+@hookspec
+def diffuse_sampling_step(step, total, t):
+    """Sampling step ``step`` of ``total`` reached time ``t`` (a float).
+
+    Called only if some plugin implements it, so it costs nothing otherwise.
+    """
+
+
+@hookspec
+def diffuse_training_step(step, loss):
+    """Training step ``step`` finished with ``loss`` (a float). Called only if implemented."""
+
+
+@hookspec
+def diffuse_checkpoint_saved(path, step):
+    """A checkpoint was written completely (atomically) to ``path`` at ``step``."""

@@ -1,0 +1,72 @@
+"""Run folders that are either complete or visibly incomplete, never half-written.
+
+A run writes into ``NAME.partial/`` and is renamed to ``NAME/`` only when it finished;
+``status.json`` inside says ``complete: true``. An interrupted or failed run leaves
+``NAME.partial/`` with ``complete: false`` and the error. Existing outputs are only
+replaced when ``overwrite`` is set, and then only after the new run has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputExistsError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+class RunFolder:
+    """Context manager: ``with RunFolder(out, overwrite) as folder: folder.path / ...``."""
+
+    def __init__(self, final: str | Path, overwrite: bool = False):
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.path = self.final.with_name(self.final.name + ".partial")
+        self.started = time.time()
+
+    def __enter__(self) -> "RunFolder":
+        if self.final.exists() and not self.overwrite:
+            raise OutputExistsError(f"output {self.final} already exists; pass --overwrite "
+                                    "to replace it or choose another --out")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        write_json(self.path / "status.json", {"complete": False, "started": self.started})
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            write_json(self.path / "status.json", {"complete": True, "started": self.started,
+                                                   "finished": time.time()})
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            os.replace(self.path, self.final)
+        else:
+            reason = "interrupted" if exc_type is KeyboardInterrupt else f"{exc_type.__name__}: {exc}"
+            write_json(self.path / "status.json", {"complete": False, "started": self.started,
+                                                   "error": reason})
+        return False

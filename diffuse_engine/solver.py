@@ -1,0 +1,102 @@
+"""Solver contracts: samplers, and the predictors and correctors of the PC sampler.
+
+Time runs backwards in sampling: a solver starts from ``x_T`` drawn from the SDE's
+prior and integrates down to ``eps``. Time grids are lists of Python floats computed
+once before the loop, so the loop never syncs with the device to read a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Optional
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .component import Component, ComponentConfig
+from .score import ScoreFn
+from .sde import SDE
+
+#: ``callback(step, total_steps, t)`` after each solver step; used for progress bars
+#: and per-step observers. It receives Python numbers only.
+StepCallback = Callable[[int, int, float], None]
+
+
+class SolverConfig(ComponentConfig):
+    """Fields every solver accepts."""
+
+    steps: int = Field(1000, ge=1, description="number of time steps from T to eps")
+    eps: Optional[float] = Field(None, gt=0, lt=1,
+                                 description="smallest time; default: the SDE's sampling_eps")
+    denoise: bool = Field(True, description="final Tweedie denoising step at eps")
+
+
+class Solver(Component):
+    """Base class of samplers: ``sample(score, sde, x_T, generator=...) -> x_0``."""
+
+    kind: ClassVar[str] = "solver"
+    Config: ClassVar[type[ComponentConfig]] = SolverConfig
+
+    def __init__(self, config: SolverConfig | None = None, *, catalogue=None, **fields):
+        super().__init__(config, **fields)
+        self.catalogue = catalogue
+
+    def check(self, sde: SDE) -> None:
+        """Raise :class:`~diffuse_engine.errors.IncompatibleError` if ``sde`` is unusable."""
+
+    def eps(self, sde: SDE) -> float:
+        return self.config.eps if self.config.eps is not None else sde.sampling_eps
+
+    def time_grid(self, sde: SDE) -> list[float]:
+        """``steps + 1`` decreasing times from ``T`` to ``eps``, uniform in ``t``."""
+        T, eps, n = sde.T, self.eps(sde), self.config.steps
+        return [T + (eps - T) * i / n for i in range(n + 1)]
+
+    def sample(self, score: ScoreFn, sde: SDE, x: Tensor, *,
+               generator: torch.Generator | None = None,
+               callback: StepCallback | None = None) -> Tensor:
+        """Integrate from ``x`` (a prior sample at ``T``) down to ``eps``; return samples."""
+        raise NotImplementedError
+
+    def finish(self, score: ScoreFn, sde: SDE, x: Tensor, t: float) -> Tensor:
+        """Apply the optional final Tweedie denoising at time ``t``."""
+        if not self.config.denoise:
+            return x
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        return sde.denoise(x, score(x, tt), tt)
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator``."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class Predictor(Component):
+    """One reverse-time step ``t -> t_next < t``; returns ``(x, x_mean)``."""
+
+    kind: ClassVar[str] = "predictor"
+
+    def check(self, sde: SDE) -> None:
+        """Raise if this predictor cannot step ``sde``."""
+
+    def step(self, x: Tensor, t: Tensor, t_next: Tensor, score: ScoreFn, sde: SDE,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class CorrectorConfig(ComponentConfig):
+    """Fields every corrector accepts (set through the PC solver's entry)."""
+
+    snr: float = Field(0.16, gt=0, description="target signal-to-noise ratio")
+    steps: int = Field(1, ge=0, description="corrector steps per time step")
+
+
+class Corrector(Component):
+    """MCMC steps at a fixed ``t`` targeting ``p_t``; returns ``(x, x_mean)``."""
+
+    kind: ClassVar[str] = "corrector"
+    Config: ClassVar[type[ComponentConfig]] = CorrectorConfig
+
+    def step(self, x: Tensor, t: Tensor, score: ScoreFn, sde: SDE,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError

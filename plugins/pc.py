@@ -1,0 +1,66 @@
+"""The predictor-corrector sampler (Song et al. 2021, Alg. 1).
+
+At each of ``steps`` times from ``T`` down to ``eps`` it runs the corrector at ``t`` and
+then the predictor from ``t`` to the next time, and finishes with an optional Tweedie
+denoising step at ``eps``. Score evaluations: ``steps * (p + corrector_steps)`` with
+``p = 1`` unless the predictor is ``none``, plus one for the final denoising.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field, model_validator
+
+from diffuse_engine import ComponentRef, Solver, SolverConfig, hookimpl
+
+
+class PCConfig(SolverConfig):
+    predictor: Annotated[str, ComponentRef("predictor")] = Field(
+        "reverse_diffusion", description="predictor name")
+    corrector: Annotated[str, ComponentRef("corrector")] = Field(
+        "langevin", description="corrector name")
+    snr: float = Field(0.16, gt=0, description="corrector signal-to-noise ratio")
+    corrector_steps: int = Field(1, ge=0, description="corrector steps per time step")
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if self.predictor == "none" and (self.corrector == "none" or self.corrector_steps == 0):
+            raise ValueError("predictor and corrector cannot both be none")
+        return self
+
+
+class PCSampler(Solver):
+    """Predictor-corrector sampling of the reverse-time SDE."""
+
+    name = "pc"
+    Config = PCConfig
+
+    def __init__(self, config=None, *, catalogue=None, **fields):
+        super().__init__(config, catalogue=catalogue, **fields)
+        c = self.config
+        self.predictor = catalogue.get("predictor", c.predictor)()
+        self.corrector = catalogue.get("corrector", c.corrector)(
+            snr=c.snr, steps=c.corrector_steps)
+
+    def check(self, sde):
+        self.predictor.check(sde)
+
+    def sample(self, score, sde, x, *, generator=None, callback=None):
+        grid = self.time_grid(sde)
+        steps = len(grid) - 1
+        B = x.shape[0]
+        full = lambda v: torch.full((B,), v, device=x.device, dtype=x.dtype)  # noqa: E731
+        for i in range(steps):
+            t, t_next = full(grid[i]), full(grid[i + 1])
+            x, _ = self.corrector.step(x, t, score, sde, generator)
+            x, _ = self.predictor.step(x, t, t_next, score, sde, generator)
+            if callback is not None:
+                callback(i + 1, steps, grid[i + 1])
+        return self.finish(score, sde, x, grid[-1])
+
+
+@hookimpl
+def diffuse_register_solvers():
+    return [PCSampler]

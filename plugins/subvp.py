@@ -1,0 +1,40 @@
+"""Sub-variance-preserving SDE (Song et al. 2021, eq. 12).
+
+``dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw``: the same
+mean as VP, with kernel std ``1 - exp(-int beta)``, always below VP's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffuse_engine import SDE, hookimpl
+from diffuse_plugins.vp import BetaConfig
+
+
+class SubVPSDE(SDE):
+    """Sub-VP SDE with a linear beta schedule."""
+
+    name = "subvp"
+    Config = BetaConfig
+
+    def beta(self, t):
+        return self.config.beta_min + t * (self.config.beta_max - self.config.beta_min)
+
+    def beta_integral(self, t):
+        return self.config.beta_min * t + 0.5 * t**2 * (self.config.beta_max - self.config.beta_min)
+
+    def drift_coeff(self, t):
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t):
+        return (self.beta(t) * -torch.expm1(-2 * self.beta_integral(t))).sqrt()
+
+    def marginal(self, t):
+        b = self.beta_integral(t)
+        return torch.exp(-0.5 * b), -torch.expm1(-b)
+
+
+@hookimpl
+def diffuse_register_sdes():
+    return [SubVPSDE]
