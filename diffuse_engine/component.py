@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict
 
 
 class ComponentConfig(BaseModel):
-    """Base of every implementation's config: unknown fields are errors."""
+    """Base of every implementation's config: unknown fields are errors, and so are
+    NaN and infinite floats (a registry value of ``inf`` only ever ends in NaN samples)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
+                              allow_inf_nan=False)
 
 
 class ComponentRef:

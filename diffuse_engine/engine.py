@@ -8,6 +8,7 @@ with different plugins coexist in one process.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .component import Component
+from .devices import check_device
 from .errors import DiffuseError, IncompatibleError, NumericalError, RegistryError
 from .plugins import Catalogue, PluginInfo, make_plugin_manager
 from .progress import progress_bar
@@ -53,11 +55,13 @@ class ScoreBoundary:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
         out = self.fn(x, t)
-        if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
-            got = (f"shape {tuple(out.shape)} dtype {out.dtype}" if isinstance(out, Tensor)
-                   else type(out).__name__)
+        if (not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype
+                or out.device != x.device):
+            got = (f"shape {tuple(out.shape)} dtype {out.dtype} on {out.device}"
+                   if isinstance(out, Tensor) else type(out).__name__)
             raise DiffuseError(f"score model {self.name!r} returned {got}; expected a tensor "
-                               f"of the input's shape {tuple(x.shape)} and dtype {x.dtype}")
+                               f"of the input's shape {tuple(x.shape)} and dtype {x.dtype} "
+                               f"on {x.device}")
         return out
 
 
@@ -167,7 +171,13 @@ class Engine:
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                  progress: bool = False, **overrides) -> SamplingResult:
         """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config)."""
-        device = torch.device(device or "cpu")
+        device = check_device(device or "cpu")
+        try:
+            seed = operator.index(seed)
+        except TypeError:
+            raise DiffuseError(f"seed must be an integer, not {seed!r}") from None
+        if not 0 <= seed < 2**63:
+            raise DiffuseError(f"seed must be in [0, 2**63), not {seed}")
         sde_cls, _ = self.resolve("sde", sde)
         solver_cls, _ = self.resolve("solver", solver)
         if isinstance(score, str):

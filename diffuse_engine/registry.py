@@ -53,7 +53,7 @@ class RunPreset(BaseModel):
     score: str = Field("gmm", description="score-model entry (or implementation) name")
     data: Optional[str] = Field(None, description="dataset entry to train on / compare to")
     n: int = Field(20000, ge=1, description="number of samples")
-    seed: int = Field(0, description="random seed")
+    seed: int = Field(0, ge=0, lt=2**63, description="random seed")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
 
 
@@ -75,7 +75,11 @@ class Entry:
         return {k: v for k, v in self.fields.items() if k != "type"}
 
     def where(self, key: str | None = None) -> str:
-        src = self.sources.get(key or "type") or next(iter(self.sources.values()), "?")
+        if key is None:  # an entry-level problem: name every source that shaped it
+            src = " + ".join(dict.fromkeys(self.sources.values())) or "?"
+        else:
+            src = self.sources.get(key) or self.sources.get("type") or \
+                next(iter(self.sources.values()), "?")
         return f"{src}: [{self.kind}.{self.name}]"
 
 
@@ -185,6 +189,10 @@ class Registry:
         if entry.type is None:
             raise RegistryError(f"{entry.where()} type: missing; choices: "
                                 + ", ".join(self.catalogue.names(kind)))
+        if not isinstance(entry.type, str):
+            raise RegistryError(f"{entry.where('type')} type: must be a string naming an "
+                                f"implementation (got {entry.type!r}); choices: "
+                                + ", ".join(self.catalogue.names(kind)))
         if not self.catalogue.has(kind, entry.type):
             raise RegistryError(f"{entry.where('type')} type: "
                                 + self.catalogue.unknown_message(kind, entry.type))
@@ -200,7 +208,10 @@ class Registry:
     def preset(self, name: str, overrides: dict[str, Any] | None = None) -> RunPreset:
         """The validated ``[run.NAME]`` preset."""
         entry = self.entry(RUN_TABLE, name)
-        fields = {**entry.fields, **(overrides or {})}
+        if overrides:
+            entry = Entry(RUN_TABLE, name, {**entry.fields, **overrides},
+                          {**entry.sources, **{k: "command line" for k in overrides}})
+        fields = entry.fields
         try:
             preset = RunPreset.model_validate(fields)
         except ValidationError as exc:

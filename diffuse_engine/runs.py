@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .errors import DiffuseError
 from .mixture import GaussianMixture, mode_statistics
 from .outputs import RunFolder, atomic_write_bytes, write_json
 from .plotting import plot_samples
@@ -65,7 +66,8 @@ def execute_run(engine: Engine, plan: RunPlan, out: str | Path, *, overwrite: bo
                 progress: bool = False, sample_format: str = "pt") -> dict[str, Any]:
     """Sample per ``plan`` into run folder ``out``; return the metrics dict."""
     if sample_format not in SAMPLE_FORMATS:
-        raise ValueError(f"sample format {sample_format!r}; choices: {', '.join(SAMPLE_FORMATS)}")
+        raise DiffuseError(f"unknown sample format {sample_format!r}; choices: "
+                           f"{', '.join(SAMPLE_FORMATS)}")
     with RunFolder(out, overwrite) as folder:
         engine.hook.diffuse_run_start(run={"command": "run", "out": str(out),
                                            "config": plan.as_dict()})

@@ -30,7 +30,7 @@ class MixtureConfig(ScoreConfig):
     radius: float = Field(2.0, gt=0, description="ring radius / spread of random centres")
     std: float = Field(0.1, gt=0, description="smallest mode std (ring, random)")
     dim: int = Field(2, ge=1, description="dimension (random layout)")
-    seed: int = Field(0, description="seed of the random layout")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the random layout")
     means: Optional[list[list[float]]] = Field(None, description="explicit means (K x d)")
     stds: Optional[list[float]] = Field(None, description="explicit per-mode stds (K)")
     weights: Optional[list[float]] = Field(None, description="explicit weights (K), normalised")

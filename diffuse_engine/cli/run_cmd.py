@@ -62,15 +62,5 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
-    from ..errors import DiffuseError
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DiffuseError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffuseError(f"device {device!r} requested but CUDA is not available here; "
-                           "use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise DiffuseError(f"unsupported device {device!r}; use cpu, cuda or mps")
+    from ..devices import check_device
+    check_device(device)
