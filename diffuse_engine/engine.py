@@ -20,6 +20,7 @@ from torch import Tensor
 from .component import Component
 from .devices import check_device
 from .errors import DiffuseError, IncompatibleError, NumericalError, RegistryError
+from .faults import FiniteWatch, NonFiniteSeen, locate
 from .plugins import Catalogue, PluginInfo, make_plugin_manager
 from .progress import progress_bar
 from .registry import Registry, RunPreset, parse_assignment
@@ -82,11 +83,13 @@ class Engine:
     ``sets``: ``"KEY=VALUE"`` strings as on the command line; ``KIND.NAME.FIELD=V``
     changes the registry, a bare ``FIELD=V`` (or ``KIND.FIELD=V``) overrides the
     entries chosen by each call.
+    ``allow_imports``: let registry entries name ``type = "package.module:Class"``
+    (imports code; off by default, see :mod:`diffuse_engine.trust`).
     """
 
     def __init__(self, registry: str | Path | Sequence[str | Path] | None = None,
                  plugins: Iterable[Any] = (), *, autoload: bool = True,
-                 sets: Iterable[str] = ()):
+                 sets: Iterable[str] = (), allow_imports: bool = False):
         self.pm, self.plugin_infos = make_plugin_manager(plugins, autoload)
         self.catalogue = Catalogue.from_plugin_manager(self.pm, self.plugin_infos)
         qualified, self.set_overrides = [], {}
@@ -96,7 +99,8 @@ class Engine:
                 qualified.append((key, value))
             else:
                 self.set_overrides[key] = value
-        self.registry = Registry.load(_as_list(registry), self.catalogue, sets=qualified)
+        self.registry = Registry.load(_as_list(registry), self.catalogue, sets=qualified,
+                                      allow_imports=allow_imports)
 
     @property
     def hook(self):
@@ -169,8 +173,16 @@ class Engine:
     def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
                  shape: int | Sequence[int] = 1000, seed: int = 0, *,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 progress: bool = False, **overrides) -> SamplingResult:
-        """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config)."""
+                 progress: bool = False, check_every: int = 0, **overrides) -> SamplingResult:
+        """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
+
+        NaN/Inf in the samples raises :class:`NumericalError` naming the step, time and
+        component where it first appeared (located by a replay, see :mod:`.faults`);
+        ``check_every=k`` also checks every ``k`` score calls to stop a bad run early.
+        """
+        if not isinstance(check_every, int) or check_every < 0:
+            raise DiffuseError(f"check_every must be an integer >= 0 (0: check at the end "
+                               f"only), not {check_every!r}")
         device = check_device(device or "cpu")
         try:
             seed = operator.index(seed)
@@ -232,13 +244,22 @@ class Engine:
                         bar(step, t=t)
                     if observe:
                         hook(step=step, total=total, t=t)
-            with torch.no_grad():
-                out = solver_obj.sample(counted, sde_obj, x, generator=gen, callback=callback)
+            scored = FiniteWatch(counted, check_every) if check_every else counted
+            try:
+                with torch.no_grad():
+                    out = solver_obj.sample(scored, sde_obj, x, generator=gen, callback=callback)
+            except NonFiniteSeen:
+                out = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        if not torch.isfinite(out).all():
-            bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
-            raise NumericalError(f"{bad} of {out.shape[0]} samples are NaN/Inf after "
-                                 f"{solver!r} on {sde!r}; try more steps or a smaller snr")
+        if out is None or not torch.isfinite(out).all():
+            def replay(score_fn, step_callback):  # the same run, from the same seed
+                g = torch.Generator(device=device).manual_seed(seed)
+                x_T = sde_obj.prior_sample(shape, generator=g, device=device, dtype=dtype)
+                with torch.no_grad():
+                    return solver_obj.sample(score_fn, sde_obj, x_T, generator=g,
+                                             callback=step_callback)
+            raise locate(replay, counted, score_name=counted.name, solver_name=solver,
+                         sde_name=sde, steps=getattr(solver_obj.config, "steps", None))
         return SamplingResult(out, counted.calls, seconds, config, sde_obj, score_obj)

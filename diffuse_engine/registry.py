@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .component import ComponentConfig, ComponentRef
 from .errors import RegistryError
 from .plugins import Catalogue
+from .trust import import_implementation, is_import_path, refuse_import
 
 #: registry tables whose entries name implementations in the catalogue
 COMPONENT_TABLES = ("sde", "kernel", "score", "loss", "data", "solver")
@@ -134,15 +135,20 @@ def check_refs(config: BaseModel, catalogue: Catalogue, where: str) -> None:
 class Registry:
     """Merged and validated registry entries (``kind -> name -> Entry``) and presets."""
 
-    def __init__(self, entries: dict[str, dict[str, Entry]], catalogue: Catalogue):
+    def __init__(self, entries: dict[str, dict[str, Entry]], catalogue: Catalogue, *,
+                 allow_imports: bool = False):
         self.entries = entries
         self.catalogue = catalogue
+        #: whether ``type = "package.module:Class"`` may import code (see :mod:`.trust`)
+        self.allow_imports = allow_imports
 
     # ---- loading --------------------------------------------------------------
     @classmethod
     def load(cls, files: Iterable[str | Path], catalogue: Catalogue, *,
-             sets: Iterable[tuple[str, Any]] = (), with_default: bool = True) -> "Registry":
-        """Merge the default registry, ``files`` and qualified ``sets``; validate all."""
+             sets: Iterable[tuple[str, Any]] = (), with_default: bool = True,
+             allow_imports: bool = False) -> "Registry":
+        """Merge the default registry, ``files`` and qualified ``sets``; validate all.
+        ``allow_imports`` lets a ``type`` be an import path (off: files are data)."""
         entries: dict[str, dict[str, Entry]] = {}
         if with_default:
             _merge(entries, tomllib.loads(default_registry_text()), DEFAULT_SOURCE)
@@ -153,7 +159,7 @@ class Registry:
             if len(parts) != 3:
                 raise RegistryError(f"--set {key}: expected KIND.NAME.FIELD")
             _merge(entries, {parts[0]: {parts[1]: {parts[2]: value}}}, f"--set {key}")
-        reg = cls(entries, catalogue)
+        reg = cls(entries, catalogue, allow_imports=allow_imports)
         reg.validate()
         return reg
 
@@ -193,10 +199,15 @@ class Registry:
             raise RegistryError(f"{entry.where('type')} type: must be a string naming an "
                                 f"implementation (got {entry.type!r}); choices: "
                                 + ", ".join(self.catalogue.names(kind)))
-        if not self.catalogue.has(kind, entry.type):
+        if is_import_path(entry.type):
+            if not self.allow_imports:
+                raise refuse_import(entry.where("type"), entry.type, self.catalogue.names(kind))
+            impl = import_implementation(entry.type, kind, entry.where("type"))
+        elif not self.catalogue.has(kind, entry.type):
             raise RegistryError(f"{entry.where('type')} type: "
                                 + self.catalogue.unknown_message(kind, entry.type))
-        impl = self.catalogue.get(kind, entry.type)
+        else:
+            impl = self.catalogue.get(kind, entry.type)
         try:
             config = impl.Config.model_validate(entry.config_fields)
         except ValidationError as exc:

@@ -25,8 +25,12 @@ def build_app(with_plugin_commands: bool = True) -> typer.Typer:
                       help="Score-based generative modelling with SDEs, built from plugins.")
 
     @app.callback()
-    def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+              allow_imports: bool = typer.Option(
+                  False, "--allow-imports", help="let registry files name "
+                  "type = \"package.module:Class\" (runs that code: trusted files only)")):
         common.STATE.debug = debug
+        common.STATE.allow_imports = allow_imports
 
     for module in COMMAND_MODULES:
         module.register(app)
@@ -42,6 +46,7 @@ def build_app(with_plugin_commands: bool = True) -> typer.Typer:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``diffuse`` console script and ``python -m diffuse_engine``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:  # accept --debug anywhere, as a global option
-        args = ["--debug"] + [a for a in args if a != "--debug"]
+    for flag in ("--allow-imports", "--debug"):  # global options, accepted anywhere
+        if flag in args:
+            args = [flag] + [a for a in args if a != flag]
     build_app()(args=args, prog_name="diffuse")

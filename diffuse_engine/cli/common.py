@@ -18,6 +18,7 @@ from ..errors import DiffuseError
 @dataclass
 class _State:
     debug: bool = False
+    allow_imports: bool = False
 
 
 STATE = _State()
@@ -58,7 +59,7 @@ SetOpt = typer.Option(None, "--set", "-s", help="KEY=VALUE override: FIELD, KIND
 def make_engine(registry: Optional[list[Path]] = None, sets: Optional[list[str]] = None):
     """An Engine from CLI options (imported lazily so `--help` stays fast)."""
     from ..engine import Engine
-    return Engine(registry=registry or [], sets=sets or [])
+    return Engine(registry=registry or [], sets=sets or [], allow_imports=STATE.allow_imports)
 
 
 def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> None:
