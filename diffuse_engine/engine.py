@@ -130,7 +130,10 @@ class Engine:
         if kind in SDE_BOUND:
             if sde is None:
                 raise TypeError(f"building a {kind} needs sde=")
-            return cls(config, sde=sde)
+            obj = cls(config, sde=sde)
+            if hasattr(obj, "bind_engine"):  # e.g. a checkpoint score building its network
+                obj.bind_engine(self)
+            return obj
         if kind == "solver":
             return cls(config, catalogue=self.catalogue)
         return cls(config)
@@ -157,6 +160,44 @@ class Engine:
                                     + ", ".join(f"{k}.{fname}" for k in targets))
             routed[targets[0]][fname] = value
         return routed
+
+    # ---- training -------------------------------------------------------------
+    def train(self, data: str | None = None, sde: str | None = None, model: str | None = None,
+              loss: str | None = None, **kwargs) -> ScoreModel:
+        """Train a score model; returns it with EMA weights, ready for ``sample(score=)``.
+
+        See :meth:`training` for the arguments.
+        """
+        return self.training(data=data, sde=sde, model=model, loss=loss, **kwargs).model
+
+    def training(self, data: str | None = None, sde: str | None = None,
+                 model: str | None = None, loss: str | None = None, *,
+                 preset: str = "default", out: str | Path | None = None,
+                 resume: bool = False, overwrite: bool = False, progress: bool = False,
+                 **overrides):
+        """Train per ``[train.PRESET]`` with the given entries; a ``TrainResult``.
+
+        ``overrides`` are training settings (``steps=``, ``lr=``, ``batch_size=``, ...,
+        see :class:`~diffuse_engine.training.TrainSettings`) or fields of the chosen
+        data/sde/score/loss entries (``hidden=``, ``likelihood_weighting=``,
+        ``data.noise=``). ``out`` writes checkpoints and plots there; ``resume``
+        continues the run in ``out`` (with the same losses as an uninterrupted run).
+        """
+        from .training import run_training, split_overrides
+        settings_fields, fields = split_overrides(overrides)
+        choices = {k: v for k, v in (("data", data), ("sde", sde), ("model", model),
+                                     ("loss", loss)) if v is not None}
+        if resume:  # everything comes from the checkpoint except what may change
+            from .training import RESUMABLE, TrainSettings
+            fixed = sorted(set(choices) | set(fields) | (set(settings_fields) - set(RESUMABLE)))
+            if fixed:
+                raise DiffuseError(f"resume continues the recorded run; these cannot change: "
+                                   f"{', '.join(fixed)}; allowed: {', '.join(RESUMABLE)}")
+            settings = TrainSettings.model_validate(settings_fields)
+        else:
+            settings = self.registry.train_settings(preset, {**choices, **settings_fields})
+        return run_training(self, settings, fields, out=out, resume=resume,
+                            overwrite=overwrite, progress=progress)
 
     # ---- sampling -------------------------------------------------------------
     def sample(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
@@ -212,6 +253,8 @@ class Engine:
             raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
                                f"name, not {type(score).__name__}")
         solver_obj.check(sde_obj)
+        if hasattr(score_obj, "check_sde"):  # trained models refuse another SDE
+            score_obj.check_sde(sde_obj)
         if isinstance(shape, int):
             data_shape = getattr(score_obj, "data_shape", None)
             if data_shape is None:

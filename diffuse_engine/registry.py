@@ -36,6 +36,8 @@ from .trust import import_implementation, is_import_path, refuse_import
 #: registry tables whose entries name implementations in the catalogue
 COMPONENT_TABLES = ("sde", "kernel", "score", "loss", "data", "solver")
 RUN_TABLE = "run"
+#: ``[train.NAME]`` tables: training settings, validated by ``training.TrainSettings``
+TRAIN_TABLE = "train"
 DEFAULT_SOURCE = "registry.toml (built-in)"
 
 
@@ -53,6 +55,8 @@ class RunPreset(BaseModel):
     solver: str = Field("pc", description="solver entry (or implementation) name")
     score: str = Field("gmm", description="score-model entry (or implementation) name")
     data: Optional[str] = Field(None, description="dataset entry to train on / compare to")
+    train: Optional[str] = Field(None, description="[train.NAME] settings used when the "
+                                 "score model needs training (default: train.default)")
     n: int = Field(20000, ge=1, description="number of samples")
     seed: int = Field(0, ge=0, lt=2**63, description="random seed")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
@@ -169,6 +173,8 @@ class Registry:
             for name in table:
                 if kind == RUN_TABLE:
                     self.preset(name)
+                elif kind == TRAIN_TABLE:
+                    self.train_settings(name)
                 else:
                     self.resolve(kind, name)
 
@@ -180,6 +186,8 @@ class Registry:
             return table[name]
         if kind in COMPONENT_TABLES and self.catalogue.has(kind, name):
             return Entry(kind, name, {"type": name}, {"type": "(implementation default)"})
+        if kind == TRAIN_TABLE and name == "default":  # the settings' own defaults
+            return Entry(kind, name, {}, {"type": "(defaults)"})
         entries = ", ".join(sorted(table)) or "(none)"
         types = ", ".join(self.catalogue.names(kind)) if kind in COMPONENT_TABLES else ""
         extra = f"; implementations: {types}" if types else ""
@@ -228,7 +236,7 @@ class Registry:
         except ValidationError as exc:
             bad = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None
             raise RegistryError(format_validation_error(entry.where(bad), exc, RunPreset)) from None
-        for kind in ("sde", "solver", "score", "data"):
+        for kind in ("sde", "solver", "score", "data", "train"):
             ref = getattr(preset, kind)
             if ref is not None:
                 try:
@@ -236,6 +244,25 @@ class Registry:
                 except RegistryError as exc:
                     raise RegistryError(f"{entry.where(kind)} {kind}: {exc}") from None
         return preset
+
+    def train_settings(self, name: str = "default", overrides: dict[str, Any] | None = None):
+        """The validated ``[train.NAME]`` table (a ``training.TrainSettings``)."""
+        from .training import TrainSettings  # imported lazily: it pulls in torch.optim
+        entry = self.entry(TRAIN_TABLE, name)
+        try:
+            settings = TrainSettings.model_validate({**entry.fields, **(overrides or {})})
+        except ValidationError as exc:
+            bad = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None
+            raise RegistryError(format_validation_error(entry.where(bad), exc,
+                                                        TrainSettings)) from None
+        for kind, ref in (("data", settings.data), ("sde", settings.sde),
+                          ("score", settings.model), ("loss", settings.loss),
+                          ("solver", settings.plot_solver)):
+            try:
+                self.entry(kind, ref)
+            except RegistryError as exc:
+                raise RegistryError(f"{entry.where()} {kind}: {exc}") from None
+        return settings
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries.get(kind, {}))
@@ -260,9 +287,9 @@ def read_toml(path: str | Path) -> dict:
 
 
 def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str) -> None:
-    allowed = ", ".join((*COMPONENT_TABLES, RUN_TABLE))
+    allowed = ", ".join((*COMPONENT_TABLES, RUN_TABLE, TRAIN_TABLE))
     for kind, table in data.items():
-        if kind not in COMPONENT_TABLES and kind != RUN_TABLE:
+        if kind not in COMPONENT_TABLES and kind not in (RUN_TABLE, TRAIN_TABLE):
             raise RegistryError(f"{source}: [{kind}] unknown table; allowed kinds: {allowed}")
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise RegistryError(f"{source}: [{kind}] must hold named entries like "

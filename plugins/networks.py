@@ -1,0 +1,324 @@
+"""Trainable score networks: an MLP for vectors and a small U-Net for images.
+
+Both are plain ``torch.nn`` backbones ``F(x_in, t)`` wrapped by one preconditioner,
+:class:`NetworkScore`, in the manner of Karras et al., "Elucidating the Design Space of
+Diffusion-Based Generative Models" (EDM, 2022): with the kernel ``x_t = a x_0 + s z``
+(``(a, s) = sde.marginal(t)``)
+
+* input scaling ``c_in = 1 / sqrt(a^2 sigma_data^2 + s^2)`` keeps the network's input
+  at unit variance for every SDE (VE inputs grow to ``sigma_max`` otherwise);
+* the output is read in the configured parameterisation:
+  ``epsilon``: ``eps_hat = F`` (Ho et al. 2020);
+  ``score``: ``s = F / s`` with ``scale_by_std`` (NCSN's output scaling, Song & Ermon
+  2020, "Improved techniques"), else ``s = F``;
+  ``x0``: EDM's ``D = c_skip x/a + c_out F`` with ``sigma = s / a``, ``c_skip =
+  sigma_data^2 / (sigma^2 + sigma_data^2)``, ``c_out = sigma sigma_data / sqrt(sigma^2 +
+  sigma_data^2)``;
+
+and :meth:`ScoreModel.__call__` converts that to a score through the same kernel. The
+backbones know nothing of SDEs or parameterisations.
+
+The data shape is a config field (``shape``); training fills it from the dataset and
+the checkpoint records it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from diffuse_engine import DiffuseError, ScoreConfig, ScoreModel, bcast, hookimpl
+from diffuse_engine.score import Parameterisation
+
+
+# ---- time embeddings -----------------------------------------------------------------------
+class GaussianFourierEmbedding(nn.Module):
+    """``[sin(2 pi W t), cos(2 pi W t)]`` with fixed ``W ~ N(0, scale^2)`` (Tancik et al.
+    2020; used for continuous t by Song et al. 2021)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("W", torch.randn(dim // 2) * scale)
+
+    def forward(self, t):
+        proj = 2 * math.pi * t[:, None] * self.W[None]
+        return torch.cat([proj.sin(), proj.cos()], dim=1)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer positional encoding of ``1000 t`` (Vaswani et al. 2017; DDPM)."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+
+    def forward(self, t):
+        arg = 1000 * t[:, None] * self.freqs[None]
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+def make_embedding(kind: str, dim: int, scale: float) -> nn.Module:
+    return GaussianFourierEmbedding(dim, scale) if kind == "fourier" else SinusoidalEmbedding(dim)
+
+
+# ---- the preconditioning wrapper ------------------------------------------------------------
+class NetworkConfig(ScoreConfig):
+    parameterisation: Parameterisation = Field("epsilon", description="what the network "
+                                               "predicts: score, epsilon or x0")
+    shape: Optional[list[int]] = Field(None, description="data shape (filled from the "
+                                       "dataset by training)")
+    scale_by_std: bool = Field(True, description="score parameterisation: divide the "
+                               "output by the kernel std (NCSN)")
+    input_scaling: bool = Field(True, description="scale inputs by 1/sqrt(a^2 "
+                                "sigma_data^2 + std^2)")
+    sigma_data: float = Field(0.5, gt=0, description="data std assumed by the scalings")
+    embedding: Literal["fourier", "sinusoidal"] = Field("fourier", description="time embedding")
+    embedding_dim: int = Field(64, ge=2, description="time-embedding width (even)")
+    fourier_scale: float = Field(16.0, gt=0, description="std of the Fourier frequencies")
+    init_seed: int = Field(0, description="seed of the weight initialisation")
+
+
+class NetworkScore(ScoreModel):
+    """A trainable backbone behind the one preconditioner (see module doc)."""
+
+    needs_training = True
+    Config = NetworkConfig
+
+    def __init__(self, config=None, *, sde, **fields):
+        super().__init__(config, sde=sde, **fields)
+        if self.config.shape is None:
+            raise DiffuseError(f"score model {self.name!r} needs its data shape (shape = "
+                               "[2] or [1, 8, 8]); training sets it from the dataset")
+        self.data_shape = tuple(self.config.shape)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.init_seed)
+            self.net = self.build_net(self.data_shape)
+
+    def build_net(self, shape: tuple[int, ...]) -> nn.Module:
+        """The backbone ``F(x_in, t)`` for data of ``shape``."""
+        raise NotImplementedError
+
+    # ---- preconditioning ------------------------------------------------------------------
+    def forward(self, x, t):
+        c = self.config
+        a, s = self.sde.marginal(t)
+        a_, s_ = bcast(a, x), bcast(s, x)
+        x_in = x * torch.rsqrt(a_**2 * c.sigma_data**2 + s_**2) if c.input_scaling else x
+        out = self.net(x_in, t)
+        if c.parameterisation == "epsilon":
+            return out
+        if c.parameterisation == "score":
+            return out / s_ if c.scale_by_std else out
+        sig = s_ / a_
+        c_skip = c.sigma_data**2 / (sig**2 + c.sigma_data**2)
+        c_out = sig * c.sigma_data * torch.rsqrt(sig**2 + c.sigma_data**2)
+        return c_skip * (x / a_) + c_out * out
+
+    def check_sde(self, sde) -> None:
+        """Refuse to sample with an SDE other than the one this model is bound to."""
+        from diffuse_engine.checkpoint import check_same_sde, sde_spec
+        check_same_sde(sde_spec(self.sde), sde, f"score model {self.name!r}")
+
+    # ---- the nn.Module side -----------------------------------------------------------------
+    def parameters(self):
+        return self.net.parameters()
+
+    def to(self, device=None, dtype=None) -> "NetworkScore":
+        self.net.to(device=device, dtype=dtype)
+        return self
+
+    def train(self, mode: bool = True) -> "NetworkScore":
+        self.net.train(mode)
+        return self
+
+    def eval(self) -> "NetworkScore":
+        return self.train(False)
+
+    def with_net(self, net: nn.Module) -> "NetworkScore":
+        """A shallow copy using ``net`` (e.g. the EMA weights) as its backbone."""
+        other = copy.copy(self)
+        other.net = net
+        return other
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+
+# ---- MLP ---------------------------------------------------------------------------------
+class MLPConfig(NetworkConfig):
+    hidden: int = Field(256, ge=1, description="hidden width")
+    depth: int = Field(3, ge=1, description="residual blocks")
+
+
+class MLPNet(nn.Module):
+    """Residual SiLU MLP; each block adds a projection of the time embedding."""
+
+    def __init__(self, dim: int, c: MLPConfig):
+        super().__init__()
+        self.embed = make_embedding(c.embedding, c.embedding_dim, c.fourier_scale)
+        self.temb = nn.Sequential(nn.Linear(c.embedding_dim, c.hidden), nn.SiLU())
+        self.inp = nn.Linear(dim, c.hidden)
+        self.t_proj = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, c.hidden),
+                                                  nn.SiLU(), nn.Linear(c.hidden, c.hidden))
+                                    for _ in range(c.depth))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, dim))
+
+    def forward(self, x, t):
+        shape = x.shape
+        emb = self.temb(self.embed(t))
+        h = self.inp(x.reshape(shape[0], -1))
+        for proj, block in zip(self.t_proj, self.blocks):
+            h = h + block(h + proj(emb))
+        return self.out(h).reshape(shape)
+
+
+class MLPScore(NetworkScore):
+    """MLP score network with a Fourier or sinusoidal time embedding, for vector data."""
+
+    name = "mlp"
+    Config = MLPConfig
+
+    def build_net(self, shape):
+        return MLPNet(math.prod(shape), self.config)
+
+
+# ---- U-Net --------------------------------------------------------------------------------
+class UNetConfig(NetworkConfig):
+    embedding: Literal["fourier", "sinusoidal"] = Field("sinusoidal",
+                                                        description="time embedding")
+    channels: int = Field(64, ge=8, description="channels at the first level")
+    channel_mult: list[int] = Field([1, 2], min_length=1, description="per-level multipliers")
+    res_blocks: int = Field(2, ge=1, description="residual blocks per level")
+    attention: list[int] = Field([4], description="resolutions with self-attention ([] = none)")
+    groups: int = Field(8, ge=1, description="GroupNorm groups")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in residual blocks")
+
+
+def _norm(c: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, c), c)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added in between (Ho et al. 2020)."""
+
+    def __init__(self, cin, cout, tdim, groups, dropout):
+        super().__init__()
+        self.n1, self.c1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.t = nn.Linear(tdim, cout)
+        self.n2, self.c2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
+        self.drop = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.c1(F.silu(self.n1(x))) + self.t(temb)[:, :, None, None]
+        h = self.c2(self.drop(F.silu(self.n2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over pixels with a residual connection."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm, self.qkv, self.proj = _norm(c, groups), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """A DDPM-style U-Net sized for 8x8 to 32x32 images on a CPU."""
+
+    def __init__(self, shape, c: UNetConfig):
+        super().__init__()
+        cin, H = shape[0], shape[1]
+        tdim = 4 * c.channels
+        self.embed = make_embedding(c.embedding, c.embedding_dim, c.fourier_scale)
+        self.temb = nn.Sequential(nn.Linear(c.embedding_dim, tdim), nn.SiLU(),
+                                  nn.Linear(tdim, tdim), nn.SiLU())
+        self.inp = nn.Conv2d(cin, c.channels, 3, padding=1)
+        self.down, chans, ch, res = nn.ModuleList(), [c.channels], c.channels, H
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.res_blocks):
+                blk = nn.ModuleList([ResBlock(ch, c.channels * mult, tdim, c.groups, c.dropout)])
+                ch = c.channels * mult
+                if res in c.attention:
+                    blk.append(SelfAttention(ch, c.groups))
+                self.down.append(blk)
+                chans.append(ch)
+            if level < len(c.channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                chans.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, tdim, c.groups, c.dropout),
+                                  SelfAttention(ch, c.groups),
+                                  ResBlock(ch, ch, tdim, c.groups, c.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for _ in range(c.res_blocks + 1):
+                blk = nn.ModuleList([ResBlock(ch + chans.pop(), c.channels * mult, tdim,
+                                              c.groups, c.dropout)])
+                ch = c.channels * mult
+                if res in c.attention:
+                    blk.append(SelfAttention(ch, c.groups))
+                self.up.append(blk)
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(ch, ch, 3, padding=1)]))
+                res *= 2
+        self.out = nn.Sequential(_norm(ch, c.groups), nn.SiLU(), nn.Conv2d(ch, cin, 3, padding=1))
+
+    @staticmethod
+    def _apply(blk, h, temb):
+        for layer in blk:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x, t):
+        temb = self.temb(self.embed(t))
+        h = self.inp(x)
+        hs = [h]
+        for blk in self.down:
+            h = self._apply(blk, h, temb)
+            hs.append(h)
+        h = self._apply(self.mid, h, temb)
+        for blk in self.up:
+            if isinstance(blk[0], ResBlock):
+                h = self._apply(blk, torch.cat([h, hs.pop()], dim=1), temb)
+            else:
+                h = self._apply(blk, h, temb)
+        return self.out(h)
+
+
+class UNetScore(NetworkScore):
+    """U-Net score network (residual blocks, GroupNorm, time embedding, attention)."""
+
+    name = "unet"
+    Config = UNetConfig
+
+    def build_net(self, shape):
+        if len(shape) != 3:
+            raise DiffuseError(f"score model unet needs image data (channels, height, "
+                               f"width); got shape {list(shape)}; use the mlp for vectors")
+        levels = len(self.config.channel_mult) - 1
+        if shape[1] != shape[2] or shape[1] % (2**levels) or not 4 <= shape[1] <= 64:
+            raise DiffuseError(f"score model unet: images must be square, 4..64 pixels and "
+                               f"divisible by 2^{levels} (channel_mult has {levels + 1} "
+                               f"levels); got {shape[1]}x{shape[2]}")
+        return UNet(shape, self.config)
+
+
+@hookimpl
+def diffuse_register_score_models():
+    return [MLPScore, UNetScore]
