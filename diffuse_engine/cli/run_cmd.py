@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from .common import (RegistryOpt, SetOpt, console, handle_errors, make_engine, print_table)
+from ..errors import DiffuseError
+from .common import (RegistryOpt, SetOpt, console, err, handle_errors, make_engine,
+                     print_table)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,13 +42,22 @@ def register(app: typer.Typer) -> None:
                         device=device, steps=steps)
         _check_device(plan.device)
         if dry_run:
-            resolved = {kind: engine.resolve(kind, getattr(plan, kind))[1].model_dump(mode="json")
-                        for kind in ("sde", "solver", "score")}
+            kinds = ("sde", "solver", "score")
+            chosen = {k: engine.resolve(k, getattr(plan, k))[0] for k in kinds}
+            routed = engine.route_overrides(chosen, plan.overrides)
+            resolved = {k: engine.resolve(k, getattr(plan, k), **routed[k])[1].model_dump(mode="json")
+                        for k in kinds}
             console.print_json(json.dumps({"plan": plan.as_dict(), "entries": resolved}))
             return
         out = out or default_out(plan)
-        metrics = execute_run(engine, plan, out, overwrite=overwrite, progress=not quiet,
-                              sample_format=sample_format)
+        try:
+            metrics = execute_run(engine, plan, out, overwrite=overwrite, progress=not quiet,
+                                  sample_format=sample_format)
+        except (DiffuseError, KeyboardInterrupt):
+            partial = Path(f"{out}.partial")
+            if partial.is_dir():  # say where the incomplete run is (status.json says why)
+                err(f"run stopped: incomplete output left in {partial}")
+            raise
         if quiet:
             return
         rows = [("score evaluations", metrics["nfe"], ""),

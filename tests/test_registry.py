@@ -1,0 +1,90 @@
+"""The declarative registry: merging, validation and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffuse_engine import Engine, RegistryError
+from diffuse_engine.registry import parse_assignment
+
+
+def write(tmp_path, text, name="my.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_default_registry_has_paper_defaults(engine):
+    _, vp = engine.resolve("sde", "vp")
+    _, ve = engine.resolve("sde", "ve")
+    _, ddpm = engine.resolve("sde", "ddpm")
+    assert (vp.beta_min, vp.beta_max) == (0.1, 20.0)
+    assert (ve.sigma_min, ve.sigma_max) == (0.01, 50.0)
+    assert (ddpm.N, ddpm.beta_1, ddpm.beta_N) == (1000, 1e-4, 0.02)
+    _, pc = engine.resolve("solver", "pc")
+    assert (pc.predictor, pc.corrector, pc.snr, pc.steps) == ("reverse_diffusion", "langevin", 0.16, 1000)
+
+
+def test_user_file_merges_field_by_field(tmp_path):
+    p = write(tmp_path, '[sde.vp]\nbeta_max = 10.0\n\n[sde.fast]\ntype = "vp"\nbeta_min = 0.2\n')
+    e = Engine(registry=p, autoload=False)
+    assert e.resolve("sde", "vp")[1].beta_max == 10.0
+    assert e.resolve("sde", "vp")[1].beta_min == 0.1          # kept from the default
+    assert e.resolve("sde", "fast")[1].beta_min == 0.2
+
+
+def test_different_type_replaces_entry(tmp_path):
+    p = write(tmp_path, '[solver.pc]\ntype = "ode"\nmethod = "heun"\n')
+    cls, cfg = Engine(registry=p, autoload=False).resolve("solver", "pc")
+    assert cls.name == "ode" and cfg.method == "heun"
+
+
+def test_sets_qualified_and_unqualified(engine):
+    e = Engine(autoload=False, sets=["sde.vp.beta_max=5", "steps=7"])
+    assert e.resolve("sde", "vp")[1].beta_max == 5.0
+    r = e.sampling(score="gmm", sde="vp", solver="pc", shape=4, corrector="none", denoise=False)
+    assert r.nfe == 7
+
+
+def test_implementation_name_without_entry_gets_defaults(engine):
+    cls, cfg = engine.resolve("solver", "ode")
+    assert cfg.method == "rk4"  # from the default registry's [solver.ode]
+    cls, cfg = engine.resolve("sde", "subvp")
+    assert cls.name == "subvp"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('[sde.vp]\nbeta_min = 30.0\n', r"my.toml: \[sde.vp\] .*beta_min \(30.0\) must be < beta_max"),
+    ('[sde.vp]\nbeta_min = -1\n', r"my.toml: \[sde.vp\] beta_min: Input should be greater than 0 \(got -1\)"),
+    ('[sde.vp]\nbeta = 1\n', r"my.toml: \[sde.vp\] beta: unknown field; allowed: beta_max, beta_min, kernel"),
+    ('[sde.vp]\nbeta_min = "a lot"\n', r"\[sde.vp\] beta_min: Input should be a valid number"),
+    ('[sde.x]\ntype = "vq"\n', r"my.toml: \[sde.x\] type: unknown sde 'vq'; choices: .*ddpm.*subvp.*ve.*vp"),
+    ('[sdee.x]\ntype = "vp"\n', r"my.toml: \[sdee\] unknown table; allowed kinds: sde"),
+    ('[solver.pc]\nsteps = 0\n', r"\[solver.pc\] steps: Input should be greater than or equal to 1"),
+    ('[solver.pc]\npredictor = "leapfrog"\n', r"\[solver.pc\] predictor: unknown predictor 'leapfrog'; choices: ancestral, euler_maruyama"),
+    ('[sde.ve]\nsigma_min = 0\n', r"\[sde.ve\] sigma_min: Input should be greater than 0"),
+    ('[run.default]\nsde = "nope"\n', r"\[run.default\] sde: no sde entry named 'nope'"),
+    ('[sde.vp\nbeta = 1\n', r"my.toml: invalid TOML: .*line 1"),
+    ('sde = 3\n', r"\[sde\] must hold named entries"),
+])
+def test_registry_errors_name_file_table_field_and_choices(tmp_path, text, expected):
+    p = write(tmp_path, text)
+    with pytest.raises(RegistryError, match=expected) as exc:
+        Engine(registry=p, autoload=False)
+    assert "\n" not in str(exc.value)
+
+
+def test_override_errors(engine):
+    with pytest.raises(RegistryError, match=r"override 'stepz': no chosen entry has that field; allowed: .*solver.steps"):
+        engine.sample(score="gmm", shape=4, stepz=3)
+    with pytest.raises(RegistryError, match=r"solver.steps: Input should be greater than or equal to 1|steps: Input should be"):
+        engine.sample(score="gmm", shape=4, steps=0)
+
+
+def test_parse_assignment():
+    assert parse_assignment("snr=0.2") == ("snr", 0.2)
+    assert parse_assignment("predictor=ancestral") == ("predictor", "ancestral")
+    assert parse_assignment("denoise=false") == ("denoise", False)
+    assert parse_assignment("stds=[0.1, 0.2]") == ("stds", [0.1, 0.2])
+    with pytest.raises(RegistryError, match="expected KEY=VALUE"):
+        parse_assignment("snr")
