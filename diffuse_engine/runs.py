@@ -51,6 +51,10 @@ def plan_run(engine: Engine, preset: str = "default", **choices: Any) -> RunPlan
                   if k in ("sde", "solver", "score", "data", "n", "seed", "device")}
     p = engine.registry.preset(preset, {k: v for k, v in run_fields.items() if v is not None})
     overrides = {k: v for k, v in choices.items() if v is not None}
+    # validate the overrides now, so a mistake never leaves a half-made run folder behind
+    chosen = {k: engine.resolve(k, getattr(p, k))[0] for k in ("sde", "solver", "score")}
+    for kind, fields in engine.route_overrides(chosen, overrides).items():
+        engine.resolve(kind, getattr(p, kind), **fields)
     return RunPlan(preset, p.sde, p.solver, p.score, p.data, p.n, p.seed, p.device, overrides)
 
 
