@@ -12,6 +12,7 @@ from .errors import (DiffuseError, IncompatibleError, NumericalError, OutputExis
                      PluginError, RegistryError, UnknownComponentError)
 from .hookspecs import hookimpl, hookspec
 from .kernel import PerturbationKernel
+from .linear import LinearSDE, NumericKernel
 from .loss import Loss
 from .mixture import GaussianMixture, mode_statistics
 from .plugins import ENTRY_POINT_GROUP, module_plugin
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Component", "ComponentConfig", "ComponentRef", "Corrector", "CorrectorConfig",
     "CallableScore", "Dataset", "DiffuseError", "ENTRY_POINT_GROUP", "Engine",
-    "GaussianMixture", "IncompatibleError", "Loss", "NumericalError",
+    "GaussianMixture", "IncompatibleError", "LinearSDE", "Loss", "NumericalError", "NumericKernel",
     "OutputExistsError", "PerturbationKernel", "PluginError", "Predictor",
     "RegistryError", "SDE", "SDEConfig", "SamplingResult", "ScoreConfig", "ScoreModel",
     "Solver", "SolverConfig", "UnknownComponentError", "VPFamilySDE", "bcast",
