@@ -22,6 +22,7 @@ from .errors import DiffuseError
 from .mixture import GaussianMixture, mode_statistics
 from .outputs import RunFolder, atomic_write_bytes, write_json
 from .plotting import plot_samples
+from .training import needs_training, train_for_run
 
 SAMPLE_FORMATS = ("pt", "npz")
 
@@ -39,6 +40,7 @@ class RunPlan:
     seed: int
     device: str
     overrides: dict[str, Any]
+    train: str | None = None  # [train.NAME] used when the score model needs training
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -48,14 +50,15 @@ def plan_run(engine: Engine, preset: str = "default", **choices: Any) -> RunPlan
     """Combine ``[run.PRESET]`` with ``choices`` (sde, solver, score, data, n, seed,
     device; ``None`` keeps the preset's value); other keys are field overrides."""
     run_fields = {k: choices.pop(k) for k in list(choices)
-                  if k in ("sde", "solver", "score", "data", "n", "seed", "device")}
+                  if k in ("sde", "solver", "score", "data", "n", "seed", "device", "train")}
     p = engine.registry.preset(preset, {k: v for k, v in run_fields.items() if v is not None})
     overrides = {k: v for k, v in choices.items() if v is not None}
     # validate the overrides now, so a mistake never leaves a half-made run folder behind
     chosen = {k: engine.resolve(k, getattr(p, k))[0] for k in ("sde", "solver", "score")}
     for kind, fields in engine.route_overrides(chosen, overrides).items():
         engine.resolve(kind, getattr(p, kind), **fields)
-    return RunPlan(preset, p.sde, p.solver, p.score, p.data, p.n, p.seed, p.device, overrides)
+    return RunPlan(preset, p.sde, p.solver, p.score, p.data, p.n, p.seed, p.device, overrides,
+                   p.train)
 
 
 def reference_mixture(engine: Engine, plan: RunPlan, score_model) -> GaussianMixture | None:
@@ -75,7 +78,10 @@ def execute_run(engine: Engine, plan: RunPlan, out: str | Path, *, overwrite: bo
     with RunFolder(out, overwrite) as folder:
         engine.hook.diffuse_run_start(run={"command": "run", "out": str(out),
                                            "config": plan.as_dict()})
-        result = engine.sampling(score=plan.score, sde=plan.sde, solver=plan.solver,
+        score = plan.score
+        if needs_training(engine, plan.score):  # train first, into the run folder
+            score = train_for_run(engine, plan, folder.path / "train", progress=progress)
+        result = engine.sampling(score=score, sde=plan.sde, solver=plan.solver,
                                  shape=plan.n, seed=plan.seed, device=plan.device,
                                  progress=progress, **plan.overrides)
         x = result.samples.cpu()
@@ -95,6 +101,8 @@ def execute_run(engine: Engine, plan: RunPlan, out: str | Path, *, overwrite: bo
                   "versions": {"diffuse_engine": _version(), "torch": torch.__version__,
                                "python": platform.python_version()},
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if getattr(result.score, "trained_config", None) is not None:
+            config["training"] = result.score.trained_config
         write_json(folder.path / "config.json", config)
         save_tensor(x, folder.path / f"samples.{sample_format}")
         title = f"{plan.sde} / {plan.solver}: {plan.n} samples, {result.nfe} score evaluations"

@@ -341,6 +341,16 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
                        checkpoints=checkpoints)
 
 
+def train_for_run(engine: "Engine", plan, out: Path, *, progress: bool = False):
+    """Train the score model of a ``diffuse run`` plan (``[train.NAME]`` of ``plan.train``,
+    default ``default``, with the plan's score, SDE, seed, device and data); the EMA model."""
+    choices = {"model": plan.score, "sde": plan.sde, "seed": plan.seed, "device": plan.device}
+    if plan.data is not None:
+        choices["data"] = plan.data
+    settings = engine.registry.train_settings(plan.train or "default", choices)
+    return run_training(engine, settings, {}, out=out, progress=progress).model
+
+
 def sample_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """``sde.FIELD`` overrides that rebuild the recorded SDE from its type's defaults."""
     return {f"sde.{k}": v for k, v in config["sde"].items() if k not in ("type", "name")}

@@ -280,7 +280,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch, c.groups), nn.SiLU(), nn.Conv2d(ch, cin, 3, padding=1))
 
     @staticmethod
-    def _apply(blk, h, temb):
+    def _run(blk, h, temb):
         for layer in blk:
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
         return h
@@ -290,14 +290,14 @@ class UNet(nn.Module):
         h = self.inp(x)
         hs = [h]
         for blk in self.down:
-            h = self._apply(blk, h, temb)
+            h = self._run(blk, h, temb)
             hs.append(h)
-        h = self._apply(self.mid, h, temb)
+        h = self._run(self.mid, h, temb)
         for blk in self.up:
             if isinstance(blk[0], ResBlock):
-                h = self._apply(blk, torch.cat([h, hs.pop()], dim=1), temb)
+                h = self._run(blk, torch.cat([h, hs.pop()], dim=1), temb)
             else:
-                h = self._apply(blk, h, temb)
+                h = self._run(blk, h, temb)
         return self.out(h)
 
 
