@@ -13,6 +13,13 @@ class DiffuseError(Exception):
 
     exit_code = 2
 
+    def __str__(self) -> str:
+        # messages quote user input (table names, values); keep them on one line
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class RegistryError(DiffuseError):
     """A registry file, table or field is invalid (message names file, table, field)."""
