@@ -211,6 +211,22 @@ class Engine:
         return self.sampling(score=score, sde=sde, solver=solver, shape=shape, seed=seed,
                              **kwargs).samples
 
+    # ---- likelihood -----------------------------------------------------------
+    def log_likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp",
+                       **overrides) -> Tensor:
+        """``log p(x)`` in nats per sample, shape ``(n,)``, through the probability-flow
+        ODE (:mod:`diffuse_engine.likelihood`). Keyword arguments: ``device``,
+        ``progress``, likelihood settings (``rtol=``, ``divergence=``, ``probes=``,
+        ... of :class:`~diffuse_engine.likelihood.LikelihoodConfig`) and registry
+        fields of the chosen SDE and score. ``engine.likelihood(...)`` returns the
+        full :class:`~diffuse_engine.likelihood.LikelihoodResult`."""
+        return self.likelihood(x, score=score, sde=sde, **overrides).log_likelihood
+
+    def likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp", **overrides):
+        """Like :meth:`log_likelihood`, with NFE, time, bits/dim and the settings."""
+        from .likelihood import evaluate
+        return evaluate(self, x, score=score, sde=sde, **overrides)
+
     def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
                  shape: int | Sequence[int] = 1000, seed: int = 0, *,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,

@@ -12,11 +12,13 @@ import sys
 import typer
 
 from ..plugins import make_plugin_manager
-from . import common, plugins_cmd, registry_cmd, run_cmd, sample_cmd, train_cmd
+from . import (common, likelihood_cmd, plugins_cmd, registry_cmd, run_cmd, sample_cmd,
+               train_cmd)
 from . import check_cmd
 
 #: modules contributing built-in commands, in help order
-COMMAND_MODULES = [run_cmd, train_cmd, sample_cmd, plugins_cmd, registry_cmd, check_cmd]
+COMMAND_MODULES = [run_cmd, train_cmd, sample_cmd, likelihood_cmd, plugins_cmd, registry_cmd,
+                   check_cmd]
 
 
 def build_app(with_plugin_commands: bool = True) -> typer.Typer:
