@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from diffuse_engine import Engine, GaussianMixture, mode_statistics
+
+# Tests run in parallel (pytest -n 2 on 2 cores): one intra-op thread per worker avoids
+# oversubscription, which otherwise makes small tensor ops 10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
