@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, check_same_sde, sde_spec
 from .errors import DiffuseError, NumericalError, OutputExistsError
+from .interrupts import StopOnSignal
 from .outputs import atomic_write_bytes, write_json
 from .progress import progress_bar
 
@@ -178,6 +179,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Optional[Checkpoin
         if not ckpt_path.is_file():
             raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {out}; nothing to resume")
         return Checkpoint.load(ckpt_path)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} is a file; --out names a training folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"output {out} already exists; pass --resume to continue "
@@ -261,6 +264,11 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
         write_json(out / "status.json", {"complete": False, "step": start, "steps": s.steps})
 
     def save(step: int) -> Path:
+        # one sync per checkpoint: never replace the last good checkpoint with bad weights
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NumericalError(f"model weights became NaN/Inf by step {step} (loss "
+                                 f"{config['loss']['type']!r}); lower lr ({s.lr}) or keep "
+                                 "grad_clip on; the last good checkpoint is kept")
         rng = {"data": data_gen.get_state(), "noise": noise_gen.get_state().cpu(),
                "torch_cpu": torch.get_rng_state()}
         path = Checkpoint(step=step, config=config, model=model.net.state_dict(),
@@ -279,8 +287,9 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
     model.train()
     t0 = time.perf_counter()
     done = start
+    interrupted = False
     with progress_bar(s.steps, f"training {config['score']['type']} on {config['data']['name']}",
-                      enabled=progress) as bar:
+                      enabled=progress) as bar, StopOnSignal() as stop:
         if bar is not None and start:
             bar(start)
         for step in range(start, s.steps):
@@ -302,15 +311,19 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
             last = done == s.steps
             elapsed = time.perf_counter() - t0
             over_time = s.max_seconds is not None and elapsed > s.max_seconds
-            if done % s.log_every == 0 or last or over_time or (
+            if done % s.log_every == 0 or last or over_time or stop.requested or (
                     out is not None and s.checkpoint_every and done % s.checkpoint_every == 0):
                 values = torch.stack(pending).double().cpu().tolist()
                 pending.clear()
                 losses.extend(values)
                 if not all(map(math.isfinite, values)):
-                    raise NumericalError(f"training loss became NaN/Inf by step {done}; "
-                                         f"lower lr ({s.lr}) or keep grad_clip on; the last "
-                                         "good checkpoint is kept")
+                    first = done - len(values) + 1 + next(
+                        i for i, v in enumerate(values) if not math.isfinite(v))
+                    raise NumericalError(
+                        f"training loss became NaN/Inf at step {first} (loss "
+                        f"{config['loss']['type']!r} of model {config['score']['type']!r}); "
+                        f"lower lr ({s.lr}) or keep grad_clip on; the last good checkpoint "
+                        "is kept" + (f" in {out}" if out is not None else ""))
                 if bar is not None:
                     bar(done, loss=sum(values) / len(values),
                         steps_per_s=(done - start) / max(elapsed, 1e-9))
@@ -323,6 +336,9 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
             if over_time and not last:
                 stopped_early = True
                 break
+            if stop.requested and not last:  # Ctrl-C / SIGTERM: checkpoint, then stop
+                interrupted = stopped_early = True
+                break
     seconds = time.perf_counter() - t0
     ema_model = model.with_net(ema.module).eval()
     raw = model.eval()
@@ -331,10 +347,17 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
     ema_model.trained_config = config
     if out is not None:
         checkpoints.append(save(done))
-        _plot(engine, ema_model, config, dataset, out / "samples.png", s, done)
+        if not interrupted:  # a Ctrl-C should not wait for a sample plot
+            _plot(engine, ema_model, config, dataset, out / "samples.png", s, done)
         write_json(out / "status.json", {"complete": not stopped_early, "step": done,
                                          "steps": s.steps, "stopped_early": stopped_early,
+                                         "interrupted": interrupted,
                                          "seconds": round(seconds, 2)})
+    if interrupted:
+        raise KeyboardInterrupt(
+            f"{stop.name} at step {done}: " + (
+                f"checkpoint saved in {out}; continue with diffuse train --resume --out {out}"
+                if out is not None else "nothing saved (no output folder)"))
     return TrainResult(model=ema_model, raw=raw, losses=losses, step=done, seconds=seconds,
                        config=config, dataset=dataset, out=out, stopped_early=stopped_early,
                        steps_per_second=(done - start) / max(seconds, 1e-9),
