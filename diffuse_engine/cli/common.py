@@ -43,8 +43,8 @@ def handle_errors(fn: Callable) -> Callable:
                 raise
             err(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err("interrupted")
+        except KeyboardInterrupt as exc:
+            err(f"interrupted: {exc}" if str(exc) else "interrupted")
             raise typer.Exit(130) from None
 
     return wrapper

@@ -1,0 +1,54 @@
+"""Stopping a long loop cleanly on Ctrl-C (SIGINT) or SIGTERM.
+
+``with StopOnSignal() as stop:`` turns the first SIGINT or SIGTERM into a request:
+``stop.requested`` becomes true and the loop finishes its current step, saves and stops
+(training writes a checkpoint and exits 130). A second signal interrupts at once, as
+usual, so a stuck program can still be stopped. Reading the flag is a Python attribute
+read: no device sync, nothing per step beyond that.
+
+Handlers can only be installed from the main thread; elsewhere, and for signals the
+process ignores (e.g. SIGINT of a background job), the block changes nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Optional
+
+
+class StopOnSignal:
+    """Context manager: the first SIGINT/SIGTERM sets :attr:`requested`, a second raises."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+        self.signals = signals
+        self.requested = False
+        self.signum: Optional[int] = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                old = signal.getsignal(s)
+                if old is signal.SIG_IGN:
+                    continue
+                self._old[s] = old
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+        return False
+
+    @property
+    def name(self) -> str:
+        """The signal received, e.g. ``SIGINT``."""
+        return signal.Signals(self.signum).name if self.signum else ""
