@@ -19,6 +19,8 @@ from torch import Tensor
 
 from .component import Component
 from .devices import check_device
+from .distributed import (DEFAULT_SHARD_SIZE, as_context, gather_shards, my_shards,
+                          shard_seed, shard_sizes)
 from .errors import DiffuseError, IncompatibleError, NumericalError, RegistryError
 from .faults import FiniteWatch, NonFiniteSeen, locate
 from .plugins import Catalogue, PluginInfo, make_plugin_manager
@@ -85,11 +87,16 @@ class Engine:
     entries chosen by each call.
     ``allow_imports``: let registry entries name ``type = "package.module:Class"``
     (imports code; off by default, see :mod:`diffuse_engine.trust`).
+    ``distributed``: ``True`` to train and sample across the processes of a torchrun
+    launch (initialising ``torch.distributed`` from its environment), or a
+    :class:`~diffuse_engine.distributed.DistContext`; see :mod:`diffuse_engine.distributed`.
     """
 
     def __init__(self, registry: str | Path | Sequence[str | Path] | None = None,
                  plugins: Iterable[Any] = (), *, autoload: bool = True,
-                 sets: Iterable[str] = (), allow_imports: bool = False):
+                 sets: Iterable[str] = (), allow_imports: bool = False,
+                 distributed: Any = False):
+        self.dist = as_context(distributed)
         self.pm, self.plugin_infos = make_plugin_manager(plugins, autoload)
         self.catalogue = Catalogue.from_plugin_manager(self.pm, self.plugin_infos)
         qualified, self.set_overrides = [], {}
@@ -230,8 +237,15 @@ class Engine:
     def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
                  shape: int | Sequence[int] = 1000, seed: int = 0, *,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 progress: bool = False, check_every: int = 0, **overrides) -> SamplingResult:
+                 progress: bool = False, check_every: int = 0,
+                 shard_size: int = DEFAULT_SHARD_SIZE, **overrides) -> SamplingResult:
         """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
+
+        Samples are made in seeded shards of ``shard_size`` (shard ``j`` from its own
+        generator, :func:`~diffuse_engine.distributed.shard_seed`), so an engine with
+        ``distributed=True`` spreads the shards over the ranks and every rank returns the
+        same complete samples as one process would. ``nfe`` counts the score
+        evaluations of one shard (the most of any shard, for adaptive solvers).
 
         NaN/Inf in the samples raises :class:`NumericalError` naming the step, time and
         component where it first appeared (located by a replay, see :mod:`.faults`);
@@ -240,7 +254,10 @@ class Engine:
         if not isinstance(check_every, int) or check_every < 0:
             raise DiffuseError(f"check_every must be an integer >= 0 (0: check at the end "
                                f"only), not {check_every!r}")
-        device = check_device(device or "cpu")
+        device = check_device(self.dist.device(device or "cpu"))
+        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+            raise DiffuseError(f"shard_size must be a whole number of samples >= 1, not "
+                               f"{shard_size!r}")
         try:
             seed = operator.index(seed)
         except TypeError:
@@ -280,8 +297,11 @@ class Engine:
         shape = tuple(int(s) for s in shape)
         if hasattr(score_obj, "to"):
             score_obj = score_obj.to(device)
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        x = sde_obj.prior_sample(shape, generator=gen, device=device, dtype=dtype)
+        # seeded shards (see diffuse_engine.distributed): the same samples on any number
+        # of processes; shard 0 is seeded by `seed`, so n <= shard_size is one plain run
+        sizes = shard_sizes(shape[0], shard_size)
+        ctx = self.dist
+        mine = my_shards(len(sizes), ctx)
         counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)
         config = {"sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
                   "solver": {"name": solver, "type": solver_cls.name,
@@ -289,36 +309,58 @@ class Engine:
                   "score": {"name": score if isinstance(score, str) else score_cls.name,
                             **score_obj.config.model_dump(mode="json")},
                   "shape": list(shape), "seed": seed, "device": str(device),
-                  "dtype": str(dtype).removeprefix("torch.")}
+                  "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
         observe = self.has_observers("diffuse_sampling_step")
         steps = solver_obj.config.steps
         start = time.perf_counter()
-        with progress_bar(steps, f"sampling {sde}/{solver}", enabled=progress) as bar:
-            callback = None
-            if bar is not None or observe:
-                hook = self.pm.hook.diffuse_sampling_step
+        local: dict[int, Tensor] = {}
+        failed, nfe = None, 0
+        with progress_bar(steps * len(mine), f"sampling {sde}/{solver}", enabled=progress) as bar:
+            for i, j in enumerate(mine):
+                callback = None
+                if bar is not None or observe:
+                    hook = self.pm.hook.diffuse_sampling_step
 
-                def callback(step: int, total: int, t: float) -> None:
-                    if bar is not None:
-                        bar(step, t=t)
-                    if observe:
-                        hook(step=step, total=total, t=t)
-            scored = FiniteWatch(counted, check_every) if check_every else counted
-            try:
-                with torch.no_grad():
-                    out = solver_obj.sample(scored, sde_obj, x, generator=gen, callback=callback)
-            except NonFiniteSeen:
-                out = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        if out is None or not torch.isfinite(out).all():
-            def replay(score_fn, step_callback):  # the same run, from the same seed
-                g = torch.Generator(device=device).manual_seed(seed)
-                x_T = sde_obj.prior_sample(shape, generator=g, device=device, dtype=dtype)
+                    def callback(step: int, total: int, t: float, done: int = i * steps) -> None:
+                        if bar is not None:
+                            bar(done + step, t=t)
+                        if observe:
+                            hook(step=step, total=total, t=t)
+                gen = torch.Generator(device=device).manual_seed(shard_seed(seed, j))
+                x = sde_obj.prior_sample((sizes[j], *shape[1:]), generator=gen, device=device,
+                                         dtype=dtype)
+                scored = FiniteWatch(counted, check_every) if check_every else counted
+                calls = counted.calls
+                try:
+                    with torch.no_grad():
+                        out = solver_obj.sample(scored, sde_obj, x, generator=gen,
+                                                callback=callback)
+                except NonFiniteSeen:
+                    out = None
+                nfe = max(nfe, counted.calls - calls)
+                if out is None or not torch.isfinite(out).all():
+                    failed = j
+                    break
+                local[j] = out
+        if ctx.enabled:  # agree before gathering, so no rank waits for one that failed
+            status = ctx.all_gather_object((failed, nfe))
+            nfe = max(n for _, n in status)
+            elsewhere = [(r, f) for r, (f, _) in enumerate(status) if f is not None]
+            if failed is None and elsewhere:
+                raise NumericalError(f"sampling produced NaN/Inf on rank {elsewhere[0][0]} "
+                                     f"(shard {elsewhere[0][1]}); its error says where")
+        if failed is not None:
+            def replay(score_fn, step_callback):  # the failed shard again, same seed
+                g = torch.Generator(device=device).manual_seed(shard_seed(seed, failed))
+                x_T = sde_obj.prior_sample((sizes[failed], *shape[1:]), generator=g,
+                                           device=device, dtype=dtype)
                 with torch.no_grad():
                     return solver_obj.sample(score_fn, sde_obj, x_T, generator=g,
                                              callback=step_callback)
             raise locate(replay, counted, score_name=counted.name, solver_name=solver,
                          sde_name=sde, steps=getattr(solver_obj.config, "steps", None))
-        return SamplingResult(out, counted.calls, seconds, config, sde_obj, score_obj)
+        out = local[0] if len(sizes) == 1 and not ctx.enabled else gather_shards(local, sizes, ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return SamplingResult(out, nfe, seconds, config, sde_obj, score_obj)
