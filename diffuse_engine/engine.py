@@ -108,6 +108,8 @@ class Engine:
                 self.set_overrides[key] = value
         self.registry = Registry.load(_as_list(registry), self.catalogue, sets=qualified,
                                       allow_imports=allow_imports)
+        # plugins may now register observers (the metrics logger does when enabled)
+        self.pm.hook.diffuse_configure(engine=self)
 
     @property
     def hook(self):

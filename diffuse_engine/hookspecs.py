@@ -131,6 +131,16 @@ def diffuse_register_commands(app):
 # Events (observers). Return values are ignored.
 # ---------------------------------------------------------------------------------
 @hookspec
+def diffuse_configure(engine):
+    """An :class:`~diffuse_engine.Engine` was built (plugins, catalogue and registry loaded).
+
+    Called once per engine. A plugin may register further plugin objects here with
+    ``engine.pm.register(obj)``, e.g. an observer that is enabled by an option, so that
+    per-step event hooks have implementations only when someone asked for them.
+    """
+
+
+@hookspec
 def diffuse_run_start(run):
     """A run begins. ``run`` is a dict with ``command``, ``out`` (a path or None) and
     ``config`` (the fully resolved configuration, JSON-serialisable)."""
