@@ -49,6 +49,7 @@ from .errors import DiffuseError, NumericalError, OutputExistsError
 from .interrupts import StopOnSignal
 from .outputs import atomic_write_bytes, write_json
 from .progress import progress_bar
+from .trust import is_import_path
 
 if TYPE_CHECKING:  # the engine imports this module lazily
     from .engine import Engine
@@ -145,6 +146,11 @@ def resolve_config(engine: "Engine", settings: TrainSettings,
     config: dict[str, Any] = {"train": settings.model_dump(mode="json")}
     for kind, name in names.items():
         cls, cfg = engine.resolve(kind, name, **routed[kind])
+        typ = engine.registry.entry(kind, name).type
+        if isinstance(typ, str) and is_import_path(typ):  # checkpoints name installed code
+            raise DiffuseError(f"{kind} {name!r} is imported from {typ!r}; training records "
+                               "implementations by installed name so its checkpoints load "
+                               "anywhere: install it as a plugin to train with it")
         config[kind] = {"name": name, "type": cls.name, **cfg.model_dump(mode="json")}
     return config
 

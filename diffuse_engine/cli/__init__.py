@@ -7,7 +7,9 @@ and exit with status 2; ``--debug`` (anywhere on the line) shows the traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Optional
 
 import typer
 
@@ -31,9 +33,15 @@ def build_app(with_plugin_commands: bool = True) -> typer.Typer:
     def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
               allow_imports: bool = typer.Option(
                   False, "--allow-imports", help="let registry files name "
-                  "type = \"package.module:Class\" (runs that code: trusted files only)")):
+                  "type = \"package.module:Class\" (runs that code: trusted files only)"),
+              log_metrics: Optional[str] = typer.Option(
+                  None, "--log-metrics", metavar="PATH", help="append every run event "
+                  "(steps, losses, final metrics) to PATH, .csv or JSON lines; sets "
+                  "DIFFUSE_LOG_METRICS for the engine")):
         common.STATE.debug = debug
         common.STATE.allow_imports = allow_imports
+        if log_metrics:  # the metrics-logger plugin reads it when the engine is built
+            os.environ["DIFFUSE_LOG_METRICS"] = log_metrics
 
     for module in COMMAND_MODULES:
         module.register(app)
@@ -52,4 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--allow-imports", "--debug"):  # global options, accepted anywhere
         if flag in args:
             args = [flag] + [a for a in args if a != flag]
+    if "--log-metrics" in args[:-1]:  # a global option with a value, also anywhere
+        i = args.index("--log-metrics")
+        args = args[i:i + 2] + args[:i] + args[i + 2:]
     build_app()(args=args, prog_name="diffuse")
