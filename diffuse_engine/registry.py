@@ -207,15 +207,7 @@ class Registry:
             raise RegistryError(f"{entry.where('type')} type: must be a string naming an "
                                 f"implementation (got {entry.type!r}); choices: "
                                 + ", ".join(self.catalogue.names(kind)))
-        if is_import_path(entry.type):
-            if not self.allow_imports:
-                raise refuse_import(entry.where("type"), entry.type, self.catalogue.names(kind))
-            impl = import_implementation(entry.type, kind, entry.where("type"))
-        elif not self.catalogue.has(kind, entry.type):
-            raise RegistryError(f"{entry.where('type')} type: "
-                                + self.catalogue.unknown_message(kind, entry.type))
-        else:
-            impl = self.catalogue.get(kind, entry.type)
+        impl = self.implementation(kind, entry.type, entry.where("type"))
         try:
             config = impl.Config.model_validate(entry.config_fields)
         except ValidationError as exc:
@@ -223,6 +215,17 @@ class Registry:
             raise RegistryError(format_validation_error(entry.where(bad), exc, impl.Config)) from None
         check_refs(config, self.catalogue, entry.where())
         return impl, config
+
+    def implementation(self, kind: str, type_name: str, where: str):
+        """The class a ``type`` names: an installed implementation, or (only with
+        ``allow_imports``) an import path ``package.module:Class``; ``where`` prefixes errors."""
+        if is_import_path(type_name):
+            if not self.allow_imports:
+                raise refuse_import(where, type_name, self.catalogue.names(kind))
+            return import_implementation(type_name, kind, where)
+        if not self.catalogue.has(kind, type_name):
+            raise RegistryError(f"{where} type: " + self.catalogue.unknown_message(kind, type_name))
+        return self.catalogue.get(kind, type_name)
 
     def preset(self, name: str, overrides: dict[str, Any] | None = None) -> RunPreset:
         """The validated ``[run.NAME]`` preset."""

@@ -45,6 +45,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, check_same_sde, sde_spec
+from .distributed import ShardedBatches
 from .errors import DiffuseError, NumericalError, OutputExistsError
 from .interrupts import StopOnSignal
 from .outputs import atomic_write_bytes, write_json
@@ -83,6 +84,9 @@ class TrainSettings(BaseModel):
                                          "after this much training time")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads while training "
                                    "(default: torch's; 1 is fastest on a busy machine)")
+    shards: Optional[int] = Field(None, ge=1, description="seeded parts of each global batch "
+                                  "(default: the number of processes); a run on N processes "
+                                  "equals one process with shards = N")
 
 
 #: settings a resumed run may change (everything else comes from the checkpoint)
@@ -232,7 +236,10 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
     out = Path(out) if out is not None else None
     if resume and out is None:
         raise DiffuseError("resume needs the training folder (--out) to continue")
-    ckpt = _prepare_out(out, resume, overwrite) if out is not None else None
+    ctx = engine.dist  # rank 0 prepares the folder and writes; see diffuse_engine.distributed
+    ckpt = ctx.run_on_main(_prepare_out, out, resume, overwrite) if out is not None else None
+    if resume and not ctx.is_main:
+        ckpt = Checkpoint.load(out / CHECKPOINT_NAME)
     if ckpt is not None:
         config = json.loads(json.dumps(ckpt.config))
         changes = {k: v for k, v in settings.model_dump().items()
@@ -241,8 +248,9 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
         settings = TrainSettings.model_validate(config["train"])
     else:
         config = resolve_config(engine, settings, dict(overrides or {}))
+        config["train"]["shards"] = settings.shards or ctx.world_size
     s = settings
-    device = torch.device(s.device)
+    device = ctx.device(s.device)
 
     dataset = build_component(engine, "data", config["data"])
     sde = build_component(engine, "sde", config["sde"])
@@ -252,20 +260,25 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     ema = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay),
                         use_buffers=True)
-    data_gen = torch.Generator().manual_seed(s.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(s.seed + 1)
+    batches = ShardedBatches(s.seed, config["train"].get("shards") or 1, s.batch_size, ctx,
+                             device)
     losses: list[float] = []
     start = 0
     if ckpt is not None:
         model.net.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         opt.load_state_dict(ckpt.optim)
-        data_gen.set_state(ckpt.rng["data"])
-        noise_gen.set_state(ckpt.rng["noise"].to(noise_gen.get_state().device))
+        batches.load_state(ckpt.rng)
         torch.set_rng_state(ckpt.rng["torch_cpu"])
         losses = ckpt.losses.tolist() if ckpt.losses is not None else []
         start = ckpt.step
-    if out is not None:
+    ddp, train_model = None, model
+    if ctx.enabled:  # broadcasts rank 0's weights; averages gradients over ranks
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model.net, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+        train_model = model.with_net(ddp)
+    if out is not None and ctx.is_main:
         write_json(out / "config.json", {"config": config, "resumed_from": start or None})
         write_json(out / "status.json", {"complete": False, "step": start, "steps": s.steps})
 
@@ -275,8 +288,9 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
             raise NumericalError(f"model weights became NaN/Inf by step {step} (loss "
                                  f"{config['loss']['type']!r}); lower lr ({s.lr}) or keep "
                                  "grad_clip on; the last good checkpoint is kept")
-        rng = {"data": data_gen.get_state(), "noise": noise_gen.get_state().cpu(),
-               "torch_cpu": torch.get_rng_state()}
+        rng = {**batches.state(ctx), "torch_cpu": torch.get_rng_state()}
+        if not ctx.is_main:
+            return out / CHECKPOINT_NAME
         path = Checkpoint(step=step, config=config, model=model.net.state_dict(),
                           ema=ema.state_dict(), optim=opt.state_dict(), rng=rng,
                           losses=torch.tensor(losses, dtype=torch.float64)).save(out / CHECKPOINT_NAME)
@@ -295,17 +309,15 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
     done = start
     interrupted = False
     with progress_bar(s.steps, f"training {config['score']['type']} on {config['data']['name']}",
-                      enabled=progress) as bar, StopOnSignal() as stop:
+                      enabled=progress and ctx.is_main) as bar, StopOnSignal() as stop:
         if bar is not None and start:
             bar(start)
         for step in range(start, s.steps):
             lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
             for group in opt.param_groups:
                 group["lr"] = lr
-            x0 = dataset.sample(s.batch_size, data_gen).to(device)
-            loss = loss_fn(model, x0, noise_gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = batches.step(train_model, loss_fn, dataset, device, ddp)
             if s.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
@@ -313,13 +325,19 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
             pending.append(loss.detach())
             done = step + 1
             if observe:
-                engine.hook.diffuse_training_step(step=done, loss=float(loss))
+                mean = float(ctx.all_reduce_mean(loss))
+                if ctx.is_main:
+                    engine.hook.diffuse_training_step(step=done, loss=mean)
             last = done == s.steps
             elapsed = time.perf_counter() - t0
             over_time = s.max_seconds is not None and elapsed > s.max_seconds
-            if done % s.log_every == 0 or last or over_time or stop.requested or (
+            stop_now = stop.requested
+            if ctx.enabled:  # every rank stops at the same step
+                flags = ctx.all_reduce_mean(torch.tensor([float(over_time), float(stop_now)]))
+                over_time, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+            if done % s.log_every == 0 or last or over_time or stop_now or (
                     out is not None and s.checkpoint_every and done % s.checkpoint_every == 0):
-                values = torch.stack(pending).double().cpu().tolist()
+                values = ctx.all_reduce_mean(torch.stack(pending)).double().cpu().tolist()
                 pending.clear()
                 losses.extend(values)
                 if not all(map(math.isfinite, values)):
@@ -342,7 +360,7 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
             if over_time and not last:
                 stopped_early = True
                 break
-            if stop.requested and not last:  # Ctrl-C / SIGTERM: checkpoint, then stop
+            if stop_now and not last:  # Ctrl-C / SIGTERM: checkpoint, then stop
                 interrupted = stopped_early = True
                 break
     seconds = time.perf_counter() - t0
@@ -355,6 +373,7 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
         checkpoints.append(save(done))
         if not interrupted:  # a Ctrl-C should not wait for a sample plot
             _plot(engine, ema_model, config, dataset, out / "samples.png", s, done)
+    if out is not None and ctx.is_main:
         write_json(out / "status.json", {"complete": not stopped_early, "step": done,
                                          "steps": s.steps, "stopped_early": stopped_early,
                                          "interrupted": interrupted,
@@ -390,6 +409,8 @@ def _plot(engine: "Engine", model, config, dataset, path: Path, s: TrainSettings
     result = engine.sampling(score=model, sde=config["sde"]["type"], solver=s.plot_solver,
                              shape=(s.plot_n, *model.data_shape), seed=s.seed, device=s.device,
                              steps=s.plot_steps, **sample_overrides(config))
+    if not engine.dist.is_main:  # every rank samples (collectively), rank 0 plots
+        return
     plot_result(result.samples, path, dataset=dataset,
                 title=f"{config['score']['type']} on {config['data']['name']}, step {step}: "
                       f"{s.plot_solver}, {s.plot_steps} steps")

@@ -227,3 +227,18 @@ def test_ctrl_c_of_a_real_run_says_so_and_keeps_it_partial(tmp_path):
     status = json.loads((tmp_path / "o.partial" / "status.json").read_text())
     assert status == {**status, "complete": False, "error": "interrupted"}
     assert not out.exists()
+
+
+def test_train_reads_allow_imports_but_trains_installed_code_only(evil_module, tmp_path):
+    reg, marker, name = evil_module
+    args = ["train", "--registry", str(reg), "--sde", "loud", "--steps", "2", "-q",
+            "--batch-size", "16", "--threads", "1", "--set", "hidden=8", "--set", "depth=1",
+            "--set", "plot_n=8", "--set", "plot_steps=2", "--out", str(tmp_path / "t")]
+    res = runner.invoke(build_app(), args)
+    assert res.exit_code == 2 and "--allow-imports" in res.stderr, res.output
+    assert not marker.exists()
+    # with the flag the file is read, but checkpoints name installed code only
+    res = runner.invoke(build_app(), ["--allow-imports", *args])
+    assert res.exit_code == 2 and "install it as a plugin to train with it" in res.stderr, \
+        res.output
+    assert marker.exists()

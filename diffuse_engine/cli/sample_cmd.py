@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, handle_errors, print_table
+from .common import RegistryOpt, SetOpt, handle_errors, make_engine, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             raise DiffuseError(f"--n must be >= 1, got {n}")
         _check_device(device)
         registry_sets, overrides = split_sets(set_)
-        engine = Engine(registry=registry or [], sets=registry_sets)
+        engine = make_engine(registry, registry_sets)  # honours --allow-imports
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
         if steps is not None:
             overrides["steps"] = steps

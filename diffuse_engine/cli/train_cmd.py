@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, console, handle_errors, print_table
+from .common import RegistryOpt, SetOpt, console, handle_errors, make_engine, print_table
 
 
 def split_sets(sets: Optional[list[str]]) -> tuple[list[str], dict]:
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import DiffuseError
 
         registry_sets, overrides = split_sets(set_)
-        engine = Engine(registry=registry or [], sets=registry_sets)
+        engine = make_engine(registry, registry_sets)  # honours --allow-imports
         explicit = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                     "device": device, "threads": threads, "max_seconds": max_seconds}
         overrides.update({k: v for k, v in explicit.items() if v is not None})
