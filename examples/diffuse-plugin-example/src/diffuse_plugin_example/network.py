@@ -8,6 +8,7 @@ score through the SDE's kernel (:func:`diffuse_engine.to_score`).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -51,6 +52,20 @@ class TinyMLPScore(ScoreModel):
         self.net.to(device=device, dtype=dtype)
         self.register_freqs = self.register_freqs.to(device=device)
         return self
+
+    # what `diffuse train` needs of a trainable model (see diffuse_engine.training)
+    def train(self, mode: bool = True):
+        self.net.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def with_net(self, net):
+        """A shallow copy using ``net`` (e.g. the EMA weights) as its backbone."""
+        other = copy.copy(self)
+        other.net = net
+        return other
 
     def forward(self, x, t):
         flat = x.reshape(x.shape[0], -1)
