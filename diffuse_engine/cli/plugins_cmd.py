@@ -29,17 +29,23 @@ def register(app: typer.Typer) -> None:
                 p = engine.catalogue.provided(kind, name)
                 impl_rows.append((kind, name, p.provider, (p.cls.__doc__ or "").strip().split("\n")[0]))
         print_table("implementations", impl_rows, ["kind", "name", "plugin", "description"])
-        if verbose:
+        if verbose:  # each implementation's config schema, as the registry validates it
+            from ..introspect import config_rows
+            infos = {i.name if i.builtin or i.distribution.startswith("(")
+                     else f"{i.distribution}:{i.name}": i for i in engine.plugin_infos}
             for kind in REGISTRATION_HOOKS:
                 for name in engine.catalogue.names(kind):
-                    cls = engine.catalogue.get(kind, name)
-                    fields = cls.Config.model_fields
-                    if not fields:
-                        continue
-                    console.print(f"[bold]{kind}.{name}[/bold] config:")
-                    for fname, f in fields.items():
-                        ann = getattr(f.annotation, "__name__", str(f.annotation))
-                        console.print(f"  {fname}: {ann} = {f.default!r}  {f.description or ''}",
-                                      markup=False, highlight=False)
+                    p = engine.catalogue.provided(kind, name)
+                    info = infos.get(p.provider)
+                    origin = (f"{info.distribution} {info.version}".strip() if info else p.provider)
+                    rows = config_rows(p.cls.Config, engine.catalogue)
+                    title = (f"{kind} type = \"{name}\": {p.cls.__module__}."
+                             f"{p.cls.__qualname__} (plugin {p.provider}, {origin})")
+                    if rows:
+                        print_table(title, rows, ["field", "type", "default", "allowed",
+                                                  "description"])
+                    else:
+                        console.print(title + ": no config fields", markup=False,
+                                      highlight=False)
         if any(not i.ok for i in engine.plugin_infos):
             raise typer.Exit(1)
