@@ -33,9 +33,7 @@ and EMA updates are identical).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -222,22 +220,58 @@ def split_nproc(argv: Sequence[str]) -> tuple[int | None, list[str]]:
     return nproc, out
 
 
-def torchrun_command(nproc: int, argv: Iterable[str]) -> list[str]:
-    """The torchrun command that runs ``diffuse ARGV`` on ``nproc`` local processes
-    (a standalone rendezvous on a free local port)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "diffuse_engine", *argv]
+def torchrun_args(nproc: int, argv: Iterable[str]) -> list[str]:
+    """torchrun's arguments for ``diffuse ARGV`` on ``nproc`` processes of this machine:
+    ``torchrun --standalone --nproc-per-node=N -m diffuse_engine ARGV`` (a single-node
+    rendezvous on a free local port)."""
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "diffuse_engine", *argv]
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``diffuse ARGV`` on ``nproc`` processes of this machine through torchrun;
-    return its exit status. (For several nodes, call torchrun yourself: README.)"""
+    """Run ``diffuse ARGV`` on ``nproc`` processes of this machine with torchrun
+    (:func:`torch.distributed.run.run`, the function behind the ``torchrun`` command, so
+    this process is the elastic agent); return the exit status: 0, or the first failed
+    worker's (2 for a user error, as without ``--nproc``). For several nodes, run
+    torchrun yourself (README, "Several processes, GPUs and nodes")."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     if launched_by_torchrun():
         raise DistributedError("--nproc inside a torchrun worker: give the process count "
                                "to torchrun only")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, said explicitly
-    return subprocess.call(torchrun_command(nproc, argv), env=env)
+    args = parse_args(torchrun_args(nproc, []))
+    args.training_script_args = list(argv)  # verbatim: argparse would misread "--n 5"
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+        return next((c for c in codes if c > 0), 1)
+    return 0
+
+
+@contextmanager
+def on_main(ctx: DistContext, manager):
+    """Enter context manager ``manager`` (e.g. a :class:`~diffuse_engine.outputs.RunFolder`)
+    on rank 0 only; yield its value there and ``None`` on the other ranks.
+
+    An error entering it (a :class:`DiffuseError`, e.g. the output exists) is raised on
+    every rank, so no rank goes on into collectives that rank 0 will never join.
+    """
+    if not ctx.enabled:
+        with manager as value:
+            yield value
+        return
+    value = ctx.run_on_main(manager.__enter__)
+    if not ctx.is_main:
+        yield None
+        return
+    try:
+        yield value
+    except BaseException as exc:
+        if not manager.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        manager.__exit__(None, None, None)
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -346,6 +380,6 @@ class ShardedBatches:
 
 
 __all__ = ["DistContext", "DistributedError", "SINGLE", "context", "as_context",
-           "launched_by_torchrun", "default_backend", "split_nproc", "torchrun_command",
-           "launch", "stream_seed", "shard_seed", "shard_sizes", "my_shards",
+           "launched_by_torchrun", "default_backend", "split_nproc", "torchrun_args",
+           "launch", "on_main", "stream_seed", "shard_seed", "shard_sizes", "my_shards",
            "gather_shards", "ShardedBatches", "DEFAULT_SHARD_SIZE"]

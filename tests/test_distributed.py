@@ -26,7 +26,7 @@ import torch
 from diffuse_engine import Engine
 from diffuse_engine.distributed import (DistContext, DistributedError, ShardedBatches,
                                         shard_seed, shard_sizes, split_nproc,
-                                        torchrun_command)
+                                        torchrun_args)
 
 WORLD = 2
 SAMPLE = dict(score="gmm", sde="vp", solver="pc", shape=(50, 2), seed=3, steps=20,
@@ -151,9 +151,11 @@ def test_bad_distributed_settings_are_one_line_errors():
             split_nproc(argv)
     assert split_nproc(["train", "--nproc", "2", "--steps", "3"]) == (2, ["train", "--steps", "3"])
     assert split_nproc(["sample", "--nproc=4"]) == (4, ["sample"])
-    cmd = torchrun_command(2, ["train", "--steps", "3"])
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in cmd
-    assert cmd[-3:] == ["train", "--steps", "3"]
+    from torch.distributed.run import parse_args
+    ns = parse_args(torchrun_args(2, ["train", "--steps", "3"]))
+    assert ns.nproc_per_node == "2" and ns.standalone and ns.module
+    assert ns.training_script == "diffuse_engine"
+    assert ns.training_script_args == ["train", "--steps", "3"]
 
 
 def test_bad_shard_size_is_a_one_line_error(engine):

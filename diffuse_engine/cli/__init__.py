@@ -63,4 +63,21 @@ def main(argv: list[str] | None = None) -> None:
     if "--log-metrics" in args[:-1]:  # a global option with a value, also anywhere
         i = args.index("--log-metrics")
         args = args[i:i + 2] + args[:i] + args[i + 2:]
+    args = _distributed(args)
     build_app()(args=args, prog_name="diffuse")
+
+
+def _distributed(args: list[str]) -> list[str]:
+    """``--nproc N`` (N > 1) reruns the command under torchrun and exits with its status;
+    in a torchrun worker other than rank 0, stdout is silenced (rank 0 reports)."""
+    from ..distributed import DistributedError, launch, launched_by_torchrun, split_nproc
+    try:
+        nproc, args = split_nproc(args)
+        if nproc is not None and nproc > 1:
+            raise SystemExit(launch(nproc, args))
+    except DistributedError as exc:
+        common.err(f"error: {exc}")
+        raise SystemExit(exc.exit_code) from None
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    return args

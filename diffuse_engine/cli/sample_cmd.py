@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, handle_errors, make_engine, print_table
+from .common import (NprocOpt, RegistryOpt, SetOpt, handle_errors, make_engine, print_table,
+                     refuse_nproc_here)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
         registry: Optional[list[Path]] = RegistryOpt,
         set_: Optional[list[str]] = SetOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
+        nproc: Optional[int] = NprocOpt,
     ):
         """Sample from a trained checkpoint with any solver; write samples, plot, metrics."""
         from ..engine import Engine
@@ -47,6 +49,7 @@ def register(app: typer.Typer) -> None:
         if n < 1:
             raise DiffuseError(f"--n must be >= 1, got {n}")
         _check_device(device)
+        refuse_nproc_here(nproc)
         registry_sets, overrides = split_sets(set_)
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
@@ -55,11 +58,15 @@ def register(app: typer.Typer) -> None:
         cfg = ckpt.config
         name = (checkpoint if checkpoint.is_dir() else checkpoint.parent).name or "checkpoint"
         out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
-        with RunFolder(out, overwrite) as folder:
+        from ..distributed import on_main
+        # under torchrun every rank samples its shards; rank 0 alone writes the folder
+        with on_main(engine.dist, RunFolder(out, overwrite)) as folder:
             result = engine.sampling(score=model, sde=cfg["sde"]["type"], solver=solver,
                                      shape=(n, *model.data_shape), seed=seed, device=device,
                                      progress=not quiet,
                                      **{**sample_overrides(cfg), **overrides})
+            if folder is None:
+                return
             x = result.samples.cpu()
             metrics = {"nfe": result.nfe, "seconds": round(result.seconds, 4),
                        "checkpoint_step": ckpt.step}

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, console, handle_errors, make_engine, print_table
+from .common import (NprocOpt, RegistryOpt, SetOpt, console, handle_errors, make_engine,
+                     print_table, refuse_nproc_here)
 
 
 def split_sets(sets: Optional[list[str]]) -> tuple[list[str], dict]:
@@ -49,11 +50,13 @@ def register(app: typer.Typer) -> None:
         registry: Optional[list[Path]] = RegistryOpt,
         set_: Optional[list[str]] = SetOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
+        nproc: Optional[int] = NprocOpt,
     ):
         """Train a score model (data + SDE + network + loss); checkpoints go to --out."""
         from ..engine import Engine
         from ..errors import DiffuseError
 
+        refuse_nproc_here(nproc)
         registry_sets, overrides = split_sets(set_)
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
         explicit = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
