@@ -256,7 +256,7 @@ class Engine:
         if not isinstance(check_every, int) or check_every < 0:
             raise DiffuseError(f"check_every must be an integer >= 0 (0: check at the end "
                                f"only), not {check_every!r}")
-        device = check_device(self.dist.device(device or "cpu"))
+        device = self.dist.device(check_device(device or "cpu"))
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
             raise DiffuseError(f"shard_size must be a whole number of samples >= 1, not "
                                f"{shard_size!r}")

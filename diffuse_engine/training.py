@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, check_same_sde, sde_spec
 from .distributed import ShardedBatches
+from .devices import check_device
 from .errors import DiffuseError, NumericalError, OutputExistsError
 from .interrupts import StopOnSignal
 from .outputs import atomic_write_bytes, write_json
@@ -250,7 +251,7 @@ def _run_training(engine, settings, overrides, *, out, resume, overwrite, progre
         config = resolve_config(engine, settings, dict(overrides or {}))
         config["train"]["shards"] = settings.shards or ctx.world_size
     s = settings
-    device = ctx.device(s.device)
+    device = ctx.device(check_device(s.device))
 
     dataset = build_component(engine, "data", config["data"])
     sde = build_component(engine, "sde", config["sde"])

@@ -263,3 +263,9 @@ def test_subprocess_debug_shows_the_traceback(tmp_path):
     res = _diffuse("run", "--device", "nonsense", "--debug", "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "Traceback" in res.stderr
     assert "DiffuseError: unknown device 'nonsense'" in res.stderr
+
+
+def test_train_device_from_settings_is_checked(app, tmp_path):
+    res = runner.invoke(app, ["train", "--steps", "1", "-q", "--out", str(tmp_path / "t"),
+                              "--set", "device=tpu"])
+    one_line_error(res, "unknown device 'tpu'")
