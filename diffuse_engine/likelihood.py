@@ -278,6 +278,15 @@ def split_overrides(overrides: dict[str, Any], chosen: dict[str, type]
     return mine, rest
 
 
+def _implementation(engine, kind: str, name: str) -> type:
+    """The class of entry ``[kind.name]`` before overrides complete it (a checkpoint
+    score needs ``path=`` from the call); bad names get the registry's error."""
+    entry = engine.registry.entry(kind, name)
+    if entry.type is not None and engine.catalogue.has(kind, entry.type):
+        return engine.catalogue.get(kind, entry.type)
+    return engine.resolve(kind, name)[0]
+
+
 def evaluate(engine, x: Tensor, score: Any = "gmm", sde: str = "vp", *,
              device: str | torch.device | None = None, progress: bool = False,
              **overrides) -> LikelihoodResult:
@@ -295,9 +304,9 @@ def evaluate(engine, x: Tensor, score: Any = "gmm", sde: str = "vp", *,
                            f"{type(x).__name__}")
     device = check_device(device) if device is not None else x.device
     x = x.to(device)
-    sde_cls, _ = engine.resolve("sde", sde)
+    sde_cls = _implementation(engine, "sde", sde)
     if isinstance(score, str):
-        score_cls, _ = engine.resolve("score", score)
+        score_cls = _implementation(engine, "score", score)
     elif isinstance(score, ScoreModel):
         score_cls = type(score)
     else:

@@ -111,3 +111,23 @@ def test_cli_likelihood_prints_mean_stderr_bits(tmp_path):
         assert label in res.output
     bad = CliRunner().invoke(build_app(), ["likelihood", "--set", "probes=0"])
     assert bad.exit_code == 2 and "probes" in bad.output
+
+
+def test_cli_likelihood_of_a_trained_checkpoint_on_a_dataset(engine, tmp_path):
+    """--checkpoint and --data: a (barely) trained model evaluated on dataset points;
+    the same model under another SDE is refused with one line."""
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    engine.training(steps=5, batch_size=32, out=tmp_path / "tr", overwrite=True,
+                    plot_steps=1, plot_n=16, threads=1)
+    res = CliRunner().invoke(build_app(), ["likelihood", "--checkpoint", str(tmp_path / "tr"),
+                                           "--sde", "vp", "--data", "gmm", "--n", "20",
+                                           "--json", "--quiet", "--set", "rtol=1e-3",
+                                           "--set", "atol=1e-3"])
+    assert res.exit_code == 0, res.output
+    assert '"bits_per_dim"' in res.output and '"n": 20' in res.output
+    bad = CliRunner().invoke(build_app(), ["likelihood", "--checkpoint", str(tmp_path / "tr"),
+                                           "--sde", "ve", "--data", "gmm", "--n", "5"])
+    assert bad.exit_code == 2 and "trained with sde" in bad.output
