@@ -150,8 +150,9 @@ class LinearSDE(SDE):
     kernel_config: ClassVar[dict] = {}
 
     def __init__(self, config=None, **fields):
-        super().__init__(config, **fields)
         self._kernel = None
+        self._prior_std: float | None = None
+        super().__init__(config, **fields)
 
     @property
     def kernel(self) -> PerturbationKernel:
@@ -162,14 +163,22 @@ class LinearSDE(SDE):
 
     def attach_kernel(self, kernel) -> None:
         self._kernel = kernel
+        self._prior_std = None
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.kernel.marginal(t)
 
     @property
     def prior_std(self) -> float:  # type: ignore[override]
-        one = torch.full((1,), self.T, dtype=torch.float64)
-        return float(self.marginal(one)[1])
+        """The kernel's std at ``T`` (computed once), unless a subclass assigns one."""
+        if self._prior_std is None:
+            one = torch.full((1,), self.T, dtype=torch.float64)
+            self._prior_std = float(self.marginal(one)[1])
+        return self._prior_std
+
+    @prior_std.setter
+    def prior_std(self, value: float) -> None:
+        self._prior_std = float(value)
 
     def discretize(self, x: Tensor, t: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor]:
         a_t, s_t = self.marginal(t)
