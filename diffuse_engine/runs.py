@@ -20,6 +20,7 @@ import torch
 from .engine import Engine
 from .errors import DiffuseError
 from .mixture import GaussianMixture, mode_statistics
+from .distributed import on_main
 from .outputs import RunFolder, atomic_write_bytes, write_json
 from .plotting import plot_samples
 from .training import needs_training, train_for_run
@@ -75,15 +76,20 @@ def execute_run(engine: Engine, plan: RunPlan, out: str | Path, *, overwrite: bo
     if sample_format not in SAMPLE_FORMATS:
         raise DiffuseError(f"unknown sample format {sample_format!r}; choices: "
                            f"{', '.join(SAMPLE_FORMATS)}")
-    with RunFolder(out, overwrite) as folder:
-        engine.hook.diffuse_run_start(run={"command": "run", "out": str(out),
-                                           "config": plan.as_dict()})
+    run_folder = RunFolder(out, overwrite)
+    # under torchrun every rank trains / samples its part; rank 0 alone writes the folder
+    with on_main(engine.dist, run_folder) as folder:
+        if folder is not None:
+            engine.hook.diffuse_run_start(run={"command": "run", "out": str(out),
+                                               "config": plan.as_dict()})
         score = plan.score
         if needs_training(engine, plan.score):  # train first, into the run folder
-            score = train_for_run(engine, plan, folder.path / "train", progress=progress)
+            score = train_for_run(engine, plan, run_folder.path / "train", progress=progress)
         result = engine.sampling(score=score, sde=plan.sde, solver=plan.solver,
                                  shape=plan.n, seed=plan.seed, device=plan.device,
                                  progress=progress, **plan.overrides)
+        if folder is None:  # another rank: its shards are in rank 0's samples
+            return {"nfe": result.nfe, "seconds": round(result.seconds, 4)}
         x = result.samples.cpu()
         mix = reference_mixture(engine, plan, result.score)
         metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": round(result.seconds, 4),
