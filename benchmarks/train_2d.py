@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--ema", type=float, default=0.995, help="EMA decay (short runs need "
+                    "a short memory)")
+    ap.add_argument("--time-sampling", default="mixed", help="uniform | log_uniform | mixed")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-ring")
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
@@ -50,7 +53,8 @@ def main() -> None:
     res = engine.training(preset="default", out=args.out, overwrite=True, progress=True,
                           steps=1_000_000, max_seconds=args.minutes * 60, threads=args.threads,
                           hidden=args.hidden, depth=args.depth, batch_size=args.batch_size,
-                          lr=args.lr, checkpoint_every=0, plot_n=2000, plot_steps=100)
+                          lr=args.lr, checkpoint_every=0, plot_n=2000, plot_steps=100,
+                          ema_decay=args.ema, time_sampling=args.time_sampling)
     print(f"trained {res.step} steps in {res.seconds:.0f} s", flush=True)
     t0 = time.perf_counter()
     out = engine.sampling(score=res.model, sde="vp", solver="pc", shape=(args.n, 2), seed=0,
@@ -84,7 +88,7 @@ def main() -> None:
     table = "\n".join([
         f"Training: {res.step} steps in {res.seconds:.0f} s wall ({args.threads} torch thread(s), "
         f"MLP {args.hidden}x{args.depth}, {res.model.num_parameters():,} parameters, batch "
-        f"{args.batch_size}, lr {args.lr}). Sampling: pc, {args.sample_steps} steps, n = "
+        f"{args.batch_size}, lr {args.lr}, EMA {args.ema}, {args.time_sampling} t). Sampling: pc, {args.sample_steps} steps, n = "
         f"{args.n}, {out.nfe} score evaluations, {sample_seconds:.0f} s.", "", *rows, "",
         f"Largest weight error {max(w_err):.4f} (target <= 0.05, exact-sample floor "
         f"{floor['weight_max']:.4f}); largest std error {max(s_err):.3f} (target <= 0.15). "

@@ -30,6 +30,7 @@ Gaussian.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -38,10 +39,24 @@ from pydantic import Field
 from diffuse_engine import ComponentConfig, IncompatibleError, Loss, bcast, hookimpl
 
 
-def uniform_times(n: int, sde, eps: float, generator, like: torch.Tensor) -> torch.Tensor:
-    """``t ~ U[eps, T]`` of shape ``(n,)`` on ``like``'s device and dtype."""
+def uniform_times(n: int, sde, eps: float, generator, like: torch.Tensor,
+                  law: str = "uniform") -> torch.Tensor:
+    """Training times in ``[eps, T]``, shape ``(n,)`` on ``like``'s device and dtype.
+
+    ``uniform`` (the reference implementation's choice); ``log_uniform``: ``t = eps
+    (T/eps)^u``, which spends more of the batch at small noise where narrow modes are
+    resolved; ``mixed``: each time from either law with probability 1/2. A sampling
+    density ``p(t)`` only reweights the objective by ``p(t)``, so every choice has the
+    same minimiser (the true score).
+    """
     u = torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
-    return u * (sde.T - eps) + eps
+    if law == "uniform":
+        return u * (sde.T - eps) + eps
+    log_t = eps * torch.exp(u * math.log(sde.T / eps))
+    if law == "log_uniform":
+        return log_t
+    pick = torch.rand(n, generator=generator, device=like.device, dtype=like.dtype) < 0.5
+    return torch.where(pick, u * (sde.T - eps) + eps, log_t)
 
 
 def normal_like(x: torch.Tensor, generator) -> torch.Tensor:
@@ -73,6 +88,8 @@ class _TimeLoss(Loss):
 class DSMConfig(TimeLossConfig):
     likelihood_weighting: bool = Field(False, description="weight by g(t)^2 (maximum "
                                        "likelihood weighting) instead of std(t)^2")
+    time_sampling: Literal["uniform", "log_uniform", "mixed"] = Field(
+        "uniform", description="law of the training times t in [eps, T]")
 
 
 class DenoisingScoreMatching(_TimeLoss):
@@ -82,7 +99,8 @@ class DenoisingScoreMatching(_TimeLoss):
     Config = DSMConfig
 
     def __call__(self, model, x0, generator=None):
-        t = uniform_times(x0.shape[0], self.sde, self.eps, generator, x0)
+        t = uniform_times(x0.shape[0], self.sde, self.eps, generator, x0,
+                          self.config.time_sampling)
         z = normal_like(x0, generator)
         _, std = self.sde.marginal(t)
         xt = self.sde.perturb(x0, t, z)

@@ -56,6 +56,7 @@ CASES = [
     ("dsm", "subvp", {"reduce_mean": True}),
     ("dsm", "ve", {}),
     ("dsm", "vp", {"likelihood_weighting": True}),
+    ("dsm", "vp", {"time_sampling": "mixed"}),
     ("ddpm", "ddpm", {}),
     ("smld", "ve", {"num_scales": 100}),
     ("ism", "vp", {}),
