@@ -117,6 +117,7 @@ class Checkpoint:
         if info.get("param_groups") is not None:
             optim = {"state": {int(i): s for i, s in groups.get("optim", {}).items()},
                      "param_groups": info["param_groups"]}
+        _check_meta(info, p)
         return cls(step=int(info["step"]), config=info["config"], model=groups.get("model", {}),
                    ema=groups.get("ema", {}), optim=optim, rng=groups.get("rng", {}),
                    losses=groups.get("history", {}).get("loss"))
@@ -128,6 +129,39 @@ class Checkpoint:
             return {k.removeprefix("module."): v for k, v in self.ema.items()
                     if k.startswith("module.")}
         return self.model
+
+
+#: the recorded components every checkpoint carries, each ``{"type": name, **fields}``
+RECORDED = ("data", "sde", "score", "loss")
+
+
+def _check_meta(info: dict[str, Any], path: Path) -> None:
+    """The metadata's shape (files are untrusted): a clean error, never a KeyError."""
+    config = info.get("config")
+    step = info.get("step")
+    problem = None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problem = f"step {step!r} is not a count"
+    elif not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+        problem = "no training settings recorded"
+    else:
+        bad = [k for k in RECORDED if not (isinstance(config.get(k), dict)
+                                           and isinstance(config[k].get("type"), str))]
+        if bad:
+            problem = f"no valid {', '.join(bad)} recorded"
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: malformed metadata ({problem})")
+
+
+def recorded_config(cls, fields: dict[str, Any], where: str):
+    """``cls.Config`` from recorded ``fields``; an invalid record is a CheckpointError."""
+    from pydantic import ValidationError
+
+    from .registry import format_validation_error
+    try:
+        return cls.Config.model_validate(fields)
+    except ValidationError as exc:
+        raise CheckpointError(format_validation_error(where, exc, cls.Config)) from None
 
 
 def sde_spec(sde) -> dict[str, Any]:
@@ -152,7 +186,7 @@ def build_model(catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: st
     spec.pop("name", None)
     check_same_sde(ckpt.config["sde"], sde, where)
     cls = catalogue.get("score", type_name)
-    model = cls(cls.Config.model_validate(spec), sde=sde)
+    model = cls(recorded_config(cls, spec, f"{where}: recorded score"), sde=sde)
     try:
         model.net.load_state_dict(ckpt.sampling_weights(ema))
     except RuntimeError as exc:

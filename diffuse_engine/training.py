@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, check_same_sde, sde_spec
+from .checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, check_same_sde,
+                         recorded_config, sde_spec)
 from .distributed import ShardedBatches
 from .devices import check_device
 from .errors import DiffuseError, NumericalError, OutputExistsError
@@ -164,7 +165,7 @@ def build_component(engine: "Engine", kind: str, spec: dict[str, Any], sde=None)
     """Build ``kind`` from a recorded ``{"type": ..., **fields}`` (no registry lookup)."""
     fields = {k: v for k, v in spec.items() if k not in ("type", "name")}
     cls = engine.catalogue.get(kind, spec["type"])
-    cfg = cls.Config.model_validate(fields)
+    cfg = recorded_config(cls, fields, f"recorded {kind} {spec['type']!r}")
     if kind == "sde":
         obj = cls(cfg)
         if getattr(cfg, "kernel", None) is not None:

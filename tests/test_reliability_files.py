@@ -242,3 +242,48 @@ def test_train_reads_allow_imports_but_trains_installed_code_only(evil_module, t
     assert res.exit_code == 2 and "install it as a plugin to train with it" in res.stderr, \
         res.output
     assert marker.exists()
+
+
+# ---- checkpoints with crafted metadata: clean errors, never a KeyError ---------------------
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    Engine(autoload=False).training(out=out, steps=2, batch_size=16, hidden=8, depth=1,
+                                    plot_n=8, plot_steps=2, threads=1)
+    return out / "checkpoint.safetensors"
+
+
+def _drop(d, *keys):
+    for k in keys[:-1]:
+        d = d[k]
+    del d[keys[-1]]
+
+
+META_MISTAKES = {
+    "type is an import path": (lambda m: m["config"]["sde"].update(type="os:system"),
+                               "unknown sde 'os:system'"),
+    "type missing": (lambda m: _drop(m, "config", "sde", "type"), "no valid sde recorded"),
+    "score missing": (lambda m: _drop(m, "config", "score"), "no valid score recorded"),
+    "config not a table": (lambda m: m.update(config=5), "no training settings recorded"),
+    "step not a count": (lambda m: m.update(step="abc"), "step 'abc' is not a count"),
+    "field of the wrong type": (lambda m: m["config"]["sde"].update(beta_max="x"),
+                                "recorded sde 'vp' beta_max: Input should be a valid number"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(META_MISTAKES))
+def test_crafted_checkpoint_metadata_is_a_clean_error(good_checkpoint, tmp_path, mistake):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(good_checkpoint, "pt") as f:
+        meta = json.loads(f.metadata()["diffuse"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit, needle = META_MISTAKES[mistake]
+    edit(meta)
+    bad = tmp_path / "checkpoint.safetensors"
+    save_file(tensors, bad, metadata={"diffuse": json.dumps(meta)})
+    res = runner.invoke(build_app(), ["sample", "--checkpoint", str(bad), "-n", "4",
+                                      "--steps", "2", "-q", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert res.stderr.startswith("error: ") and needle in res.stderr, res.stderr
+    assert not (tmp_path / "s").exists()
