@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .component import Component, ComponentConfig
+from .schedules import Schedule, time_grid
 from .score import ScoreFn
 from .sde import SDE
 
@@ -29,6 +30,9 @@ class SolverConfig(ComponentConfig):
     eps: Optional[float] = Field(None, gt=0, lt=1,
                                  description="smallest time; default: the SDE's sampling_eps")
     denoise: bool = Field(True, description="final Tweedie denoising step at eps")
+    schedule: Schedule = Field("uniform", description="time-step spacing: uniform (in t), "
+                               "quadratic, logsnr (uniform in log-SNR), karras (EDM sigma^(1/rho))")
+    rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
 
 
 class Solver(Component):
@@ -48,9 +52,10 @@ class Solver(Component):
         return self.config.eps if self.config.eps is not None else sde.sampling_eps
 
     def time_grid(self, sde: SDE) -> list[float]:
-        """``steps + 1`` decreasing times from ``T`` to ``eps``, uniform in ``t``."""
-        T, eps, n = sde.T, self.eps(sde), self.config.steps
-        return [T + (eps - T) * i / n for i in range(n + 1)]
+        """``steps + 1`` decreasing times from ``T`` to ``eps``, spaced by the configured
+        schedule (:mod:`diffuse_engine.schedules`; uniform in ``t`` by default)."""
+        c = self.config
+        return time_grid(sde, c.steps, self.eps(sde), c.schedule, c.rho)
 
     def sample(self, score: ScoreFn, sde: SDE, x: Tensor, *,
                generator: torch.Generator | None = None,
