@@ -145,7 +145,8 @@ def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "e
                       rtol: float = 1e-3, atol: float = 1e-3, dt_min: float = 1e-5,
                       entropy: int = 0, adjoint: bool = False,
                       params: Optional[Iterable[Tensor]] = None,
-                      adjoint_method: str | None = None) -> Tensor:
+                      adjoint_method: str | None = None, callback=None,
+                      chunks: int = 20) -> Tensor:
     """Solve the reverse-time SDE from ``x_T`` at ``T`` to ``eps`` with torchsde.
 
     ``steps`` fixes ``dt = (T - eps) / steps`` (the initial step when ``adaptive``).
@@ -156,6 +157,13 @@ def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "e
     adjoint method is torchsde's (``adjoint_reversible_heun`` for
     ``reversible_heun``, Milstein for the Ito methods, midpoint otherwise).
     Returns ``x_eps`` of ``x_T``'s shape (no final denoising step).
+
+    ``callback(step, steps, t)`` reports progress on the uniform grid of ``steps``
+    (every step, with its time): torchsde has no step hook, so with a callback the
+    solve runs in up to ``chunks`` consecutive pieces on that grid, on the same
+    Brownian path and carrying the solver's extra state, and the steps of each piece
+    are reported when it ends. Each piece costs one extra drift evaluation (torchsde's
+    contract check). Not used with ``adjoint=True``.
     """
     sde_type = check_sde_method(method)
     eps = sde.sampling_eps if eps is None else eps
@@ -174,8 +182,21 @@ def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "e
             adjoint_method = "adjoint_reversible_heun"
         ys = torchsde.sdeint_adjoint(module, y0, us, adjoint_params=_params(score, params),
                                      adjoint_method=adjoint_method, **kw)
-    else:
+    elif callback is None:
         ys = torchsde.sdeint(module, y0, us, **kw)
+    else:
+        T, y, extra, done = float(sde.T), y0, None, 0
+        for end in sorted({round(steps * (j + 1) / min(chunks, steps))
+                           for j in range(min(chunks, steps))}):
+            piece = torch.tensor([span * done / steps, span * end / steps],
+                                 dtype=torch.float64, device=x_T.device)
+            ys, extra = torchsde.sdeint(module, y, piece, extra=True,
+                                        extra_solver_state=extra, **kw)
+            y = ys[-1]
+            for k in range(done + 1, end + 1):
+                callback(k, steps, T - span * k / steps)
+            done = end
+        ys = [y]
     return ys[-1].reshape(x_T.shape)
 
 

@@ -6,7 +6,8 @@
 experiments), ``dopri8``, ``bosh3``, ``fehlberg2`` or ``adaptive_heun``. The number of
 steps, hence of score evaluations, is chosen by the error control; the engine counts
 the evaluations (``SamplingResult.nfe``, the ``score evaluations`` row of ``diffuse
-run``). ``steps`` is not used by the integration; it only scales the progress bar.
+run``). ``steps`` is not used by the integration: progress is reported on a uniform
+grid of ``steps`` times, each grid step once the solver has passed it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ class AdaptiveProbabilityFlowODE(Solver):
     def sample(self, score, sde, x, *, generator=None, callback=None):
         c = self.config
         T, eps = float(sde.T), self.eps(sde)
-        report = None
+        report, done = None, [0]
+
+        def tick(upto: int) -> None:  # every grid step 1..upto not yet reported
+            for k in range(done[0] + 1, upto + 1):
+                callback(k, c.steps, T - (T - eps) * k / c.steps)
+            done[0] = max(done[0], upto)
+
         if callback is not None:  # progress only when someone listens (syncs to read t)
             def report(t: float) -> None:
-                callback(round(c.steps * (T - t) / (T - eps)), c.steps, t)
+                tick(min(c.steps, int(c.steps * (T - t) / (T - eps) + 1e-9)))
         with torch.no_grad():
             out = probability_flow_solve(score, sde, x, method=c.method, rtol=c.rtol,
                                          atol=c.atol, eps=eps, callback=report)
+        if callback is not None:
+            tick(c.steps)
         return self.finish(score, sde, out, eps)
 
 

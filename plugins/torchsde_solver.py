@@ -25,6 +25,13 @@ Methods (``method=``), all for diagonal noise:
 
 ``adaptive = true`` uses torchsde's step-doubling error control with ``rtol``,
 ``atol`` and ``dt_min`` (``steps`` then sets the initial step ``(T - eps) / steps``).
+Progress: torchsde has no step hook, so when the engine passes a callback (a progress
+bar or a ``diffuse_sampling_step`` observer) the solve runs in up to 20 pieces on the
+step grid, same Brownian path, and reports each step as its piece ends; each piece
+costs one more drift evaluation (torchsde's contract check). Without a callback it is
+one ``sdeint`` call: ``steps + 2`` evaluations for Euler (one for the contract check,
+one for the final denoising).
+
 The Brownian path is a ``torchsde.BrownianInterval`` whose entropy is drawn once from
 the engine's seeded generator, so a seed fixes the samples. Score evaluations are
 counted by the engine like for any solver.
@@ -65,9 +72,7 @@ class TorchSDESolver(Solver):
         with torch.no_grad():
             out = reverse_sde_solve(score, sde, x, method=c.method, steps=c.steps, eps=eps,
                                     adaptive=c.adaptive, rtol=c.rtol, atol=c.atol,
-                                    dt_min=c.dt_min, entropy=entropy)
-        if callback is not None:
-            callback(c.steps, c.steps, eps)
+                                    dt_min=c.dt_min, entropy=entropy, callback=callback)
         return self.finish(score, sde, out, eps)
 
 
