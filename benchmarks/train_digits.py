@@ -110,6 +110,8 @@ def main() -> None:
     classes = sorted(set(proba.argmax(1)[confident].tolist()))
     counts = np.bincount(proba.argmax(1), minlength=10).tolist()
     real_conf = float((clf.predict_proba(te_x).max(1) >= 0.9).mean())
+    noise = np.random.default_rng(1).uniform(-1, 1, size=(args.n, 64))
+    noise_conf = float((clf.predict_proba(noise).max(1) >= 0.9).mean())
 
     m = len(te_x)  # compare equal-sized sets against the held-out digits
     rng = np.random.default_rng(0)
@@ -130,6 +132,7 @@ def main() -> None:
         "confident_fraction": float(confident.mean()), "confident_classes": classes,
         "predicted_class_counts": counts,
         "classifier_test_accuracy": test_acc, "real_test_confident_fraction": real_conf,
+        "noise_confident_fraction": noise_conf,
         "frechet_samples_vs_heldout": fd_samples, "frechet_real_vs_heldout": fd_real,
         "frechet_noise_vs_heldout": fd_noise, "frechet_n": m,
         "torch_threads": args.threads,
@@ -149,6 +152,7 @@ def main() -> None:
         f"| Frechet distance, real train vs held-out (n={m}) | {fd_real:.2f} | floor |",
         f"| Frechet distance, uniform noise vs held-out (n={m}) | {fd_noise:.2f} | ceiling |",
         f"| classifier: held-out accuracy / confident fraction on real | {test_acc:.3f} / {real_conf:.1%} | |",
+        f"| confident fraction on uniform noise | {noise_conf:.1%} | baseline |",
         "",
         f"Verdict: confidence target {'met' if ok_conf else 'NOT met'}. Machine load average "
         f"at the end: {results['load_average_at_end']} (2 cores shared with other jobs).",
