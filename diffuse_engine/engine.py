@@ -312,12 +312,14 @@ class Engine:
                             **score_obj.config.model_dump(mode="json")},
                   "shape": list(shape), "seed": seed, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
-        observe = self.has_observers("diffuse_sampling_step")
+        # rank 0 alone reports (its own shards' steps) so observers log once
+        observe = self.has_observers("diffuse_sampling_step") and ctx.is_main
         steps = solver_obj.config.steps
         start = time.perf_counter()
         local: dict[int, Tensor] = {}
         failed, nfe = None, 0
-        with progress_bar(steps * len(mine), f"sampling {sde}/{solver}", enabled=progress) as bar:
+        with progress_bar(steps * len(mine), f"sampling {sde}/{solver}",
+                          enabled=progress and ctx.is_main) as bar:
             for i, j in enumerate(mine):
                 callback = None
                 if bar is not None or observe:
