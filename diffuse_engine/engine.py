@@ -68,6 +68,22 @@ class ScoreBoundary:
         return out
 
 
+def _check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
+    """``shape`` as ``(n, *dims)`` of positive ints matching the score's data shape."""
+    try:
+        out = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise DiffuseError(f"shape must be (n, *dims) of integers, not {shape!r}") from None
+    if len(out) < 2 or min(out) < 1:
+        raise DiffuseError(f"shape must be (n, *dims) with n >= 1 and dims >= 1, not {out}")
+    if data_shape is not None and tuple(out[1:]) != tuple(data_shape):
+        raise DiffuseError(f"shape {out}: this score model's data are {tuple(data_shape)}; "
+                           f"use shape=(n, {', '.join(map(str, data_shape))}) or shape=n")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DiffuseError(f"dtype must be a floating-point torch dtype, not {dtype!r}")
+    return out
+
+
 def _as_list(v) -> list:
     if v is None:
         return []
@@ -296,7 +312,7 @@ class Engine:
                 raise DiffuseError("shape=int needs a score model that knows its data shape; "
                                    "pass shape=(n, *dims)")
             shape = (shape, *data_shape)
-        shape = tuple(int(s) for s in shape)
+        shape = _check_shape(shape, getattr(score_obj, "data_shape", None), dtype)
         if hasattr(score_obj, "to"):
             score_obj = score_obj.to(device)
         # seeded shards (see diffuse_engine.distributed): the same samples on any number

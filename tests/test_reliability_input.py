@@ -269,3 +269,18 @@ def test_train_device_from_settings_is_checked(app, tmp_path):
     res = runner.invoke(app, ["train", "--steps", "1", "-q", "--out", str(tmp_path / "t"),
                               "--set", "device=tpu"])
     one_line_error(res, "unknown device 'tpu'")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(shape=(-5, 2)), "n >= 1"),
+    (dict(shape=(0, 2)), "n >= 1"),
+    (dict(shape=(4,)), "(n, *dims)"),
+    (dict(shape="ab"), "of integers"),
+    (dict(shape=(4, 3)), "this score model's data are (2,)"),
+    (dict(shape=(4, 2, 1)), "this score model's data are (2,)"),
+    (dict(shape=(4, 2), dtype=torch.int64), "floating-point"),
+])
+def test_engine_rejects_bad_shapes_and_dtypes(kwargs, needle):
+    with pytest.raises(DiffuseError) as info:
+        Engine(autoload=False).sample(steps=2, **kwargs)
+    assert needle in str(info.value), str(info.value)
