@@ -74,6 +74,11 @@ def _distributed(args: list[str]) -> list[str]:
     try:
         nproc, args = split_nproc(args)
         if nproc is not None and nproc > 1:
+            command = next((a for i, a in enumerate(args) if not a.startswith("-")
+                            and (i == 0 or args[i - 1] != "--log-metrics")), None)
+            if command not in ("train", "sample", "run"):
+                raise DistributedError(f"--nproc works with diffuse train, sample and run, "
+                                       f"not {command!r}")
             raise SystemExit(launch(nproc, args))
     except DistributedError as exc:
         common.err(f"error: {exc}")
