@@ -59,7 +59,8 @@ def test_the_ten_minute_plugin_in_the_docs_runs():
 
 
 def test_plugins_verbose_shows_versions_hooks_and_schemas(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
+    from diffuse_engine.cli import common
+    monkeypatch.setattr(common.console, "width", 250)  # rich fixes its width at creation
     result = CliRunner().invoke(build_app(with_plugin_commands=False), ["plugins", "--verbose"])
     assert result.exit_code == 0, result.output
     out = result.output
