@@ -13,7 +13,11 @@ Two families of hooks:
 * **Event hooks** are called for coarse events (run start and end, a checkpoint
   written) and, only when some plugin implements them, once per sampling or training
   step. No tensor computation is ever routed through a hook: solver loops are plain
-  tensor code.
+  tensor code. ``diffuse_configure(engine)`` runs once per engine after loading, so a
+  plugin can register an observer only when an option asks for it (the metrics logger).
+
+The hook reference in docs/plugins.md is generated from the docstrings below
+(``python scripts/gen_hook_docs.py``; a test fails when it is stale).
 
 Shape and time conventions shared by all components: data ``x`` is ``(B, *dims)``;
 times ``t`` are ``(B,)`` tensors on ``x``'s device with ``x``'s dtype, continuous in
