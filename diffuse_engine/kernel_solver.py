@@ -68,6 +68,11 @@ class KernelSolver(Solver):
 
     Config: ClassVar[type[SolverConfig]] = KernelSolverConfig
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether the same ``x_T`` always gives the same samples (no fresh noise)."""
+        return True
+
     def check(self, sde: SDE) -> None:
         """The kernel must exist and its log-SNR decrease strictly on ``[eps, T]``."""
         check_monotone(sde, self.eps(sde), sde.T)

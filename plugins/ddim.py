@@ -33,6 +33,10 @@ class DDIM(KernelSolver):
     name = "ddim"
     Config = DDIMConfig
 
+    @property
+    def deterministic(self) -> bool:
+        return self.config.eta == 0
+
     def sample(self, score, sde, x, *, generator=None, callback=None):
         g = self.grid(sde)
         steps = len(g) - 1

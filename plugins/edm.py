@@ -42,6 +42,10 @@ class EDMHeun(KernelSolver):
     name = "edm"
     Config = EDMConfig
 
+    @property
+    def deterministic(self) -> bool:
+        return self.config.churn == 0
+
     def sample(self, score, sde, x, *, generator=None, callback=None):
         c = self.config
         g = self.grid(sde)

@@ -17,10 +17,11 @@ from ..plugins import make_plugin_manager
 from . import (common, likelihood_cmd, plugins_cmd, registry_cmd, run_cmd, sample_cmd,
                train_cmd)
 from . import check_cmd
+from . import bench_cmd
 
 #: modules contributing built-in commands, in help order
 COMMAND_MODULES = [run_cmd, train_cmd, sample_cmd, likelihood_cmd, plugins_cmd, registry_cmd,
-                   check_cmd]
+                   check_cmd, bench_cmd]
 
 
 def build_app(with_plugin_commands: bool = True) -> typer.Typer:

@@ -1,0 +1,17 @@
+"""Sampling quality per score evaluation, throughput and engine overhead.
+
+    python benchmarks/sampling_quality.py                       # the full sweep (long)
+    python benchmarks/sampling_quality.py --solvers dpm_solver_pp,unipc --schedules logsnr \
+        --nfe 10,20 --problems gmm --n 50000
+
+Same options as ``diffuse bench`` (this script calls it). Results append to
+``docs/benchmarks.jsonl`` (resumable: finished cells are skipped), and the report is
+written to ``docs/benchmarks.md`` with plots in ``docs/img/``. The logic lives in
+:mod:`diffuse_engine.bench`.
+"""
+
+from diffuse_engine.cli import main
+
+if __name__ == "__main__":
+    import sys
+    main(["bench", *sys.argv[1:]])
