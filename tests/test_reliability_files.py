@@ -8,6 +8,7 @@ loader that did execute it would fail the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -202,6 +203,20 @@ def test_live_partial_folder_of_another_run_is_not_deleted(tmp_path):
                                        "--out", str(out)]).exit_code == 0
 
 
+@contextlib.contextmanager
+def running(args: list[str]):
+    """A child process that takes Ctrl-C like a terminal would (pytest-xdist workers ignore
+    SIGINT and children inherit that), killed on the way out whatever happened."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
     t0 = time.monotonic()
     while not path.exists():
@@ -214,13 +229,12 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 def test_ctrl_c_of_a_real_run_says_so_and_keeps_it_partial(tmp_path):
     out = tmp_path / "o"
     # long enough (10^6 steps) that only SIGINT ends it
-    proc = subprocess.Popen([sys.executable, "-m", "diffuse_engine", "run", "-n", "2000",
-                             "--steps", "1000000", "-q", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(out.with_name("o.partial") / "status.json", proc)
-    time.sleep(0.5)  # into the sampling loop
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    with running([sys.executable, "-m", "diffuse_engine", "run", "-n", "2000",
+                  "--steps", "1000000", "-q", "--out", str(out)]) as proc:
+        _wait_for(out.with_name("o.partial") / "status.json", proc)
+        time.sleep(0.5)  # into the sampling loop
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"run stopped: incomplete output left in {out}.partial",
                                         "interrupted"], err

@@ -5,8 +5,8 @@ of an uninterrupted run. Crashes are real ``diffuse train`` subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -118,6 +118,20 @@ HANG_ON_REPLACE = """
 """
 
 
+@contextlib.contextmanager
+def running(args: list[str]):
+    """A child process that takes Ctrl-C like a terminal would (pytest-xdist workers ignore
+    SIGINT and children inherit that), killed on the way out whatever happened."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.monotonic()
     while not path.exists():
@@ -132,14 +146,13 @@ def test_sigkill_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(textwrap.dedent(HANG_ON_REPLACE))
     out, marker = tmp_path / "run", tmp_path / "writing"
-    proc = subprocess.Popen([sys.executable, str(script), str(marker), "3", "train",
-                             "--steps", "40", "--out", str(out), *CLI_SETTINGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(marker, proc)
-    tmp_file = Path(marker.read_text())
-    assert tmp_file.stat().st_size > 0  # the third checkpoint is written, not yet renamed
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    with running([sys.executable, str(script), str(marker), "3", "train",
+                  "--steps", "40", "--out", str(out), *CLI_SETTINGS]) as proc:
+        _wait_for(marker, proc)
+        tmp_file = Path(marker.read_text())
+        assert tmp_file.stat().st_size > 0  # the third checkpoint: written, not renamed
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     ckpt = Checkpoint.load(out)  # the previous checkpoint: complete and loadable
     assert ckpt.step == 20
@@ -150,12 +163,11 @@ def test_sigkill_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path):
 # ---- Ctrl-C ------------------------------------------------------------------------------
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "diffuse_engine", "train",
-                             "--steps", "1000000", "--out", str(out), *CLI_SETTINGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "checkpoint.safetensors", proc)  # training is under way
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with running([sys.executable, "-m", "diffuse_engine", "train",
+                  "--steps", "1000000", "--out", str(out), *CLI_SETTINGS]) as proc:
+        _wait_for(out / "checkpoint.safetensors", proc)  # training is under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     st = status(out)
     step = st["step"]
