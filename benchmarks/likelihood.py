@@ -82,7 +82,8 @@ def main() -> None:
              "1e-5; errors are engine minus closed-form log p_eps at the same points (nats).",
              "",
              "| SDE | D | divergence | n | NFE | mean log-lik | exact mean | mean error / D "
-             "(+- s.e.) | within 0.01 / D | per-point RMS | per-point max | log p_eps - log p_0, / D "
+             "(+- s.e.) | within 0.01 / D | per-point RMS | per-point max | "
+             "log p_eps - log p_0, / D "
              "| s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -175,8 +175,8 @@ def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "e
     bm = brownian_interval(x_T, span, entropy, method)
     # a hair over span / steps (times are float64) so rounding never adds a tiny
     # extra step; the last step is clipped to the end time
-    kw = dict(method=method, dt=span / steps * (1 + 1e-12), adaptive=adaptive, rtol=rtol, atol=atol,
-              dt_min=dt_min, bm=bm)
+    kw = dict(method=method, dt=span / steps * (1 + 1e-12), adaptive=adaptive, rtol=rtol,
+              atol=atol, dt_min=dt_min, bm=bm)
     if adjoint:
         if method == "reversible_heun" and adjoint_method is None:
             adjoint_method = "adjoint_reversible_heun"

@@ -88,7 +88,8 @@ class LikelihoodConfig(BaseModel):
     def _range(self):
         lo, hi = self.data_range
         if not lo < hi:
-            raise ValueError(f"data_range must be (low, high) with low < high, got {self.data_range}")
+            raise ValueError(f"data_range must be (low, high) with low < high, "
+                             f"got {self.data_range}")
         return self
 
 
