@@ -35,6 +35,7 @@ sampling noise at ``n`` fails: raise ``steps`` or lower ``n`` to see where it pa
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -476,7 +477,8 @@ def run_checks(engine, name: str, kind: str | None = None, **options) -> Conform
     if not _known(engine, kind, name):
         engine.registry.entry(kind, name)  # raises the registry's error listing choices
     fn = check_sde if kind == "sde" else check_solver
-    allowed = set(fn.__code__.co_varnames[2:fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount])
+    allowed = {p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY}
     unknown = set(options) - allowed
     if unknown:
         raise DiffuseError(f"option(s) {', '.join(sorted(unknown))} do not apply to {kind} "

@@ -21,7 +21,8 @@ DOC = ROOT / "docs" / "plugins.md"
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_hook_docs", ROOT / "scripts" / "gen_hook_docs.py")
+    spec = importlib.util.spec_from_file_location("gen_hook_docs",
+                                                  ROOT / "scripts" / "gen_hook_docs.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

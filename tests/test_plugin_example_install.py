@@ -10,6 +10,7 @@ never see the plugin come and go, and nothing needs a lock.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import site
@@ -64,7 +65,11 @@ def install_example(tmp_path: Path) -> Path:
     src = tmp_path / "src"  # build from a copy: pip writes build files next to the source
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     py = make_layered_env(tmp_path)
-    pip(py, "install", "--no-deps", "--no-build-isolation", "--no-index", str(src), cwd=tmp_path)
+    # build with this environment's setuptools (offline) when it has one; otherwise let
+    # pip fetch it into an isolated build environment (Python >= 3.12 venvs lack it)
+    has_setuptools = importlib.util.find_spec("setuptools") is not None
+    offline = ["--no-build-isolation", "--no-index"] if has_setuptools else []
+    pip(py, "install", "--no-deps", *offline, str(src), cwd=tmp_path)
     return py
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, console, handle_errors, make_engine, print_table
+from .common import RegistryOpt, SetOpt, handle_errors, make_engine, print_table
 
 
 def register(app: typer.Typer) -> None:
