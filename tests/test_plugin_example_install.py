@@ -105,6 +105,18 @@ def test_example_plugin_install_use_and_uninstall(tmp_path):
     checks = quality_checks(samples, mixture, z=5.0)  # 5 standard errors at n = 4000
     assert all(c.passed for c in checks), [(c.check, c.measured) for c in checks]
 
+    # its network trains on its SDE (numeric kernel) and the checkpoint samples with its
+    # solver: training and sampling of a plugin model need nothing from the engine's code
+    ckpt = tmp_path / "train"
+    proc = run(py, "-m", "diffuse_engine", "train", "--data", "gmm", "--sde", "example_ou",
+               "--model", "example_mlp", "--steps", "20", "--quiet", "--out", str(ckpt),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run(py, "-m", "diffuse_engine", "sample", "--checkpoint", str(ckpt), "--solver",
+               "example_ddim", "--steps", "10", "-n", "64", "--quiet", "--out",
+               str(tmp_path / "sampled"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
     # uninstall: the engine is back to its built-ins, and says what is missing
     pip(py, "uninstall", "-y", "diffuse-plugin-example", cwd=tmp_path)
     proc = run(py, "-m", "diffuse_engine", "plugins", cwd=tmp_path)
