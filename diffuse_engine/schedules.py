@@ -88,11 +88,12 @@ def time_grid(sde, steps: int, eps: float, schedule: str = "uniform",
 
     ``uniform`` and ``quadratic`` need nothing of the SDE beyond ``T``; ``logsnr`` and
     ``karras`` place the times through the kernel's log-SNR (see the module docstring).
-    The end points are exactly ``T`` and ``eps``.
+    The end points are ``T`` and ``eps`` (to round-off for ``uniform``).
     """
     T, n = sde.T, steps
     if schedule == "uniform":
-        grid = [T + (eps - T) * i / n for i in range(n + 1)]
+        # exactly the formula solvers used before schedules existed: results unchanged
+        return [T + (eps - T) * i / n for i in range(n + 1)]
     elif schedule == "quadratic":
         grid = [eps + (T - eps) * (1 - i / n) ** 2 for i in range(n + 1)]
     elif schedule in ("logsnr", "karras"):
