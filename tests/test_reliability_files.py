@@ -23,7 +23,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffuse_engine import DiffuseError, Engine, NumericalError, RegistryError
+from diffuse_engine import DiffuseError, Engine, RegistryError
 from diffuse_engine.cli import build_app
 
 runner = CliRunner()

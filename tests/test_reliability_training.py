@@ -178,3 +178,15 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert Checkpoint.load(out).step == step  # saved at the interrupt, not the last period
     resume(out, step + 5)
     assert (out / "losses.csv").read_text().splitlines() == reference_losses(tmp_path, step + 5)
+
+
+def test_first_signal_is_a_request_second_interrupts():
+    """StopOnSignal's logic with SIGUSR1 (SIGINT is ignored inside pytest-xdist workers)."""
+    from diffuse_engine.interrupts import StopOnSignal
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopOnSignal(signals=(signal.SIGUSR1,)) as stop:
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.requested and stop.name == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) is before  # restored
