@@ -284,3 +284,12 @@ def test_engine_rejects_bad_shapes_and_dtypes(kwargs, needle):
     with pytest.raises(DiffuseError) as info:
         Engine(autoload=False).sample(steps=2, **kwargs)
     assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("args", [["run", "-n", "many"], ["likelihood", "--seed", str(2**70)],
+                                  ["sample", "--checkpoint", "x", "--steps", "1.5"]])
+def test_option_type_errors_are_usage_errors(app, args):
+    """Values of the wrong type for an option: typer's usage message, exit 2, no traceback."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "Invalid value for" in res.output, res.output
+    assert "Traceback" not in res.output

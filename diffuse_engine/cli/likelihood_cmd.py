@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
             None, help="dataset entry to evaluate (default: exact samples of the score's "
             "mixture)"),
         n: int = typer.Option(1000, "--n", "-n", min=1, help="number of data points"),
-        seed: int = typer.Option(0, min=0, help="seed of the data points"),
+        seed: int = typer.Option(0, min=0, max=2**63 - 1, help="seed of the data points"),
         dequantize: bool = typer.Option(False, help="uniform dequantisation for image data "
                                         "(--set levels=..., data_range=[lo, hi])"),
         device: Optional[str] = typer.Option(None, help="torch device (cpu, cuda)"),
