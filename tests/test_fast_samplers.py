@@ -274,3 +274,18 @@ def test_bench_cli_bad_input(tmp_path, args, needle):
     assert res.exit_code == 2
     assert needle in res.output
     assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_issue_target_at_20_evaluations(engine, seed):
+    """Issue 6's target, as docs/benchmarks.md measures it: at 20 score evaluations on
+    the 2-D ring (n = 50k) weight error <= 0.01, std error <= 0.02, centre error <= 0.05.
+    The registry's dpm_solver_pp (2M, quadratic schedule, final Tweedie step from
+    t = 3e-3) reaches about 0.005 / 0.014 / 0.023; the sampling noise of the three
+    summaries at this n is about 0.003 / 0.008 / 0.011."""
+    r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=50000, seed=seed)
+    assert r.nfe == 20
+    from diffuse_engine import mode_statistics
+    st = mode_statistics(r.samples, r.score.mixture)
+    assert st["weight_tv"] <= 0.01 and st["std_error"] <= 0.02 and st["centre_error"] <= 0.05, st
