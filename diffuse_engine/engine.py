@@ -333,7 +333,7 @@ class Engine:
         steps = solver_obj.config.steps
         start = time.perf_counter()
         local: dict[int, Tensor] = {}
-        failed, nfe = None, 0
+        failed, nfe, crash = None, 0, None
         with progress_bar(steps * len(mine), f"sampling {sde}/{solver}",
                           enabled=progress and ctx.is_main) as bar:
             for i, j in enumerate(mine):
@@ -357,6 +357,10 @@ class Engine:
                                                 callback=callback)
                 except NonFiniteSeen:
                     out = None
+                except DiffuseError:
+                    raise
+                except Exception as exc:  # a solver library giving up on NaN (torchdiffeq's
+                    out, crash = None, exc  # "underflow in dt"): located below, else re-raised
                 nfe = max(nfe, counted.calls - calls)
                 if out is None or not torch.isfinite(out).all():
                     failed = j
@@ -378,7 +382,8 @@ class Engine:
                     return solver_obj.sample(score_fn, sde_obj, x_T, generator=g,
                                              callback=step_callback)
             raise locate(replay, counted, score_name=counted.name, solver_name=solver,
-                         sde_name=sde, steps=getattr(solver_obj.config, "steps", None))
+                         sde_name=sde, steps=getattr(solver_obj.config, "steps", None),
+                         crash=crash)
         out = local[0] if len(sizes) == 1 and not ctx.enabled else gather_shards(local, sizes, ctx)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

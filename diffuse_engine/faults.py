@@ -126,14 +126,28 @@ class Locator:
 
 
 def locate(replay: Replay, score: ScoreFn, *, score_name: str, solver_name: str,
-           sde_name: str, steps: Optional[int] = None) -> NumericalError:
+           sde_name: str, steps: Optional[int] = None,
+           crash: Optional[Exception] = None) -> NumericalError:
     """Replay the run with a :class:`Locator` and return the error naming the fault
-    (``steps``: the solver's step count, if it has one)."""
+    (``steps``: the solver's step count, if it has one).
+
+    ``crash``: the exception the run died of instead of returning samples (a solver
+    library that gives up once NaN appears). If the replay finds NaN/Inf first, that is
+    the error (caused by ``crash``); otherwise ``crash`` is raised as it was.
+    """
     loc = Locator(score, score_name, steps)
     try:
         out = replay(loc, loc.callback)
     except _Stop:
-        return NumericalError(describe(loc.fault, solver_name, sde_name))
+        err = NumericalError(describe(loc.fault, solver_name, sde_name))
+        err.__cause__ = crash
+        return err
+    except Exception:
+        if crash is not None:
+            raise crash from None
+        raise
+    if crash is not None:
+        raise crash
     where = f"{solver_name!r} on {sde_name!r}"
     if bool(torch.isfinite(out).all()):
         return NumericalError(f"samples of {where} were NaN/Inf, but a replay with the same "

@@ -150,3 +150,18 @@ def test_nan_in_the_cli_is_one_line_with_the_step(tmp_path):
     assert lines[-1].startswith("error: NaN/Inf first appeared at step "), lines
     assert "Traceback" not in res.output
     assert (tmp_path / "o.partial").is_dir() and not (tmp_path / "o").exists()
+
+
+def test_a_solver_library_giving_up_on_nan_is_located(engine):
+    if not engine.catalogue.has("solver", "ode_adaptive"):
+        pytest.skip("no adaptive ODE solver installed")
+    # torchdiffeq raises AssertionError('underflow in dt') once the score turns NaN
+    with pytest.raises(NumericalError, match=r"\(t = 0\.4\d*\).*the score model 'callable'") \
+            as info:
+        engine.sample(score=nan_below(T_BAD), solver="ode_adaptive", shape=(8, 2))
+    assert isinstance(info.value.__cause__, AssertionError)
+
+    def broken(x, t):  # a plain bug is not dressed up as a numerical fault
+        raise ZeroDivisionError("model bug")
+    with pytest.raises(ZeroDivisionError, match="model bug"):
+        engine.sample(score=broken, solver="ode_adaptive", shape=(8, 2))
