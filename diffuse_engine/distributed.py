@@ -97,9 +97,14 @@ class DistContext:
         return self.rank == 0
 
     def device(self, requested: str | torch.device) -> torch.device:
-        """``requested`` for this rank: a bare ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+        """``requested`` for this rank: a bare ``cuda`` becomes ``cuda:LOCAL_RANK``; an
+        explicit ``cuda:N`` is refused with several processes (they would share a GPU)."""
         dev = torch.device(requested)
-        if dev.type == "cuda" and dev.index is None and self.enabled:
+        if dev.type == "cuda" and self.enabled:
+            if dev.index is not None:
+                raise DistributedError(f"device {str(dev)!r} with {self.world_size} processes: "
+                                       "give --device cuda, each process takes cuda:LOCAL_RANK "
+                                       "(choose GPUs with CUDA_VISIBLE_DEVICES)")
             return torch.device("cuda", self.local_rank)
         return dev
 

@@ -153,6 +153,10 @@ def test_bad_distributed_settings_are_one_line_errors():
             split_nproc(argv)
     assert split_nproc(["train", "--nproc", "2", "--steps", "3"]) == (2, ["train", "--steps", "3"])
     assert split_nproc(["sample", "--nproc=4"]) == (4, ["sample"])
+    assert DistContext(1, 2, 1).device("cuda") == torch.device("cuda", 1)
+    assert DistContext(0, 1).device("cuda:3") == torch.device("cuda", 3)  # one process: as given
+    with pytest.raises(DistributedError, match="CUDA_VISIBLE_DEVICES"):
+        DistContext(0, 2).device("cuda:1")
     from torch.distributed.run import parse_args
     ns = parse_args(torchrun_args(2, ["train", "--steps", "3"]))
     assert ns.nproc_per_node == "2" and ns.standalone and ns.module
