@@ -167,6 +167,7 @@ def run_case(engine: Engine, case: Case, *, device: str = "cpu", n_ref: int = 50
     r = engine.sampling(score=case.problem, sde=case.sde, solver=entry, shape=case.n,
                         seed=case.seed, device=device, steps=steps, **overrides)
     stats = mode_statistics(r.samples, r.score.mixture)
+    record["eps"] = engine.build("solver", entry, steps=steps, **overrides).eps(r.sde)
     record.update({"steps": steps, "nfe": r.nfe, "seconds": r.seconds,
                    "samples_per_second": case.n / r.seconds,
                    **{k: stats[k] for k in ("weight_tv", "weight_max", "std_error",
@@ -317,7 +318,9 @@ def overhead(engine: Engine, solvers: Iterable[str] = ("pc", "ode"), steps: int 
     """Engine time over hand-written-loop time for each solver (VP SDE, MLP score).
 
     Runs alternate (engine, loop, engine, loop, ...) so both see the same machine load;
-    the ratio uses the fastest run of each, the usual estimate of the true cost.
+    the ratio uses the fastest run of each, the usual estimate of the true cost. On the
+    CPU the clock is the process's CPU time (use one thread), which other jobs on a
+    busy machine do not inflate; on CUDA it is wall time after a synchronize.
     """
     score = mlp_score(device=device)
     sde_obj = engine.build("sde", "vp")
@@ -328,13 +331,13 @@ def overhead(engine: Engine, solvers: Iterable[str] = ("pc", "ode"), steps: int 
         eps = solver_obj.eps(sde_obj)
         t_engine, t_hand = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = _clock(device)
             engine.sample(score=score, sde="vp", solver=name, shape=(batch, 2), seed=0,
                           device=device, steps=steps)
             _sync(device)
-            t_engine.append(time.perf_counter() - start)
+            t_engine.append(_clock(device) - start)
             gen = torch.Generator(device=device).manual_seed(0)
-            start = time.perf_counter()
+            start = _clock(device)
             x = sde_obj.prior_sample((batch, 2), generator=gen, device=device)
             with torch.no_grad():
                 if solver_obj.name == "pc":
@@ -343,7 +346,7 @@ def overhead(engine: Engine, solvers: Iterable[str] = ("pc", "ode"), steps: int 
                 else:
                     hand_rk4_vp(score, x, steps, eps, c.beta_min, c.beta_max)
             _sync(device)
-            t_hand.append(time.perf_counter() - start)
+            t_hand.append(_clock(device) - start)
         row = {"solver": name, "steps": steps, "batch": batch, "engine_s": min(t_engine),
                "loop_s": min(t_hand), "ratio": min(t_engine) / min(t_hand),
                "engine_runs": t_engine, "loop_runs": t_hand, "device": device}
@@ -351,6 +354,12 @@ def overhead(engine: Engine, solvers: Iterable[str] = ("pc", "ode"), steps: int 
         log(f"overhead {name}: engine {row['engine_s']:.2f}s, loop {row['loop_s']:.2f}s, "
             f"ratio {row['ratio']:.3f}")
     return rows
+
+
+def _clock(device: str) -> float:
+    """CPU time of this process on the CPU (robust to other jobs on a shared machine,
+    with one intra-op thread), wall time on an accelerator."""
+    return time.perf_counter() if torch.device(device).type == "cuda" else time.process_time()
 
 
 def _sync(device: str) -> None:
@@ -430,7 +439,8 @@ def write_report(records: dict[str, dict[str, Any]], overhead_rows: list[dict[st
         lines += ["## Engine overhead", "",
                   "`Engine.sample` against a plain hand-written torch loop making the same "
                   "updates with the same score (3-layer MLP, width 128), VP SDE, runs "
-                  "alternated in one process; fastest of each.", "",
+                  "alternated in one process; fastest of each (process CPU time on the "
+                  "CPU, one thread).", "",
                   "| solver | steps | batch | device | engine s | loop s | ratio |",
                   "|---|---|---|---|---|---|---|"]
         for r in overhead_rows:
