@@ -52,3 +52,29 @@ class StopOnSignal:
     def name(self) -> str:
         """The signal received, e.g. ``SIGINT``."""
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+class TerminateAsInterrupt:
+    """Context manager: SIGTERM raises ``KeyboardInterrupt("SIGTERM")`` inside the block.
+
+    A scheduler's SIGTERM then ends a sampling run like Ctrl-C does (its run folder is
+    marked interrupted, exit status 130) instead of killing it without a word.
+    """
+
+    def __enter__(self) -> "TerminateAsInterrupt":
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.getsignal(signal.SIGTERM)
+            if old is not signal.SIG_IGN:
+                self._old = old
+                signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum: int, frame: Optional[FrameType]) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc) -> bool:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False

@@ -226,18 +226,20 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_ctrl_c_of_a_real_run_says_so_and_keeps_it_partial(tmp_path):
+@pytest.mark.parametrize("sig,said", [(signal.SIGINT, "interrupted"),
+                                      (signal.SIGTERM, "interrupted: SIGTERM")])
+def test_ctrl_c_of_a_real_run_says_so_and_keeps_it_partial(tmp_path, sig, said):
     out = tmp_path / "o"
     # long enough (10^6 steps) that only SIGINT ends it
     with running([sys.executable, "-m", "diffuse_engine", "run", "-n", "2000",
                   "--steps", "1000000", "-q", "--out", str(out)]) as proc:
         _wait_for(out.with_name("o.partial") / "status.json", proc)
         time.sleep(0.5)  # into the sampling loop
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"run stopped: incomplete output left in {out}.partial",
-                                        "interrupted"], err
+                                        said], err
     status = json.loads((tmp_path / "o.partial" / "status.json").read_text())
     assert status == {**status, "complete": False, "error": "interrupted"}
     assert not out.exists()

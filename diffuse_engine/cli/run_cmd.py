@@ -50,9 +50,11 @@ def register(app: typer.Typer) -> None:
             console.print_json(json.dumps({"plan": plan.as_dict(), "entries": resolved}))
             return
         out = out or default_out(plan)
+        from ..interrupts import TerminateAsInterrupt
         try:
-            metrics = execute_run(engine, plan, out, overwrite=overwrite, progress=not quiet,
-                                  sample_format=sample_format)
+            with TerminateAsInterrupt():  # SIGTERM ends the run like Ctrl-C
+                metrics = execute_run(engine, plan, out, overwrite=overwrite,
+                                      progress=not quiet, sample_format=sample_format)
         except (DiffuseError, KeyboardInterrupt):
             partial = Path(f"{out}.partial")
             if partial.is_dir():  # say where the incomplete run is (status.json says why)
