@@ -21,14 +21,13 @@ from .component import Component
 from .devices import check_device
 from .distributed import (DEFAULT_SHARD_SIZE, as_context, gather_shards, my_shards,
                           shard_seed, shard_sizes)
-from .errors import DiffuseError, IncompatibleError, NumericalError, RegistryError
+from .errors import DiffuseError, NumericalError, RegistryError
 from .faults import FiniteWatch, NonFiniteSeen, locate
-from .plugins import Catalogue, PluginInfo, make_plugin_manager
+from .plugins import Catalogue, make_plugin_manager
 from .progress import progress_bar
-from .registry import Registry, RunPreset, parse_assignment
-from .score import CallableScore, CountingScore, ScoreModel
+from .registry import Registry, parse_assignment
+from .score import CallableScore, ScoreModel
 from .sde import SDE
-from .solver import Solver
 
 #: kinds whose components are bound to an SDE when built
 SDE_BOUND = ("score", "loss")
@@ -225,6 +224,29 @@ class Engine:
                             overwrite=overwrite, progress=progress)
 
     # ---- sampling -------------------------------------------------------------
+    def score_class(self, score: Any) -> type:
+        """The implementation class behind ``score``: a registry name, a
+        :class:`ScoreModel` or a callable ``fn(x, t)`` (wrapped as :class:`CallableScore`)."""
+        if isinstance(score, str):
+            return self.resolve("score", score)[0]
+        return type(score) if isinstance(score, ScoreModel) else CallableScore
+
+    def bind_score(self, score: Any, sde: SDE, **fields) -> ScoreModel:
+        """The score model for ``sde`` from a registry name (with ``fields`` overriding its
+        entry), a ready :class:`ScoreModel`, or a callable ``fn(x, t)``."""
+        if isinstance(score, str):
+            model = self.build("score", score, sde=sde, **fields)
+        elif isinstance(score, ScoreModel):
+            model = score
+        elif callable(score):
+            model = CallableScore(score, sde=sde, **fields)
+        else:
+            raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
+                               f"name, not {type(score).__name__}")
+        if hasattr(model, "check_sde"):  # trained models refuse another SDE
+            model.check_sde(sde)
+        return model
+
     def sample(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
                shape: int | Sequence[int] = 1000, seed: int = 0, **kwargs) -> Tensor:
         """Samples ``shape`` (or ``(shape, *data_dims)`` for an int) from ``score``.
@@ -284,28 +306,13 @@ class Engine:
             raise DiffuseError(f"seed must be in [0, 2**63), not {seed}")
         sde_cls, _ = self.resolve("sde", sde)
         solver_cls, _ = self.resolve("solver", solver)
-        if isinstance(score, str):
-            score_cls, _ = self.resolve("score", score)
-        elif isinstance(score, ScoreModel):
-            score_cls = type(score)
-        else:
-            score_cls = CallableScore
+        score_cls = self.score_class(score)
         routed = self.route_overrides({"sde": sde_cls, "solver": solver_cls,
                                        "score": score_cls}, overrides)
         sde_obj = self.build("sde", sde, **routed["sde"])
         solver_obj = self.build("solver", solver, **routed["solver"])
-        if isinstance(score, str):
-            score_obj = self.build("score", score, sde=sde_obj, **routed["score"])
-        elif isinstance(score, ScoreModel):
-            score_obj = score
-        elif callable(score):
-            score_obj = CallableScore(score, sde=sde_obj, **routed["score"])
-        else:
-            raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
-                               f"name, not {type(score).__name__}")
+        score_obj = self.bind_score(score, sde_obj, **routed["score"])
         solver_obj.check(sde_obj)
-        if hasattr(score_obj, "check_sde"):  # trained models refuse another SDE
-            score_obj.check_sde(sde_obj)
         if isinstance(shape, int):
             data_shape = getattr(score_obj, "data_shape", None)
             if data_shape is None:

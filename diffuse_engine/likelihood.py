@@ -320,17 +320,7 @@ def evaluate(engine, x: Tensor, score: Any = "gmm", sde: str = "vp", *,
     view.set_overrides = {}
     routed = view.route_overrides(chosen, rest)
     sde_obj = engine.build("sde", sde, **routed["sde"])
-    if isinstance(score, str):
-        score_obj = engine.build("score", score, sde=sde_obj, **routed["score"])
-    elif isinstance(score, ScoreModel):
-        score_obj = score
-    elif callable(score):
-        score_obj = CallableScore(score, sde=sde_obj, **routed["score"])
-    else:
-        raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
-                           f"name, not {type(score).__name__}")
-    if hasattr(score_obj, "check_sde"):  # trained models refuse another SDE
-        score_obj.check_sde(sde_obj)
+    score_obj = engine.bind_score(score, sde_obj, **routed["score"])
     if hasattr(score_obj, "to"):
         score_obj = score_obj.to(device)
     counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)

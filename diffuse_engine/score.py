@@ -80,15 +80,3 @@ class CallableScore(ScoreModel):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.fn(x, t)
-
-
-class CountingScore:
-    """Counts score evaluations (calls) around a score function; no device syncs."""
-
-    def __init__(self, fn: ScoreFn):
-        self.fn = fn
-        self.calls = 0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.calls += 1
-        return self.fn(x, t)
