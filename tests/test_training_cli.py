@@ -14,14 +14,6 @@ from diffuse_engine.cli import build_app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core test machine (pytest -n 2) two threads per
-    worker oversubscribe the cores and make small training steps many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 TINY = ["--set", "hidden=32", "--set", "depth=1", "--set", "plot_n=64", "--set",
         "plot_steps=5", "--set", "log_every=5", "--threads", "1", "--batch-size", "64", "-q"]
 

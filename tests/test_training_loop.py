@@ -16,16 +16,6 @@ TINY = dict(steps=40, batch_size=64, checkpoint_every=20, log_every=10, warmup=5
             plot_n=64, plot_steps=10, hidden=32, depth=1, threads=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core test machine (pytest -n 2) two threads per
-    worker oversubscribe the cores and make small training steps many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def engine():
     return Engine(autoload=False)

@@ -19,16 +19,6 @@ SIGMA = 0.7
 CHUNKS, CHUNK = 20, 1000  # n = 20k samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core test machine (pytest -n 2) two threads per
-    worker oversubscribe the cores and make small training steps many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class GaussianScore(ScoreModel):
     """Exact score of N(mu, sigma^2 I) under the SDE's kernel, with learnable mu, sigma."""
 
