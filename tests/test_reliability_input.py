@@ -259,6 +259,16 @@ def test_subprocess_bad_registry_file_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in res.stderr + res.stdout
 
 
+@pytest.mark.parametrize("args,needle", [(["run", "-n", "many"], "Invalid value for '--n'"),
+                                         (["run", "--bogus"], "No such option: --bogus")])
+def test_subprocess_option_errors_are_one_line(args, needle):
+    """Through the console script, click's usage errors are one line too (exit 2)."""
+    res = _diffuse(*args)
+    assert res.returncode == 2, res
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr
+    assert res.stderr.startswith("error: ") and needle in res.stderr
+
+
 def test_subprocess_debug_shows_the_traceback(tmp_path):
     res = _diffuse("run", "--device", "nonsense", "--debug", "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "Traceback" in res.stderr

@@ -65,7 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         i = args.index("--log-metrics")
         args = args[i:i + 2] + args[:i] + args[i + 2:]
     args = _distributed(args)
-    build_app()(args=args, prog_name="diffuse")
+    try:
+        status = build_app()(args=args, prog_name="diffuse", standalone_mode=False)
+    except Exception as exc:
+        # click's usage errors (a bad option value, a missing argument): one line, exit 2
+        message = getattr(exc, "format_message", None)
+        if message is None or "--debug" in args:
+            raise
+        common.err(f"error: {message()} (see --help)")
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
 
 
 def _distributed(args: list[str]) -> list[str]:
