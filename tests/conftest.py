@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -42,3 +45,17 @@ def assert_recovers(samples, mixture: GaussianMixture, z: float = 5.0) -> dict:
         assert modes["std_error"][k] <= z / math.sqrt(2 * n_k), (k, modes["std_error"][k])
         assert modes["centre_error"][k] <= z / math.sqrt(n_k), (k, modes["centre_error"][k])
     return st
+
+
+@contextlib.contextmanager
+def running(args: list[str]):
+    """A child process that takes Ctrl-C like a terminal would (pytest-xdist workers ignore
+    SIGINT and children inherit that), killed on the way out whatever happened."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

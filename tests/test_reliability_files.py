@@ -8,7 +8,6 @@ loader that did execute it would fail the test.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -25,6 +24,8 @@ from typer.testing import CliRunner
 
 from diffuse_engine import DiffuseError, Engine, RegistryError
 from diffuse_engine.cli import build_app
+
+from conftest import running
 
 runner = CliRunner()
 
@@ -201,20 +202,6 @@ def test_live_partial_folder_of_another_run_is_not_deleted(tmp_path):
     # once that process is gone the stale folder is replaced
     assert runner.invoke(build_app(), ["run", "-n", "8", "--steps", "2", "-q",
                                        "--out", str(out)]).exit_code == 0
-
-
-@contextlib.contextmanager
-def running(args: list[str]):
-    """A child process that takes Ctrl-C like a terminal would (pytest-xdist workers ignore
-    SIGINT and children inherit that), killed on the way out whatever happened."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -5,7 +5,6 @@ of an uninterrupted run. Crashes are real ``diffuse train`` subprocesses.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import subprocess
@@ -22,6 +21,8 @@ from typer.testing import CliRunner
 from diffuse_engine import ComponentConfig, Dataset, Engine, NumericalError, module_plugin
 from diffuse_engine.checkpoint import Checkpoint
 from diffuse_engine.cli import build_app
+
+from conftest import running
 
 # a tiny model and short steps: the point is the fault handling, not the fit
 SETTINGS = dict(batch_size=64, checkpoint_every=10, log_every=10, warmup=5, plot_n=64,
@@ -116,20 +117,6 @@ HANG_ON_REPLACE = """
     from diffuse_engine.cli import main
     main(sys.argv[3:])
 """
-
-
-@contextlib.contextmanager
-def running(args: list[str]):
-    """A child process that takes Ctrl-C like a terminal would (pytest-xdist workers ignore
-    SIGINT and children inherit that), killed on the way out whatever happened."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
