@@ -26,6 +26,8 @@ import resource
 import time
 from pathlib import Path
 
+from doc_section import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "likelihood.md"
 BEGIN, END = "<!-- adjoint-memory:begin -->", "<!-- adjoint-memory:end -->"
@@ -102,15 +104,6 @@ def measure(args: dict) -> dict:
     return out
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text() if DOC.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -146,7 +139,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not a.no_doc:
-        write_doc(table)
+        replace_section(DOC, BEGIN, END, table)
 
 
 if __name__ == "__main__":

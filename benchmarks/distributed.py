@@ -29,6 +29,8 @@ import socket
 import time
 from pathlib import Path
 
+from doc_section import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "distributed.md"
 BEGIN, END = "<!-- distributed-bench:begin -->", "<!-- distributed-bench:end -->"
@@ -124,10 +126,7 @@ def main() -> None:
         "|---|---|---|---|---|---|", *rows])
     print(table)
     if not a.no_write:
-        text = DOC.read_text()
-        head, rest = text.split(BEGIN)
-        _, tail = rest.split(END)
-        DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+        replace_section(DOC, BEGIN, END, table)
 
 
 if __name__ == "__main__":

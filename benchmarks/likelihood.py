@@ -24,19 +24,11 @@ from pathlib import Path
 import torch
 
 from diffuse_engine import Engine
+from doc_section import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "likelihood.md"
 BEGIN, END = "<!-- likelihood-table:begin -->", "<!-- likelihood-table:end -->"
-
-
-def write_doc(table: str, begin: str = BEGIN, end: str = END) -> None:
-    text = DOC.read_text() if DOC.exists() else ""
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    DOC.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 def main() -> None:
@@ -95,7 +87,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not a.no_doc:
-        write_doc(table)
+        replace_section(DOC, BEGIN, END, table)
 
 
 if __name__ == "__main__":
