@@ -43,6 +43,8 @@ class SamplingResult:
     config: dict[str, Any] = field(default_factory=dict)
     sde: SDE | None = None
     score: Any = None
+    #: score evaluations spent once per run before sampling (a fitted schedule's pilot)
+    setup_nfe: int = 0
 
 
 class ScoreBoundary:
@@ -339,6 +341,10 @@ class Engine:
         observe = self.has_observers("diffuse_sampling_step") and ctx.is_main
         steps = solver_obj.config.steps
         start = time.perf_counter()
+        with torch.no_grad():
+            solver_obj.prepare(counted, sde_obj, torch.empty((1, *shape[1:]), device=device,
+                                                             dtype=dtype))
+        setup_nfe = counted.calls
         local: dict[int, Tensor] = {}
         failed, nfe, crash = None, 0, None
         with progress_bar(steps * len(mine), f"sampling {sde}/{solver}",
@@ -395,4 +401,4 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        return SamplingResult(out, nfe, seconds, config, sde_obj, score_obj)
+        return SamplingResult(out, nfe, seconds, config, sde_obj, score_obj, setup_nfe)

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .schedules import check_monotone, kernel_coefficients
+from .schedules import SCHEDULE_HELP, Schedule, check_monotone, kernel_coefficients
 from .score import ScoreFn
 from .sde import SDE
 from .solver import Solver, SolverConfig
@@ -36,8 +36,7 @@ class KernelSolverConfig(SolverConfig):
     """Fields of kernel-based solvers: fewer steps and the log-SNR schedule by default."""
 
     steps: int = Field(20, ge=1, description="number of time steps from T to eps")
-    schedule: Literal["uniform", "quadratic", "logsnr", "karras"] = Field(
-        "logsnr", description="time-step spacing: uniform (in t), quadratic, logsnr, karras")
+    schedule: Schedule = Field("logsnr", description=SCHEDULE_HELP)
 
 
 @dataclass(frozen=True)
@@ -77,9 +76,11 @@ class KernelSolver(Solver):
         """The kernel must exist and its log-SNR decrease strictly on ``[eps, T]``."""
         check_monotone(sde, self.eps(sde), sde.T)
 
-    def grid(self, sde: SDE) -> KernelGrid:
-        """The configured schedule's times with the kernel coefficients there."""
-        return KernelGrid.on(sde, self.time_grid(sde))
+    def grid(self, sde: SDE, score: ScoreFn | None = None,
+             like: Tensor | None = None) -> KernelGrid:
+        """The configured schedule's times with the kernel coefficients there (``score``
+        and ``like`` as in :meth:`Solver.time_grid`, for the fitted ``gits`` schedule)."""
+        return KernelGrid.on(sde, self.time_grid(sde, score, like))
 
     @staticmethod
     def predict(score: ScoreFn, x: Tensor, t: float, a: float, s: float,

@@ -10,6 +10,9 @@ schedule, a registry field of every solver entry (``schedule = "logsnr"``):
   kernel ``x_t = a x_0 + s z`` (Lu et al. 2022, DPM-Solver, Sec. 3.4).
 * ``karras``: uniform in ``sigma^(1 / rho)`` with ``sigma = s / a = exp(-lambda)``
   (Karras et al. 2022, EDM, eq. 5; ``rho = 7``).
+* ``gits``: fitted to the score model by dynamic programming over a pilot batch (Chen
+  et al. 2024); it needs the score, so it lives in :mod:`diffuse_engine.gits` and the
+  solver's ``time_grid`` calls it.
 
 The schedules use only the SDE's kernel (``sde.log_snr``), so they work for every SDE
 with a Gaussian kernel (VE, VP, sub-VP, the DDPM chain, plugins). Where ``lambda(t)``
@@ -27,8 +30,11 @@ import torch
 
 from .errors import IncompatibleError
 
-Schedule = Literal["uniform", "quadratic", "logsnr", "karras"]
+Schedule = Literal["uniform", "quadratic", "logsnr", "karras", "gits"]
+#: the schedules that need only the SDE (``gits`` also needs the score model)
 SCHEDULES: tuple[str, ...] = ("uniform", "quadratic", "logsnr", "karras")
+SCHEDULE_HELP = ("time-step spacing: uniform (in t), quadratic, logsnr (uniform in log-SNR), "
+                 "karras (EDM sigma^(1/rho)), gits (fitted to the score on a pilot batch)")
 
 #: bisection iterations: (T - eps) / 2**64 is far below float64 resolution of t
 _BISECT_ITERS = 64
@@ -106,6 +112,9 @@ def time_grid(sde, steps: int, eps: float, schedule: str = "uniform",
             hi, lo = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)
             lams = [-rho * math.log(hi + (lo - hi) * i / n) for i in range(n + 1)]
         grid = time_from_log_snr(sde, lams, eps, T)
+    elif schedule == "gits":
+        raise ValueError("schedule 'gits' is fitted to a score model: use "
+                         "Solver.time_grid(sde, score, like) or diffuse_engine.gits")
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choices: {', '.join(SCHEDULES)}")
     grid[0], grid[-1] = T, eps

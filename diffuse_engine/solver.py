@@ -14,7 +14,8 @@ from pydantic import Field
 from torch import Tensor
 
 from .component import Component, ComponentConfig
-from .schedules import Schedule, time_grid
+from .errors import IncompatibleError
+from .schedules import SCHEDULE_HELP, Schedule, time_grid
 from .score import ScoreFn
 from .sde import SDE
 
@@ -30,9 +31,10 @@ class SolverConfig(ComponentConfig):
     eps: Optional[float] = Field(None, gt=0, lt=1,
                                  description="smallest time; default: the SDE's sampling_eps")
     denoise: bool = Field(True, description="final Tweedie denoising step at eps")
-    schedule: Schedule = Field("uniform", description="time-step spacing: uniform (in t), "
-                               "quadratic, logsnr (uniform in log-SNR), karras (EDM sigma^(1/rho))")
+    schedule: Schedule = Field("uniform", description=SCHEDULE_HELP)
     rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
+    pilot: int = Field(512, ge=1, description="gits schedule: pilot batch size")
+    fine: int = Field(100, ge=2, description="gits schedule: fine log-SNR grid intervals")
 
 
 class Solver(Component):
@@ -51,11 +53,36 @@ class Solver(Component):
     def eps(self, sde: SDE) -> float:
         return self.config.eps if self.config.eps is not None else sde.sampling_eps
 
-    def time_grid(self, sde: SDE) -> list[float]:
+    def time_grid(self, sde: SDE, score: ScoreFn | None = None,
+                  like: Tensor | None = None) -> list[float]:
         """``steps + 1`` decreasing times from ``T`` to ``eps``, spaced by the configured
-        schedule (:mod:`diffuse_engine.schedules`; uniform in ``t`` by default)."""
+        schedule (:mod:`diffuse_engine.schedules`; uniform in ``t`` by default).
+
+        The ``gits`` schedule is fitted to ``score`` on a pilot batch shaped, placed and
+        typed like ``like`` (:mod:`diffuse_engine.gits`); the fit is kept for the next
+        call with the same score, SDE and data, so sharded runs fit once.
+        """
         c = self.config
-        return time_grid(sde, c.steps, self.eps(sde), c.schedule, c.rho)
+        if c.schedule != "gits":
+            return time_grid(sde, c.steps, self.eps(sde), c.schedule, c.rho)
+        if score is None or like is None:
+            raise IncompatibleError(f"solver {self.name!r}: schedule 'gits' is fitted to the "
+                                    "score model; pass score and a sample batch to time_grid")
+        from .gits import gits_time_grid
+        key = (innermost(score), sde, tuple(like.shape[1:]), like.device, like.dtype)
+        fitted = getattr(self, "_gits_fit", None)
+        if fitted is None or len(fitted[0]) != len(key) or not all(
+                p is q or p == q for p, q in zip(fitted[0], key)):
+            grid = gits_time_grid(score, sde, c.steps, self.eps(sde), like,
+                                  pilot=c.pilot, fine=c.fine)
+            self._gits_fit = fitted = (key, grid)
+        return list(fitted[1])
+
+    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> None:
+        """Work done once per run before sampling, with ``score`` (the engine counts its
+        evaluations apart from the per-sample ones): fits a ``gits`` schedule."""
+        if self.config.schedule == "gits":
+            self.time_grid(sde, score, like)
 
     def sample(self, score: ScoreFn, sde: SDE, x: Tensor, *,
                generator: torch.Generator | None = None,
@@ -69,6 +96,13 @@ class Solver(Component):
             return x
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         return sde.denoise(x, score(x, tt), tt)
+
+
+def innermost(score: ScoreFn) -> ScoreFn:
+    """The score function under the engine's wrappers (which keep it as ``.fn``)."""
+    while hasattr(score, "fn") and callable(score.fn):
+        score = score.fn
+    return score
 
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -38,7 +38,7 @@ class DDIM(KernelSolver):
         return self.config.eta == 0
 
     def sample(self, score, sde, x, *, generator=None, callback=None):
-        g = self.grid(sde)
+        g = self.grid(sde, score, x)
         steps = len(g) - 1
         eta = self.config.eta
         for i in range(steps):

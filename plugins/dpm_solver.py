@@ -73,7 +73,7 @@ class DPMSolver(KernelSolver):
 
     def _multistep(self, score, sde, x, callback):
         c = self.config
-        g = self.grid(sde)
+        g = self.grid(sde, score, x)
         steps = len(g) - 1
         pred = c.prediction
         ms = [self.predict(score, x, g.t[0], g.a[0], g.s[0], pred)]  # newest last
@@ -106,7 +106,7 @@ class DPMSolver(KernelSolver):
 
     def _singlestep(self, score, sde, x, callback):
         c = self.config
-        g = self.grid(sde)
+        g = self.grid(sde, score, x)
         steps = len(g) - 1
         pred = c.prediction
         r = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}[c.order]

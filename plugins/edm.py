@@ -17,19 +17,18 @@ sqrt(2) - 1)`` and adds the matching fresh noise (``s_noise`` times it), Alg. 2 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 from pydantic import Field
 
 from diffuse_engine import hookimpl, noise_like
 from diffuse_engine.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
-from diffuse_engine.schedules import time_from_log_snr
+from diffuse_engine.schedules import SCHEDULE_HELP, Schedule, time_from_log_snr
 
 
 class EDMConfig(KernelSolverConfig):
     steps: int = Field(10, ge=1, description="number of Heun steps from T to eps")
-    schedule: Literal["uniform", "quadratic", "logsnr", "karras"] = Field(
-        "karras", description="time-step spacing (EDM: karras)")
+    schedule: Schedule = Field("karras", description="time-step spacing (EDM: karras); "
+                               + SCHEDULE_HELP)
     churn: float = Field(0.0, ge=0, description="S_churn: stochasticity (0: deterministic)")
     s_tmin: float = Field(0.0, ge=0, description="churn only where sigma >= s_tmin")
     s_tmax: float = Field(float("inf"), gt=0, description="churn only where sigma <= s_tmax")
@@ -48,7 +47,7 @@ class EDMHeun(KernelSolver):
 
     def sample(self, score, sde, x, *, generator=None, callback=None):
         c = self.config
-        g = self.grid(sde)
+        g = self.grid(sde, score, x)
         steps = len(g) - 1
         sig = [s / a for a, s in zip(g.a, g.s)]
         # churned noise levels and their times, once before the loop

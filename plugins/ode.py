@@ -26,7 +26,7 @@ class ProbabilityFlowODE(Solver):
     Config = ODEConfig
 
     def sample(self, score, sde, x, *, generator=None, callback=None):
-        grid = self.time_grid(sde)
+        grid = self.time_grid(sde, score, x)
         steps = len(grid) - 1
         B = x.shape[0]
         full = lambda v: torch.full((B,), v, device=x.device, dtype=x.dtype)  # noqa: E731

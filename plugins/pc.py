@@ -48,7 +48,7 @@ class PCSampler(Solver):
         self.predictor.check(sde)
 
     def sample(self, score, sde, x, *, generator=None, callback=None):
-        grid = self.time_grid(sde)
+        grid = self.time_grid(sde, score, x)
         steps = len(grid) - 1
         B = x.shape[0]
         full = lambda v: torch.full((B,), v, device=x.device, dtype=x.dtype)  # noqa: E731

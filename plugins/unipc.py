@@ -67,7 +67,7 @@ class UniPC(KernelSolver):
 
     def sample(self, score, sde, x, *, generator=None, callback=None):
         c = self.config
-        g = self.grid(sde)
+        g = self.grid(sde, score, x)
         steps = len(g) - 1
         data = c.prediction == "data"
         pred = c.prediction
