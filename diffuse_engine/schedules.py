@@ -33,6 +33,8 @@ from .errors import IncompatibleError
 Schedule = Literal["uniform", "quadratic", "logsnr", "karras", "gits"]
 #: the schedules that need only the SDE (``gits`` also needs the score model)
 SCHEDULES: tuple[str, ...] = ("uniform", "quadratic", "logsnr", "karras")
+#: every schedule a solver accepts
+ALL_SCHEDULES: tuple[str, ...] = (*SCHEDULES, "gits")
 SCHEDULE_HELP = ("time-step spacing: uniform (in t), quadratic, logsnr (uniform in log-SNR), "
                  "karras (EDM sigma^(1/rho)), gits (fitted to the score on a pilot batch)")
 

@@ -24,9 +24,9 @@ def register(app: typer.Typer) -> None:
     def bench(
         solvers: str = typer.Option(DEFAULT_SOLVERS,
                                     help="comma-separated solver entries"),
-        schedules: str = typer.Option("uniform,quadratic,logsnr,karras",
+        schedules: str = typer.Option("uniform,quadratic,logsnr,karras,gits",
                                       help="comma-separated schedules: uniform, quadratic, "
-                                      "logsnr, karras"),
+                                      "logsnr, karras, gits"),
         nfe: str = typer.Option("5,10,20,50,100,1000", help="score-evaluation budgets"),
         problems: str = typer.Option("gmm,gmm64", help="exact-GMM score entries"),
         sde: str = typer.Option("vp", help="SDE entry"),
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
         from .. import bench as B
         from ..errors import DiffuseError
-        from ..schedules import SCHEDULES
+        from ..schedules import ALL_SCHEDULES
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -66,10 +66,10 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise DiffuseError(f"--nfe {nfe!r}: expected comma-separated integers, "
                                "e.g. 10,20,50") from None
-        bad = [s for s in schedule_list if s not in SCHEDULES]
+        bad = [s for s in schedule_list if s not in ALL_SCHEDULES]
         if bad:
             raise DiffuseError(f"--schedules: unknown {', '.join(bad)}; choices: "
-                               + ", ".join(SCHEDULES))
+                               + ", ".join(ALL_SCHEDULES))
         if any(b < 1 for b in budgets) or n < 1:
             raise DiffuseError("--nfe budgets and --n must be positive integers")
         for s in solver_list:  # unknown names fail here, before any sampling
