@@ -329,8 +329,12 @@ def overhead(engine: Engine, solvers: Iterable[str] = ("pc", "ode"), steps: int 
     Runs alternate (engine, loop, engine, loop, ...) so both see the same machine load;
     the ratio uses the fastest run of each, the usual estimate of the true cost. On the
     CPU the clock is the process's CPU time (use one thread), which other jobs on a
-    busy machine do not inflate; on CUDA it is wall time after a synchronize.
+    busy machine do not inflate; on CUDA it is wall time after a synchronize. glibc's
+    page-fault churn on large blocks, which made identical loops differ by 30 %, is
+    turned off first (:func:`~diffuse_engine.allocator.keep_freed_memory`).
     """
+    from .allocator import keep_freed_memory
+    kept = keep_freed_memory()
     score = mlp_score(device=device)
     sde_obj = engine.build("sde", "vp")
     c = sde_obj.config
@@ -371,7 +375,8 @@ def overhead(engine: Engine, solvers: Iterable[str] = ("pc", "ode"), steps: int 
                "loop_s": min(t_hand), "ratio": min(t_engine) / min(t_hand),
                "extra_ms_per_step": 1e3 * extra / steps,
                "implied_ratio": (min(t_hand) + extra) / min(t_hand),
-               "engine_runs": t_engine, "loop_runs": t_hand, "device": device}
+               "engine_runs": t_engine, "loop_runs": t_hand, "device": device,
+               "allocator": "freed memory kept" if kept else "default"}
         rows.append(row)
         log(f"overhead {name}: engine {row['engine_s']:.2f}s, loop {row['loop_s']:.2f}s, "
             f"ratio {row['ratio']:.3f}; bookkeeping {row['extra_ms_per_step']:.3f} ms/step, "

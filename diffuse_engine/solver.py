@@ -122,6 +122,17 @@ class Predictor(Component):
              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def plan(self, sde: SDE, grid: list[float]) -> Optional[list]:
+        """Optional: per-step coefficients for the whole ``grid`` as Python floats,
+        computed once before the loop; then the sampler calls :meth:`planned_step`
+        instead of :meth:`step`. ``None`` (the default) keeps :meth:`step`."""
+        return None
+
+    def planned_step(self, x: Tensor, t: Tensor, coefficients, score: ScoreFn,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """:meth:`step` with this step's entry of :meth:`plan` (``t`` is the start time)."""
+        raise NotImplementedError
+
 
 class CorrectorConfig(ComponentConfig):
     """Fields every corrector accepts (set through the PC solver's entry)."""

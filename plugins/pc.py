@@ -52,10 +52,14 @@ class PCSampler(Solver):
         steps = len(grid) - 1
         B = x.shape[0]
         full = lambda v: torch.full((B,), v, device=x.device, dtype=x.dtype)  # noqa: E731
+        plan = self.predictor.plan(sde, grid)  # per-step floats, computed once
         for i in range(steps):
-            t, t_next = full(grid[i]), full(grid[i + 1])
+            t = full(grid[i])
             x, _ = self.corrector.step(x, t, score, sde, generator)
-            x, _ = self.predictor.step(x, t, t_next, score, sde, generator)
+            if plan is not None:
+                x, _ = self.predictor.planned_step(x, t, plan[i], score, generator)
+            else:
+                x, _ = self.predictor.step(x, t, full(grid[i + 1]), score, sde, generator)
             if callback is not None:
                 callback(i + 1, steps, grid[i + 1])
         return self.finish(score, sde, x, grid[-1])

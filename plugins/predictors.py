@@ -6,6 +6,8 @@ is the step without its final noise.
 
 from __future__ import annotations
 
+import torch
+
 from diffuse_engine import Predictor, bcast, hookimpl, noise_like
 
 
@@ -32,6 +34,17 @@ class ReverseDiffusion(Predictor):
         f, G = sde.discretize(x, t, t_next)
         x_mean = x - f + bcast(G**2, x) * score(x, t)
         return x_mean + bcast(G, x) * noise_like(x, generator), x_mean
+
+    def plan(self, sde, grid):
+        """For a linear drift, ``f = A x``: the step is ``(1 - A) x + G^2 s + G z`` with
+        ``(A, G)`` per step from :meth:`SDE.linear_discretization`."""
+        lin = sde.linear_discretization(grid)
+        return None if lin is None else list(zip(*lin))
+
+    def planned_step(self, x, t, coefficients, score, generator):
+        A, G = coefficients
+        x_mean = torch.add(x * (1.0 - A), score(x, t), alpha=G * G)
+        return torch.add(x_mean, noise_like(x, generator), alpha=G), x_mean
 
 
 class Ancestral(Predictor):
