@@ -94,6 +94,8 @@ def execute_run(engine: Engine, plan: RunPlan, out: str | Path, *, overwrite: bo
         mix = reference_mixture(engine, plan, result.score)
         metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": round(result.seconds, 4),
                                    "samples_per_second": round(x.shape[0] / result.seconds, 1)}
+        if result.setup_nfe:  # a fitted schedule's pilot, spent once for the whole run
+            metrics["setup_nfe"] = result.setup_nfe
         reference = None
         if mix is not None:
             stats = mode_statistics(x, mix)

@@ -62,8 +62,10 @@ def register(app: typer.Typer) -> None:
             raise
         if quiet:
             return
-        rows = [("score evaluations", metrics["nfe"], ""),
-                ("seconds", metrics["seconds"], "")]
+        rows = [("score evaluations", metrics["nfe"], "")]
+        if metrics.get("setup_nfe"):
+            rows.append(("setup evaluations (pilot batch)", metrics["setup_nfe"], ""))
+        rows.append(("seconds", metrics["seconds"], ""))
         floor = metrics.get("floor", {})
         for key, label in (("weight_tv", "mode weight error (TV)"),
                            ("std_error", "mode std error (relative)"),

@@ -70,6 +70,8 @@ def register(app: typer.Typer) -> None:
             x = result.samples.cpu()
             metrics = {"nfe": result.nfe, "seconds": round(result.seconds, 4),
                        "checkpoint_step": ckpt.step}
+            if result.setup_nfe:  # a fitted schedule's pilot, spent once for the run
+                metrics["setup_nfe"] = result.setup_nfe
             mix = getattr(model, "mixture", None)
             if mix is not None:
                 metrics.update(mode_statistics(x, mix))
@@ -85,7 +87,10 @@ def register(app: typer.Typer) -> None:
         if quiet:
             return
         rows = [("samples", n, str(out / f"samples.{sample_format}")),
-                ("score evaluations", result.nfe, ""), ("seconds", metrics["seconds"], "")]
+                ("score evaluations", result.nfe, "")]
+        if result.setup_nfe:
+            rows.append(("setup evaluations (pilot batch)", result.setup_nfe, ""))
+        rows.append(("seconds", metrics["seconds"], ""))
         for key, label in (("weight_max", "largest mode weight error"),
                            ("std_error", "mode std error (relative)"),
                            ("centre_error", "mode centre error (in stds)")):
