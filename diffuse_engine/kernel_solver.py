@@ -27,7 +27,7 @@ from torch import Tensor
 from .schedules import SCHEDULE_HELP, Schedule, check_monotone, kernel_coefficients
 from .score import ScoreFn
 from .sde import SDE
-from .solver import Solver, SolverConfig
+from .solver import MAX_STEPS, Solver, SolverConfig
 
 Prediction = Literal["data", "noise"]
 
@@ -35,7 +35,7 @@ Prediction = Literal["data", "noise"]
 class KernelSolverConfig(SolverConfig):
     """Fields of kernel-based solvers: fewer steps and the log-SNR schedule by default."""
 
-    steps: int = Field(20, ge=1, description="number of time steps from T to eps")
+    steps: int = Field(20, ge=1, le=MAX_STEPS, description="number of time steps from T to eps")
     schedule: Schedule = Field("logsnr", description=SCHEDULE_HELP)
 
 

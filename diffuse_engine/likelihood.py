@@ -57,6 +57,7 @@ from .differentiable import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS
 from .errors import DiffuseError, NumericalError, RegistryError
 from .score import ScoreFn
 from .sde import SDE
+from .solver import MAX_STEPS
 
 
 class LikelihoodConfig(BaseModel):
@@ -69,7 +70,7 @@ class LikelihoodConfig(BaseModel):
         "dopri5", description="torchdiffeq method (adaptive unless euler/midpoint/heun3/rk4)")
     rtol: float = Field(1e-5, gt=0, description="relative tolerance (adaptive methods)")
     atol: float = Field(1e-5, gt=0, description="absolute tolerance (adaptive methods)")
-    steps: int = Field(200, ge=1, description="steps of a fixed-grid method")
+    steps: int = Field(200, ge=1, le=MAX_STEPS, description="steps of a fixed-grid method")
     eps: Optional[float] = Field(None, gt=0, lt=1,
                                  description="start time; default: the SDE's sampling_eps")
     divergence: Literal["auto", "exact", "hutchinson"] = Field(

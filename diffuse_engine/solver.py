@@ -19,6 +19,10 @@ from .schedules import SCHEDULE_HELP, Schedule, time_grid
 from .score import ScoreFn
 from .sde import SDE
 
+#: the most time steps a solver accepts: the time grid is built in memory before the loop,
+#: and 10 million steps is far past any sampler's use (1000-4000 for PC samplers)
+MAX_STEPS = 10_000_000
+
 #: ``callback(step, total_steps, t)`` after each solver step; used for progress bars
 #: and per-step observers. It receives Python numbers only.
 StepCallback = Callable[[int, int, float], None]
@@ -27,7 +31,7 @@ StepCallback = Callable[[int, int, float], None]
 class SolverConfig(ComponentConfig):
     """Fields every solver accepts."""
 
-    steps: int = Field(1000, ge=1, description="number of time steps from T to eps")
+    steps: int = Field(1000, ge=1, le=MAX_STEPS, description="number of time steps from T to eps")
     eps: Optional[float] = Field(None, gt=0, lt=1,
                                  description="smallest time; default: the SDE's sampling_eps")
     denoise: bool = Field(True, description="final Tweedie denoising step at eps")

@@ -22,11 +22,12 @@ from pydantic import Field
 
 from diffuse_engine import hookimpl, noise_like
 from diffuse_engine.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
+from diffuse_engine.solver import MAX_STEPS
 from diffuse_engine.schedules import SCHEDULE_HELP, Schedule, time_from_log_snr
 
 
 class EDMConfig(KernelSolverConfig):
-    steps: int = Field(10, ge=1, description="number of Heun steps from T to eps")
+    steps: int = Field(10, ge=1, le=MAX_STEPS, description="number of Heun steps from T to eps")
     schedule: Schedule = Field("karras", description="time-step spacing (EDM: karras); "
                                + SCHEDULE_HELP)
     churn: float = Field(0.0, ge=0, description="S_churn: stochasticity (0: deterministic)")

@@ -19,10 +19,11 @@ from pydantic import Field
 
 from diffuse_engine import Solver, SolverConfig, hookimpl
 from diffuse_engine.differentiable import probability_flow_solve
+from diffuse_engine.solver import MAX_STEPS
 
 
 class AdaptiveODEConfig(SolverConfig):
-    steps: int = Field(100, ge=1, description="progress-bar resolution only (adaptive)")
+    steps: int = Field(100, ge=1, le=MAX_STEPS, description="progress-bar resolution only (adaptive)")
     method: Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"] = Field(
         "dopri5", description="torchdiffeq adaptive method")
     rtol: float = Field(1e-5, gt=0, description="relative tolerance")

@@ -128,6 +128,8 @@ def test_set_mistake_is_one_line(app, tmp_path, mistake):
 OPTION_MISTAKES = {
     "zero samples": (["-n", "0"], ["command line: [run.default] n", "got 0"]),
     "zero steps": (["--steps", "0"], ["steps", "greater than or equal to 1"]),
+    # refused before the time grid of 10**12 floats is built (it would exhaust memory)
+    "absurd steps": (["--steps", str(10**12)], ["steps", "less than or equal to 10000000"]),
     "seed out of range": (["--seed", str(2**70)], ["seed", "less than"]),
     "unknown preset": (["--preset", "nope"], ["no run entry named 'nope'", "default"]),
     "unknown sde": (["--sde", "vpp"], ["no sde entry named 'vpp'", "implementations:"]),
