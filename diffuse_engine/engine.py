@@ -167,8 +167,11 @@ class Engine:
     def route_overrides(self, chosen: Mapping[str, type], overrides: Mapping[str, Any]
                         ) -> dict[str, dict[str, Any]]:
         """Send each ``FIELD`` or ``KIND.FIELD`` override to the chosen entry that has it."""
+        from .training import split_overrides
         routed: dict[str, dict[str, Any]] = {k: {} for k in chosen}
-        for key, value in {**self.set_overrides, **overrides}.items():
+        # the engine's own sets may hold training settings (lr=...): training() takes them
+        _, component_sets = split_overrides(self.set_overrides)
+        for key, value in {**component_sets, **overrides}.items():
             kind, _, fname = key.rpartition(".")
             if kind:
                 if kind not in chosen:
@@ -210,7 +213,9 @@ class Engine:
         continues the run in ``out`` (with the same losses as an uninterrupted run).
         """
         from .training import run_training, split_overrides
+        set_settings, _ = split_overrides(self.set_overrides)  # Engine(sets=["lr=1e-3"])
         settings_fields, fields = split_overrides(overrides)
+        settings_fields = {**set_settings, **settings_fields}
         choices = {k: v for k, v in (("data", data), ("sde", sde), ("model", model),
                                      ("loss", loss)) if v is not None}
         if resume:  # everything comes from the checkpoint except what may change

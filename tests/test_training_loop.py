@@ -118,3 +118,14 @@ def test_bad_checkpoint_is_one_line(tmp_path):
 def test_untrainable_model_is_refused(engine):
     with pytest.raises(DiffuseError, match="not trainable"):
         engine.training(model="gmm", steps=1)
+
+
+def test_engine_sets_reach_training_settings_and_components():
+    """``Engine(sets=[...])`` takes training settings (``lr``) as the CLI's ``--set``
+    does, routes component fields (``hidden``) to the model, and a sampling call on the
+    same engine is not refused for the training setting."""
+    eng = Engine(autoload=False, sets=["lr=0.0123", "hidden=32"])
+    r = eng.training(steps=2)
+    assert r.config["train"]["lr"] == 0.0123
+    assert r.model.config.hidden == 32
+    assert eng.sample(score="gmm", shape=4, steps=2).shape == (4, 2)
