@@ -167,11 +167,9 @@ class Engine:
     def route_overrides(self, chosen: Mapping[str, type], overrides: Mapping[str, Any]
                         ) -> dict[str, dict[str, Any]]:
         """Send each ``FIELD`` or ``KIND.FIELD`` override to the chosen entry that has it."""
-        from .training import split_overrides
         routed: dict[str, dict[str, Any]] = {k: {} for k in chosen}
-        # the engine's own sets may hold training settings (lr=...): training() takes them
-        _, component_sets = split_overrides(self.set_overrides)
-        for key, value in {**component_sets, **overrides}.items():
+        for key, value in {**self.set_overrides, **overrides}.items():
+            from_sets = key in self.set_overrides and key not in overrides
             kind, _, fname = key.rpartition(".")
             if kind:
                 if kind not in chosen:
@@ -180,6 +178,8 @@ class Engine:
                 targets = [kind]
             else:
                 targets = [k for k, cls in chosen.items() if fname in cls.Config.model_fields]
+            if not targets and from_sets and self._known_setting(key):
+                continue  # the engine's sets apply to the calls that have the field
             if not targets:
                 allowed = sorted({f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields})
                 raise RegistryError(f"override {key!r}: no chosen entry has that field; "
@@ -189,6 +189,19 @@ class Engine:
                                     + ", ".join(f"{k}.{fname}" for k in targets))
             routed[targets[0]][fname] = value
         return routed
+
+    def _known_setting(self, key: str) -> bool:
+        """Whether ``key`` (``FIELD`` or ``KIND.FIELD``) names a training setting or a
+        field of some installed implementation: an ``Engine(sets=...)`` entry that is
+        real but not for this call, as opposed to a typo."""
+        from .training import TrainSettings
+        kind, _, fname = key.rpartition(".")
+        if kind in ("", "train") and fname in TrainSettings.model_fields:
+            return True
+        kinds = [kind] if kind else self.catalogue.kinds()
+        return any(fname in self.catalogue.get(k, n).Config.model_fields
+                   for k in kinds if k in self.catalogue.kinds()
+                   for n in self.catalogue.names(k))
 
     # ---- training -------------------------------------------------------------
     def train(self, data: str | None = None, sde: str | None = None, model: str | None = None,

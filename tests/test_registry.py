@@ -88,3 +88,13 @@ def test_parse_assignment():
     assert parse_assignment("stds=[0.1, 0.2]") == ("stds", [0.1, 0.2])
     with pytest.raises(RegistryError, match="expected KEY=VALUE"):
         parse_assignment("snr")
+
+
+def test_engine_sets_skip_calls_without_the_field_but_catch_typos():
+    """An engine-wide set applies to each call that has the field (``hidden`` to a
+    network, not to the exact gmm score); a field no installed component has is a typo."""
+    e = Engine(autoload=False, sets=["hidden=32"])
+    assert e.sampling(score="gmm", shape=4, steps=2).nfe == 5  # PC: 2 x (corrector + predictor) + denoise
+    e = Engine(autoload=False, sets=["stpes=7"])
+    with pytest.raises(RegistryError, match="override 'stpes': no chosen entry"):
+        e.sampling(score="gmm", shape=4, steps=2)
