@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from diffuse_engine import ComponentConfig, Dataset, DiffuseError, hookimpl
-from diffuse_plugins.gmm import MixtureConfig, build_mixture
+from diffuse_plugins.gmm import MixtureFields, build_mixture
 
 
 def _numpy_seed(generator: torch.Generator | None) -> int:
@@ -117,8 +117,8 @@ class Checkerboard(Dataset):
 
 
 # ---- the exact mixture ------------------------------------------------------------------
-class GMMDataConfig(MixtureConfig):
-    """The ``gmm`` score model's mixture fields (``parameterisation`` is unused here)."""
+class GMMDataConfig(MixtureFields):
+    """The ``gmm`` score model's mixture fields."""
 
 
 class GMMData(Dataset):

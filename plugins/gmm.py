@@ -20,11 +20,12 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from diffuse_engine import GaussianMixture, ScoreConfig, ScoreModel, hookimpl
+from diffuse_engine import ComponentConfig, GaussianMixture, ScoreConfig, ScoreModel, hookimpl
 
 
-class MixtureConfig(ScoreConfig):
-    parameterisation: Literal["score"] = "score"
+class MixtureFields(ComponentConfig):
+    """The fields that define a mixture, shared by the ``gmm`` score and dataset."""
+
     layout: Literal["ring", "random", "explicit"] = Field("ring", description="mixture layout")
     modes: int = Field(8, ge=1, description="number of modes (ring, random)")
     radius: float = Field(2.0, gt=0, description="ring radius / spread of random centres")
@@ -53,8 +54,14 @@ class MixtureConfig(ScoreConfig):
         return self
 
 
-def build_mixture(c: MixtureConfig) -> GaussianMixture:
-    """The mixture a :class:`MixtureConfig` describes (float64, CPU)."""
+class MixtureConfig(MixtureFields, ScoreConfig):
+    """The ``gmm`` score model: the mixture's exact score (never another parameterisation)."""
+
+    parameterisation: Literal["score"] = "score"
+
+
+def build_mixture(c: MixtureFields) -> GaussianMixture:
+    """The mixture that ``c`` (score or dataset fields) describes (float64, CPU)."""
     f64 = torch.float64
     if c.layout == "explicit":
         means = torch.tensor(c.means, dtype=f64)
