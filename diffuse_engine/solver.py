@@ -41,6 +41,15 @@ class SolverConfig(ComponentConfig):
     fine: int = Field(100, ge=2, description="gits schedule: fine log-SNR grid intervals")
 
 
+def uniform_schedule_only(config: SolverConfig, why: str) -> SolverConfig:
+    """Validator body for solvers that choose their own times: refuse another
+    ``schedule`` instead of ignoring it (``why`` says how the solver steps)."""
+    if config.schedule != "uniform":
+        raise ValueError(f"schedule {config.schedule!r} does not apply: {why}; "
+                         "leave schedule = \"uniform\"")
+    return config
+
+
 class Solver(Component):
     """Base class of samplers: ``sample(score, sde, x_T, generator=...) -> x_0``."""
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffuse_engine import Solver, SolverConfig, hookimpl
 from diffuse_engine.differentiable import probability_flow_solve
-from diffuse_engine.solver import MAX_STEPS
+from diffuse_engine.solver import MAX_STEPS, uniform_schedule_only
 
 
 class AdaptiveODEConfig(SolverConfig):
@@ -28,6 +28,10 @@ class AdaptiveODEConfig(SolverConfig):
         "dopri5", description="torchdiffeq adaptive method")
     rtol: float = Field(1e-5, gt=0, description="relative tolerance")
     atol: float = Field(1e-5, gt=0, description="absolute tolerance")
+
+    @model_validator(mode="after")
+    def _no_schedule(self):
+        return uniform_schedule_only(self, "the adaptive solver picks its own steps")
 
 
 class AdaptiveProbabilityFlowODE(Solver):

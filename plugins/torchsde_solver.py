@@ -42,10 +42,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffuse_engine import Solver, SolverConfig, hookimpl
 from diffuse_engine.differentiable import reverse_sde_solve
+from diffuse_engine.solver import uniform_schedule_only
 
 
 class TorchSDEConfig(SolverConfig):
@@ -55,6 +56,11 @@ class TorchSDEConfig(SolverConfig):
     rtol: float = Field(1e-3, gt=0, description="relative tolerance (adaptive)")
     atol: float = Field(1e-3, gt=0, description="absolute tolerance (adaptive)")
     dt_min: float = Field(1e-5, gt=0, description="smallest step (adaptive)")
+
+    @model_validator(mode="after")
+    def _no_schedule(self):
+        return uniform_schedule_only(self, "torchsde steps uniformly in t (dt = (T - eps) "
+                                     "/ steps) or adaptively")
 
 
 class TorchSDESolver(Solver):

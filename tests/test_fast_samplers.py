@@ -289,3 +289,9 @@ def test_issue_target_at_20_evaluations(engine, seed):
     from diffuse_engine import mode_statistics
     st = mode_statistics(r.samples, r.score.mixture)
     assert st["weight_tv"] <= 0.01 and st["std_error"] <= 0.02 and st["centre_error"] <= 0.05, st
+
+
+@pytest.mark.parametrize("solver", ["torchsde", "ode_adaptive"])
+def test_solvers_choosing_their_own_times_refuse_a_schedule(engine, solver):
+    with pytest.raises(RegistryError, match=r"schedule 'logsnr' does not apply"):
+        engine.sample(score="gmm", sde="vp", solver=solver, shape=4, schedule="logsnr")
