@@ -360,9 +360,11 @@ class Engine:
         steps = solver_obj.config.steps
         start = time.perf_counter()
         with torch.no_grad():
-            solver_obj.prepare(counted, sde_obj, torch.empty((1, *shape[1:]), device=device,
-                                                             dtype=dtype))
+            fitted = solver_obj.prepare(counted, sde_obj, torch.empty((1, *shape[1:]),
+                                                                      device=device, dtype=dtype))
         setup_nfe = counted.calls
+        if fitted is not None and ctx.enabled:  # round-off may differ across devices
+            solver_obj.adopt(ctx.all_gather_object(fitted)[0])
         local: dict[int, Tensor] = {}
         failed, nfe, crash = None, 0, None
         with progress_bar(steps * len(mine), f"sampling {sde}/{solver}",

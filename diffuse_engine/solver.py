@@ -91,11 +91,19 @@ class Solver(Component):
             self._gits_fit = fitted = (key, grid)
         return list(fitted[1])
 
-    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> None:
+    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> Optional[list[float]]:
         """Work done once per run before sampling, with ``score`` (the engine counts its
-        evaluations apart from the per-sample ones): fits a ``gits`` schedule."""
+        evaluations apart from the per-sample ones): fits a ``gits`` schedule and returns
+        its grid (``None`` when there is nothing to fit)."""
         if self.config.schedule == "gits":
-            self.time_grid(sde, score, like)
+            return self.time_grid(sde, score, like)
+        return None
+
+    def adopt(self, grid: list[float]) -> None:
+        """Use ``grid``, another process's :meth:`prepare` result, as the fitted grid, so
+        every rank of a distributed run samples on rank 0's times."""
+        key, _ = self._gits_fit
+        self._gits_fit = (key, list(grid))
 
     def sample(self, score: ScoreFn, sde: SDE, x: Tensor, *,
                generator: torch.Generator | None = None,

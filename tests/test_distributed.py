@@ -31,6 +31,9 @@ from diffuse_engine.distributed import (DistContext, DistributedError, ShardedBa
 WORLD = 2
 SAMPLE = dict(score="gmm", sde="vp", solver="pc", shape=(50, 2), seed=3, steps=20,
               shard_size=7)  # 8 shards, the last of 1 sample: uneven over 2 ranks
+# a fitted schedule: rank 0's grid is used on every rank
+SAMPLE_GITS = dict(score="gmm", sde="vp", solver="dpm_solver_pp", shape=(50, 2), seed=3,
+                   steps=6, schedule="gits", pilot=64, fine=30, shard_size=7)
 TRAIN = dict(steps=16, batch_size=32, warmup=4, log_every=4, checkpoint_every=8,
              plot_n=64, plot_steps=5, hidden=32, depth=1, threads=1, seed=5)
 
@@ -48,7 +51,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         engine = Engine(autoload=False, distributed=True)
-        got = {"samples": engine.sample(**SAMPLE)}
+        got = {"samples": engine.sample(**SAMPLE), "gits": engine.sample(**SAMPLE_GITS)}
         full = engine.training(out=os.path.join(folder, "full"), **TRAIN)
         got.update(losses=torch.tensor(full.losses), checkpoints=len(full.checkpoints),
                    weights={k: v.clone() for k, v in full.raw.net.state_dict().items()},
@@ -79,8 +82,10 @@ def engine():
 def test_distributed_sampling_equals_single_process_bit_for_bit(ranks, engine):
     _, got = ranks
     single = engine.sample(**SAMPLE)
+    single_gits = engine.sample(**SAMPLE_GITS)
     for r in range(WORLD):
         assert torch.equal(got[r]["samples"], single), r
+        assert torch.equal(got[r]["gits"], single_gits), r
 
 
 def test_weights_and_ema_identical_on_all_ranks(ranks):
