@@ -29,11 +29,10 @@ from typing import Any, Iterable
 
 import torch
 
-from .engine import Engine, ScoreBoundary
+from .engine import Engine
 from .errors import DiffuseError
 from .mixture import mode_statistics
 from .schedules import ALL_SCHEDULES
-from .sde import bcast
 
 #: score-evaluation budgets of the issue
 DEFAULT_NFE = (5, 10, 20, 50, 100, 1000)
