@@ -15,8 +15,14 @@ Order 1 is DDIM. The update formulas follow the authors' reference implementatio
 they apply to every SDE with a Gaussian kernel (see
 :mod:`diffuse_engine.kernel_solver`).
 
-Score evaluations: ``steps`` for multistep, ``order * steps`` for singlestep, plus one
-for the final denoising step when ``denoise`` is on.
+With ``lower_order_final`` (the default) a run of fewer than 15 steps uses order ``k`` at
+its ``k``-th last step, as the reference implementation does for multistep (and as its
+singlestep order schedule ends, ``[3, ..., 3, 2, 1]``): measured on the ring, this
+lowers the std error of singlestep runs at 10-20 evaluations up to five-fold.
+
+Score evaluations: ``steps`` for multistep; for singlestep the sum of the steps' orders
+(``order * steps`` without ``lower_order_final`` or from 15 steps up); plus one for the
+final denoising step when ``denoise`` is on.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ class DPMSolverConfig(KernelSolverConfig):
                                                        "(intermediate points) or multistep")
     prediction: Literal["data", "noise"] = Field("data", description="data: DPM-Solver++, "
                                                  "noise: DPM-Solver")
-    lower_order_final: bool = Field(True, description="multistep with fewer than 15 steps: "
-                                    "order k at the k-th last step (stabilises few-step runs)")
+    lower_order_final: bool = Field(True, description="fewer than 15 steps: order k at the "
+                                    "k-th last step (stabilises few-step runs)")
 
 
 #: as in the reference implementation, lower final orders only matter for short runs
@@ -109,21 +115,26 @@ class DPMSolver(KernelSolver):
         g = self.grid(sde, score, x)
         steps = len(g) - 1
         pred = c.prediction
-        r = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}[c.order]
+        orders = [c.order] * steps
+        if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
+            orders = [min(c.order, steps - i) for i in range(steps)]
+        rs = [{1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}[o] for o in orders]
         # intermediate times at lambda_s + r h, found once before the loop
-        lams = [g.lam[i] + rk * (g.lam[i + 1] - g.lam[i]) for i in range(steps) for rk in r]
+        lams = [g.lam[i] + rk * (g.lam[i + 1] - g.lam[i]) for i in range(steps) for rk in rs[i]]
         mids = time_from_log_snr(sde, lams, g.t[-1], g.t[0]) if lams else []
         inner = type(g).on(sde, mids) if mids else None
-        k = len(r)
+        first = 0  # index of step i's first intermediate point in `inner`
         for i in range(steps):
+            order, r = orders[i], rs[i]
             h = g.lam[i + 1] - g.lam[i]
             ratio, K, hh = self._lin(g, i, i + 1)
             p1, p2, _ = _phis(hh)
             m_s = self.predict(score, x, g.t[i], g.a[i], g.s[i], pred)
-            sub = [self._inner_lin(g, inner, i, i * k + j) for j in range(k)]
-            if c.order == 1:
+            sub = [self._inner_lin(g, inner, i, first + j) for j in range(len(r))]
+            first += len(r)
+            if order == 1:
                 x = x * ratio - (K * p1) * m_s
-            elif c.order == 2:
+            elif order == 2:
                 (ra1, K1, q1, t1, a1, s1) = sub[0]
                 u = x * ra1 - (K1 * q1) * m_s
                 m1 = self.predict(score, u, t1, a1, s1, pred)
