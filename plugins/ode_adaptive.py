@@ -43,19 +43,21 @@ class AdaptiveProbabilityFlowODE(Solver):
     def sample(self, score, sde, x, *, generator=None, callback=None):
         c = self.config
         T, eps = float(sde.T), self.eps(sde)
-        report, done = None, [0]
+        done = [0]
 
         def tick(upto: int) -> None:  # every grid step 1..upto not yet reported
             for k in range(done[0] + 1, upto + 1):
                 callback(k, c.steps, T - (T - eps) * k / c.steps)
             done[0] = max(done[0], upto)
 
-        if callback is not None:  # progress only when someone listens (syncs to read t)
-            def report(t: float) -> None:
-                tick(min(c.steps, int(c.steps * (T - t) / (T - eps) + 1e-9)))
+        def report(t: float) -> None:
+            tick(min(c.steps, int(c.steps * (T - t) / (T - eps) + 1e-9)))
+
+        # progress only when someone listens (reading t syncs with the device)
         with torch.no_grad():
             out = probability_flow_solve(score, sde, x, method=c.method, rtol=c.rtol,
-                                         atol=c.atol, eps=eps, callback=report)
+                                         atol=c.atol, eps=eps,
+                                         callback=report if callback is not None else None)
         if callback is not None:
             tick(c.steps)
         return self.finish(score, sde, out, eps)
