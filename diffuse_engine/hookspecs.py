@@ -101,7 +101,10 @@ def diffuse_register_solvers():
     ``sample(score, sde, x_T, generator=, callback=)`` integrates from ``x_T`` (a prior
     sample, ``(B, *dims)``) at time ``T`` down to ``eps`` and returns samples of the
     same shape. ``check(sde)`` raises ``IncompatibleError`` for unsupported SDEs; the
-    engine calls it when it builds the pair, before sampling.
+    engine calls it when it builds the pair, before sampling. Take times from
+    ``self.time_grid(sde, score, x_T)`` so every registry ``schedule`` works, the
+    score-fitted ``gits`` one included (the engine fits it once per run through
+    ``prepare`` and counts those evaluations apart).
     """
 
 
@@ -110,7 +113,10 @@ def diffuse_register_predictors():
     """Return predictor classes for the PC sampler (:class:`diffuse_engine.Predictor`).
 
     ``step(x, t, t_next, score, sde, generator) -> (x, x_mean)`` moves from ``t`` to
-    ``t_next < t``; ``t`` and ``t_next`` are ``(B,)`` tensors.
+    ``t_next < t``; ``t`` and ``t_next`` are ``(B,)`` tensors. Optionally
+    ``plan(sde, grid)`` returns per-step coefficients (Python floats) computed once
+    before the loop, and the sampler then calls ``planned_step(x, t, coefficients,
+    score, generator)`` instead; return ``None`` from ``plan`` to keep ``step``.
     """
 
 
