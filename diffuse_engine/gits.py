@@ -78,20 +78,29 @@ def teacher_trajectory(score: ScoreFn, sde: SDE, x: Tensor, times: Sequence[floa
 
 
 def step_costs(xs: list[Tensor], ds: list[Tensor], a: list[float], s: list[float],
-               lam: list[float]) -> Tensor:
+               lam: list[float], chunk_elements: int = 1 << 24) -> Tensor:
     """``C[i, j]``: pilot RMS error of one DDIM step ``i -> j`` against the teacher, over
-    ``s_j`` (``inf`` where ``j <= i``), in float64 on the CPU."""
+    ``s_j`` (``inf`` where ``j <= i``), as float64 on the CPU.
+
+    Targets ``j`` are taken in chunks of at most ``chunk_elements`` tensor elements, so
+    the temporaries stay small for image-sized data.
+    """
     M = len(xs) - 1
     C = torch.full((M + 1, M + 1), math.inf, dtype=torch.float64)
-    X = torch.stack([v.flatten(1) for v in xs]).to(torch.float64)  # (M+1, n, d)
-    a_, s_, lam_ = (torch.tensor(v, dtype=torch.float64, device=X.device) for v in (a, s, lam))
+    X = torch.stack([v.flatten(1) for v in xs])  # (M+1, n, d), the pilot's dtype
+    per_target = X[0].numel()
+    step = max(1, chunk_elements // per_target)
     for i in range(M):
-        j = slice(i + 1, M + 1)
-        ratio = (s_[j] / s_[i])[:, None, None]
-        coef = (a_[j] * -torch.expm1(-(lam_[j] - lam_[i])))[:, None, None]
-        pred = ratio * X[i] + coef * ds[i].flatten(1).to(torch.float64)
-        rms = (pred - X[j]).pow(2).sum(-1).mean(-1).sqrt()
-        C[i, i + 1:] = (rms / s_[j]).cpu()
+        d_i = ds[i].flatten(1)
+        for j0 in range(i + 1, M + 1, step):
+            js = range(j0, min(M + 1, j0 + step))
+            ratio = torch.tensor([s[j] / s[i] for j in js], dtype=X.dtype, device=X.device)
+            coef = torch.tensor([a[j] * -math.expm1(-(lam[j] - lam[i])) for j in js],
+                                dtype=X.dtype, device=X.device)
+            pred = ratio[:, None, None] * X[i] + coef[:, None, None] * d_i
+            err2 = (pred - X[js.start:js.stop]).double().pow(2).sum(-1).mean(-1)
+            C[i, js.start:js.stop] = (err2.sqrt().cpu()
+                                      / torch.tensor([s[j] for j in js], dtype=torch.float64))
     return C
 
 

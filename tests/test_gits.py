@@ -110,3 +110,18 @@ def test_ten_evaluations_meet_the_issue_target_on_the_ring(engine):
     assert st["std_error"] <= 0.05, st["std_error"]
     # every mode keeps its mass: weight TV within 5x its floor sqrt(K / (2 pi n)) ~ 0.005
     assert st["weight_tv"] <= 0.025, st["weight_tv"]
+
+
+def test_step_costs_do_not_depend_on_chunking():
+    from diffuse_engine.gits import step_costs
+    g = torch.Generator().manual_seed(2)
+    M, n = 6, 5
+    xs = [torch.randn(n, 3, generator=g) for _ in range(M + 1)]
+    ds = [torch.randn(n, 3, generator=g) for _ in range(M + 1)]
+    a = [0.1 + 0.15 * k for k in range(M + 1)]
+    s = [1.0 - 0.1 * k for k in range(M + 1)]
+    lam = [math.log(p / q) for p, q in zip(a, s)]
+    whole, one_by_one = step_costs(xs, ds, a, s, lam), step_costs(xs, ds, a, s, lam, 1)
+    assert torch.equal(whole.isinf(), one_by_one.isinf())
+    finite = whole.isfinite()
+    assert torch.allclose(whole[finite], one_by_one[finite], rtol=1e-6)
