@@ -534,14 +534,14 @@ def _plot(sub, path: Path, title: str, plt) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=solver)
         ax.axhline(target, color="0.5", ls="--", lw=1)
         if key == "std_error":  # the 10-evaluation target
-            ax.plot([10], [0.05], marker="x", color="0.3", ms=10, ls="none")
+            ax.plot([10], [0.05], marker="x", color="red", ms=12, mew=2.5, ls="none", zorder=5)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("score evaluations")
         ax.set_title(label)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title}: each solver's best schedule per budget (dashed: the 20-evaluation "
-                 "targets; x: std error 0.05 at 10)")
+                 "targets; red x: std error 0.05 at 10)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
