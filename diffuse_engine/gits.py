@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiffuseError
+from .kernel_solver import KernelSolver
 from .schedules import check_monotone, kernel_coefficients, log_snr, time_from_log_snr
 from .score import ScoreFn
 from .sde import SDE
@@ -42,9 +43,8 @@ MAX_STEPS = 250
 
 
 def _data_prediction(score: ScoreFn, x: Tensor, t: float, a: float, s: float) -> Tensor:
-    """Tweedie's ``x0_hat = (x + s^2 score) / a`` at time ``t``."""
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-    return (x + (s * s) * score(x, tt)) / a
+    """Tweedie's ``x0_hat`` at time ``t``, as the kernel solvers compute it."""
+    return KernelSolver.predict(score, x, t, a, s, "data")
 
 
 def teacher_trajectory(score: ScoreFn, sde: SDE, x: Tensor, times: Sequence[float],

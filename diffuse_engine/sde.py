@@ -108,30 +108,31 @@ class SDE(Component):
         return -0.5 * d * math.log(2 * math.pi * var) - z.flatten(1).pow(2).sum(1) / (2 * var)
 
     # ---- reverse time ---------------------------------------------------------
+    def _linear_drift(self) -> bool:
+        """Whether the drift is ``f(t) x`` (the subclass implements :meth:`drift_coeff`)."""
+        try:
+            self.drift_coeff(torch.ones(1, dtype=torch.float64))
+        except NotImplementedError:
+            return False
+        return True
+
     def linear_coefficients(self, times: list[float]) -> tuple[list[float], list[float]] | None:
         """``(f(t), g(t)^2)`` at ``times`` as Python floats (float64 on the CPU), for
         solvers that precompute their step coefficients before the loop; ``None`` when
         the drift is not linear (no :meth:`drift_coeff`) or :meth:`reverse_drift` is
         overridden, so the solver must call :meth:`reverse_drift` itself."""
-        if type(self).reverse_drift is not SDE.reverse_drift:
+        if type(self).reverse_drift is not SDE.reverse_drift or not self._linear_drift():
             return None
         t = torch.tensor(list(times), dtype=torch.float64)
-        try:
-            f = self.drift_coeff(t)
-        except NotImplementedError:
-            return None
-        g = self.diffusion(t)
-        f = torch.as_tensor(f, dtype=torch.float64).expand_as(t)
-        g2 = torch.as_tensor(g, dtype=torch.float64).expand_as(t) ** 2
+        f = torch.as_tensor(self.drift_coeff(t), dtype=torch.float64).expand_as(t)
+        g2 = torch.as_tensor(self.diffusion(t), dtype=torch.float64).expand_as(t) ** 2
         return f.tolist(), g2.tolist()
 
     def linear_discretization(self, grid: list[float]) -> tuple[list[float], list[float]] | None:
         """For a linear drift, :meth:`discretize` of each forward step ``grid[i+1] ->
         grid[i]`` as Python floats ``(A_i, G_i)`` with ``f = A_i x`` (float64 on the
         CPU, once before a sampling loop); ``None`` when the drift is not linear."""
-        try:
-            self.drift_coeff(torch.ones(1, dtype=torch.float64))
-        except NotImplementedError:
+        if not self._linear_drift():
             return None
         t = torch.tensor(grid[:-1], dtype=torch.float64)
         t_prev = torch.tensor(grid[1:], dtype=torch.float64)

@@ -84,8 +84,7 @@ class Solver(Component):
         from .gits import gits_time_grid
         key = (innermost(score), sde, tuple(like.shape[1:]), like.device, like.dtype)
         fitted = getattr(self, "_gits_fit", None)
-        if fitted is None or len(fitted[0]) != len(key) or not all(
-                p is q or p == q for p, q in zip(fitted[0], key)):
+        if fitted is None or fitted[0] != key:  # score and SDE compare by identity
             grid = gits_time_grid(score, sde, c.steps, self.eps(sde), like,
                                   pilot=c.pilot, fine=c.fine)
             self._gits_fit = fitted = (key, grid)

@@ -7,6 +7,8 @@ the samples of both agree to float32 round-off over a whole run.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -72,6 +74,13 @@ def test_a_nonlinear_drift_has_no_float_coefficients():
 
     assert Cubic().linear_coefficients([1.0, 0.5]) is None
     assert Cubic().linear_discretization([1.0, 0.5]) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_sets_glibcs_thresholds(monkeypatch):
+    for name in ("DIFFUSE_KEEP_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    assert keep_freed_memory() is True  # mallopt accepted both thresholds
 
 
 def test_keep_freed_memory_respects_the_users_settings(monkeypatch):
