@@ -42,7 +42,7 @@ def run_one(args: dict, queue) -> None:
     from torch import nn
 
     from diffuse_engine import Engine
-    from diffuse_engine.differentiable import probability_flow_solve, reverse_sde_solve
+    from diffuse_engine.components.differentiable import probability_flow_solve, reverse_sde_solve
 
     torch.set_num_threads(1)
     device = torch.device(args["device"])

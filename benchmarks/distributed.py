@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, args: dict, folder: str) -> None:
     import torch
 
     from diffuse_engine import Engine
-    from diffuse_engine.distributed import default_backend
+    from diffuse_engine.core.distributed import default_backend
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(args["threads"])

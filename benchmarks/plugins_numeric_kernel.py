@@ -1,4 +1,4 @@
-"""Cost and accuracy of the numeric kernel of linear SDEs (diffuse_engine.linear).
+"""Cost and accuracy of the numeric kernel of linear SDEs (diffuse_engine.components.linear).
 
 For VP, sub-VP and VE declared by f and g alone (``kernel = "numeric"`` on the built-in
 entries) and the cosine schedule: the one-off table build time, the time of one

@@ -7,7 +7,7 @@
 Same options as ``diffuse bench`` (this script calls it). Results append to
 ``docs/benchmarks.jsonl`` (resumable: finished cells are skipped), and the report is
 written to ``docs/benchmarks.md`` with plots in ``docs/img/``. The logic lives in
-:mod:`diffuse_engine.bench`.
+:mod:`diffuse_engine.testbed.bench`.
 """
 
 from diffuse_engine.cli import main

@@ -66,7 +66,7 @@ def main() -> None:
     w_err = [abs(a - b) for a, b in zip(stats["modes"]["weight"], stats["modes"]["weight_true"])]
     s_err = stats["modes"]["std_error"]
     ok = max(w_err) <= 0.05 and max(s_err) <= 0.15
-    from diffuse_engine.plotting import plot_samples
+    from diffuse_engine.output.plotting import plot_samples
     plot_path = args.out / "ring-samples.png"
     plot_samples(out.samples, plot_path, reference=mix.sample(args.n, torch.Generator().manual_seed(2)),
                  title=f"MLP, {res.step} steps in {res.seconds:.0f} s; pc, {args.sample_steps} steps")

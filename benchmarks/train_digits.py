@@ -120,7 +120,7 @@ def main() -> None:
     fd_real = frechet(feats(tr_x[rng.choice(len(tr_x), m, replace=False)]), f_test)
     fd_noise = frechet(feats(rng.uniform(-1, 1, size=(m, 64))), f_test)
 
-    from diffuse_engine.image_grid import plot_image_grid
+    from diffuse_engine.output.image_grid import plot_image_grid
     grid_path = args.out / "samples-grid.png"
     plot_image_grid(result.samples[:100], grid_path,
                     title=f"U-Net on 8x8 digits: {steps} steps, {seconds / 60:.1f} min")

@@ -1,6 +1,6 @@
 """``python -m diffuse_engine`` is the ``diffuse`` command."""
 
-from .cli import main
+from diffuse_engine.cli import main
 
 if __name__ == "__main__":
     main()

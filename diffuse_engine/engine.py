@@ -9,64 +9,29 @@ with different plugins coexist in one process.
 from __future__ import annotations
 
 import operator
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .component import Component
-from .devices import check_device
-from .distributed import (DEFAULT_SHARD_SIZE, as_context, gather_shards, my_shards,
-                          shard_seed, shard_sizes)
-from .errors import DiffuseError, NumericalError, RegistryError
-from .faults import FiniteWatch, NonFiniteSeen, locate
-from .plugins import Catalogue, make_plugin_manager
-from .progress import progress_bar
-from .registry import Registry, parse_assignment
-from .score import CallableScore, ScoreModel
-from .sde import SDE
+from diffuse_engine.components.builder import Builder
+from diffuse_engine.components.score import ScoreModel
+from diffuse_engine.core.devices import check_device
+from diffuse_engine.core.distributed import DEFAULT_SHARD_SIZE, as_context
+from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.core.plugins import Catalogue, make_plugin_manager
+from diffuse_engine.core.registry import Registry, parse_assignment
+from diffuse_engine.likelihood import LikelihoodConfig, evaluate
+from diffuse_engine.sampling.loop import SamplingJob, SamplingResult, run_sampling
+from diffuse_engine.runs import RunPlan, execute_run, plan_run
+from diffuse_engine.training import (RESUMABLE, TrainSettings, run_training, split_overrides,
+                                     train_for_run)
 
-#: kinds whose components are bound to an SDE when built
-SDE_BOUND = ("score", "loss")
-
-
-@dataclass
-class SamplingResult:
-    """Samples plus what it took to make them."""
-
-    samples: Tensor
-    nfe: int
-    seconds: float
-    config: dict[str, Any] = field(default_factory=dict)
-    sde: SDE | None = None
-    score: Any = None
-    #: score evaluations spent once per run before sampling (a fitted schedule's pilot)
-    setup_nfe: int = 0
-
-
-class ScoreBoundary:
-    """Checks a score function's output once per call (shape and dtype, no device
-    sync) and counts evaluations. Wraps every score the engine hands a solver."""
-
-    def __init__(self, fn, name: str):
-        self.fn = fn
-        self.name = name
-        self.calls = 0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.calls += 1
-        out = self.fn(x, t)
-        if (not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype
-                or out.device != x.device):
-            got = (f"shape {tuple(out.shape)} dtype {out.dtype} on {out.device}"
-                   if isinstance(out, Tensor) else type(out).__name__)
-            raise DiffuseError(f"score model {self.name!r} returned {got}; expected a tensor "
-                               f"of the input's shape {tuple(x.shape)} and dtype {x.dtype} "
-                               f"on {x.device}")
-        return out
+#: service settings an ``Engine(sets=...)`` assignment may name (not component fields)
+SERVICE_SETTINGS = ([("train", f) for f in TrainSettings.model_fields]
+                    + [("likelihood", f) for f in LikelihoodConfig.model_fields])
 
 
 def _check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
@@ -103,30 +68,53 @@ class Engine:
     changes the registry, a bare ``FIELD=V`` (or ``KIND.FIELD=V``) overrides the
     entries chosen by each call.
     ``allow_imports``: let registry entries name ``type = "package.module:Class"``
-    (imports code; off by default, see :mod:`diffuse_engine.trust`).
+    (imports code; off by default, see :mod:`diffuse_engine.core.trust`).
     ``distributed``: ``True`` to train and sample across the processes of a torchrun
     launch (initialising ``torch.distributed`` from its environment), or a
-    :class:`~diffuse_engine.distributed.DistContext`; see :mod:`diffuse_engine.distributed`.
+    :class:`~diffuse_engine.core.distributed.DistContext`; see :mod:`diffuse_engine.core.distributed`.
     """
 
     def __init__(self, registry: str | Path | Sequence[str | Path] | None = None,
                  plugins: Iterable[Any] = (), *, autoload: bool = True,
                  sets: Iterable[str] = (), allow_imports: bool = False,
                  distributed: Any = False):
+        if isinstance(sets, (str, bytes)) or not isinstance(sets, Iterable):
+            raise DiffuseError(f"sets must be a list of 'KEY=VALUE' strings, not {sets!r}")
         self.dist = as_context(distributed)
         self.pm, self.plugin_infos = make_plugin_manager(plugins, autoload)
-        self.catalogue = Catalogue.from_plugin_manager(self.pm, self.plugin_infos)
-        qualified, self.set_overrides = [], {}
+        catalogue = Catalogue.from_plugin_manager(self.pm, self.plugin_infos)
+        qualified, set_overrides = [], {}
         for item in sets:
+            if not isinstance(item, str):
+                raise DiffuseError(f"sets must be 'KEY=VALUE' strings, not {item!r}")
             key, value = parse_assignment(item)
             if key.count(".") == 2:
                 qualified.append((key, value))
             else:
-                self.set_overrides[key] = value
-        self.registry = Registry.load(_as_list(registry), self.catalogue, sets=qualified,
-                                      allow_imports=allow_imports)
+                set_overrides[key] = value
+        registry = Registry.load(_as_list(registry), catalogue, sets=qualified,
+                                 allow_imports=allow_imports, train_model=TrainSettings)
+        #: what the services get: catalogue, registry, sets, events and process group
+        self.builder = Builder(catalogue, registry, hook=self.pm.hook, dist=self.dist,
+                               set_overrides=set_overrides, known_settings=SERVICE_SETTINGS)
         # plugins may now register observers (the metrics logger does when enabled)
         self.pm.hook.diffuse_configure(engine=self)
+
+    # ---- what the builder knows ------------------------------------------------------------
+    @property
+    def catalogue(self) -> Catalogue:
+        """Installed implementations by kind and name."""
+        return self.builder.catalogue
+
+    @property
+    def registry(self) -> Registry:
+        """The merged, validated registry."""
+        return self.builder.registry
+
+    @property
+    def set_overrides(self) -> dict[str, Any]:
+        """The bare ``FIELD=V`` / ``KIND.FIELD=V`` assignments of ``sets``."""
+        return self.builder.set_overrides
 
     @property
     def hook(self):
@@ -135,75 +123,26 @@ class Engine:
 
     def has_observers(self, hook_name: str) -> bool:
         """Whether any plugin implements ``hook_name`` (so per-step events cost nothing)."""
-        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+        return self.builder.has_observers(hook_name)
 
-    # ---- building -------------------------------------------------------------
     def resolve(self, kind: str, name: str, **overrides):
         """``(class, validated config)`` for entry ``[kind.name]`` with ``overrides``."""
-        return self.registry.resolve(kind, name, overrides)
+        return self.builder.resolve(kind, name, **overrides)
 
-    def build(self, kind: str, name: str, *, sde: SDE | None = None, **overrides) -> Component:
-        """Build the component of registry entry ``[kind.name]`` (or implementation
-        ``name`` with its defaults). Score models and losses need ``sde=``."""
-        cls, config = self.resolve(kind, name, **overrides)
-        if kind == "sde":
-            obj = cls(config)
-            if config.kernel is not None:
-                obj.attach_kernel(self.build("kernel", config.kernel, sde=obj))
-            return obj
-        if kind == "kernel":
-            return cls(config, sde=sde)
-        if kind in SDE_BOUND:
-            if sde is None:
-                raise TypeError(f"building a {kind} needs sde=")
-            obj = cls(config, sde=sde)
-            if hasattr(obj, "bind_engine"):  # e.g. a checkpoint score building its network
-                obj.bind_engine(self)
-            return obj
-        if kind == "solver":
-            return cls(config, catalogue=self.catalogue)
-        return cls(config)
+    def build(self, kind: str, name: str, **overrides):
+        """Build the component of entry ``[kind.name]``; score models and losses need
+        ``sde=`` (see :meth:`Builder.build`)."""
+        return self.builder.build(kind, name, **overrides)
 
-    def route_overrides(self, chosen: Mapping[str, type], overrides: Mapping[str, Any]
-                        ) -> dict[str, dict[str, Any]]:
+    def route_overrides(self, chosen, overrides):
         """Send each ``FIELD`` or ``KIND.FIELD`` override to the chosen entry that has it."""
-        routed: dict[str, dict[str, Any]] = {k: {} for k in chosen}
-        for key, value in {**self.set_overrides, **overrides}.items():
-            from_sets = key in self.set_overrides and key not in overrides
-            kind, _, fname = key.rpartition(".")
-            if kind:
-                if kind not in chosen:
-                    raise RegistryError(f"override {key}: {kind!r} is not part of this call; "
-                                        f"use one of: {', '.join(chosen)}")
-                targets = [kind]
-            else:
-                targets = [k for k, cls in chosen.items() if fname in cls.Config.model_fields]
-            if not targets and from_sets and self._known_setting(key):
-                continue  # the engine's sets apply to the calls that have the field
-            if not targets:
-                allowed = sorted({f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields})
-                raise RegistryError(f"override {key!r}: no chosen entry has that field; "
-                                    f"allowed: {', '.join(allowed)}")
-            if len(targets) > 1:
-                raise RegistryError(f"override {key!r} is ambiguous; qualify it as one of "
-                                    + ", ".join(f"{k}.{fname}" for k in targets))
-            routed[targets[0]][fname] = value
-        return routed
+        return self.builder.route_overrides(chosen, overrides)
 
-    def _known_setting(self, key: str) -> bool:
-        """Whether ``key`` (``FIELD`` or ``KIND.FIELD``) names a training setting or a
-        field of some installed implementation: an ``Engine(sets=...)`` entry that is
-        real but not for this call, as opposed to a typo."""
-        from .training import TrainSettings
-        kind, _, fname = key.rpartition(".")
-        if kind in ("", "train") and fname in TrainSettings.model_fields:
-            return True
-        kinds = [kind] if kind else self.catalogue.kinds()
-        return any(fname in self.catalogue.get(k, n).Config.model_fields
-                   for k in kinds if k in self.catalogue.kinds()
-                   for n in self.catalogue.names(k))
+    def bind_score(self, score: Any, sde, **fields) -> ScoreModel:
+        """The score model for ``sde`` from a name, a :class:`ScoreModel` or ``fn(x, t)``."""
+        return self.builder.bind_score(score, sde, **fields)
 
-    # ---- training -------------------------------------------------------------
+    # ---- training ------------------------------------------------------------------------
     def train(self, data: str | None = None, sde: str | None = None, model: str | None = None,
               loss: str | None = None, **kwargs) -> ScoreModel:
         """Train a score model; returns it with EMA weights, ready for ``sample(score=)``.
@@ -225,14 +164,12 @@ class Engine:
         ``data.noise=``). ``out`` writes checkpoints and plots there; ``resume``
         continues the run in ``out`` (with the same losses as an uninterrupted run).
         """
-        from .training import run_training, split_overrides
         set_settings, _ = split_overrides(self.set_overrides)  # Engine(sets=["lr=1e-3"])
         settings_fields, fields = split_overrides(overrides)
         settings_fields = {**set_settings, **settings_fields}
         choices = {k: v for k, v in (("data", data), ("sde", sde), ("model", model),
                                      ("loss", loss)) if v is not None}
         if resume:  # everything comes from the checkpoint except what may change
-            from .training import RESUMABLE, TrainSettings
             fixed = sorted(set(choices) | set(fields) | (set(settings_fields) - set(RESUMABLE)))
             if fixed:
                 raise DiffuseError(f"resume continues the recorded run; these cannot change: "
@@ -240,33 +177,26 @@ class Engine:
             settings = TrainSettings.model_validate(settings_fields)
         else:
             settings = self.registry.train_settings(preset, {**choices, **settings_fields})
-        return run_training(self, settings, fields, out=out, resume=resume,
-                            overwrite=overwrite, progress=progress)
+        return run_training(self.builder, settings, fields, sample=self.sampling, out=out,
+                            resume=resume, overwrite=overwrite, progress=progress)
 
-    # ---- sampling -------------------------------------------------------------
-    def score_class(self, score: Any) -> type:
-        """The implementation class behind ``score``: a registry name, a
-        :class:`ScoreModel` or a callable ``fn(x, t)`` (wrapped as :class:`CallableScore`)."""
-        if isinstance(score, str):
-            return self.resolve("score", score)[0]
-        return type(score) if isinstance(score, ScoreModel) else CallableScore
+    # ---- runs ------------------------------------------------------------------------------
+    def plan_run(self, preset: str = "default", **choices: Any) -> RunPlan:
+        """``[run.PRESET]`` with ``choices`` (sde, solver, score, data, n, seed, device; other
+        keys are field overrides), validated before anything touches the disk."""
+        return plan_run(self.builder, preset, **choices)
 
-    def bind_score(self, score: Any, sde: SDE, **fields) -> ScoreModel:
-        """The score model for ``sde`` from a registry name (with ``fields`` overriding its
-        entry), a ready :class:`ScoreModel`, or a callable ``fn(x, t)``."""
-        if isinstance(score, str):
-            model = self.build("score", score, sde=sde, **fields)
-        elif isinstance(score, ScoreModel):
-            model = score
-        elif callable(score):
-            model = CallableScore(score, sde=sde, **fields)
-        else:
-            raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
-                               f"name, not {type(score).__name__}")
-        if hasattr(model, "check_sde"):  # trained models refuse another SDE
-            model.check_sde(sde)
-        return model
+    def run(self, plan: RunPlan, out: str | Path, *, overwrite: bool = False,
+            progress: bool = False, sample_format: str = "pt") -> dict[str, Any]:
+        """What ``diffuse run`` does: train the plan's model if it needs it, sample, and
+        write run folder ``out`` (samples, plot, metrics, config); the metrics."""
+        def train(plan: RunPlan, train_out: Path, progress: bool = False):
+            return train_for_run(self.builder, plan, train_out, sample=self.sampling,
+                                 progress=progress)
+        return execute_run(self.builder, plan, out, sample=self.sampling, train=train,
+                           overwrite=overwrite, progress=progress, sample_format=sample_format)
 
+    # ---- sampling ------------------------------------------------------------------------
     def sample(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
                shape: int | Sequence[int] = 1000, seed: int = 0, **kwargs) -> Tensor:
         """Samples ``shape`` (or ``(shape, *data_dims)`` for an int) from ``score``.
@@ -278,7 +208,66 @@ class Engine:
         return self.sampling(score=score, sde=sde, solver=solver, shape=shape, seed=seed,
                              **kwargs).samples
 
-    # ---- likelihood -----------------------------------------------------------
+    def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
+                 shape: int | Sequence[int] = 1000, seed: int = 0, *,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 progress: bool = False, check_every: int = 0,
+                 shard_size: int = DEFAULT_SHARD_SIZE, **overrides) -> SamplingResult:
+        """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
+
+        Samples are made in seeded shards of ``shard_size`` (see
+        :mod:`diffuse_engine.sampling.loop`), so an engine with ``distributed=True``
+        spreads the shards over the ranks and every rank returns the same samples.
+
+        NaN/Inf in the samples raises :class:`NumericalError` naming the step, time and
+        component where it first appeared (located by a replay, see
+        :mod:`diffuse_engine.sampling.faults`); ``check_every=k`` also checks every
+        ``k`` score calls to stop a bad run early.
+        """
+        if not isinstance(check_every, int) or check_every < 0:
+            raise DiffuseError(f"check_every must be an integer >= 0 (0: check at the end "
+                               f"only), not {check_every!r}")
+        device = self.dist.device(check_device(device or "cpu"))
+        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+            raise DiffuseError(f"shard_size must be a whole number of samples >= 1, not "
+                               f"{shard_size!r}")
+        seed = _check_seed(seed)
+        b = self.builder
+        sde_cls, _ = b.resolve("sde", sde)
+        solver_cls, _ = b.resolve("solver", solver)
+        score_cls = b.score_class(score)
+        routed = b.route_overrides({"sde": sde_cls, "solver": solver_cls,
+                                    "score": score_cls}, overrides)
+        sde_obj = b.build("sde", sde, **routed["sde"])
+        solver_obj = b.build("solver", solver, **routed["solver"])
+        score_obj = b.bind_score(score, sde_obj, **routed["score"])
+        solver_obj.check(sde_obj)
+        data_shape = getattr(score_obj, "data_shape", None)
+        if isinstance(shape, int):
+            if data_shape is None:
+                raise DiffuseError("shape=int needs a score model that knows its data shape; "
+                                   "pass shape=(n, *dims)")
+            shape = (shape, *data_shape)
+        shape = _check_shape(shape, data_shape, dtype)
+        if hasattr(score_obj, "to"):
+            score_obj = score_obj.to(device)
+        score_name = score if isinstance(score, str) else score_cls.name
+        config = {"sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
+                  "solver": {"name": solver, "type": solver_cls.name,
+                             **solver_obj.config.model_dump()},
+                  "score": {"name": score_name, **score_obj.config.model_dump(mode="json")},
+                  "shape": list(shape), "seed": seed, "device": str(device),
+                  "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
+        job = SamplingJob(sde_obj, solver_obj, score_obj, shape, seed, device, dtype,
+                          shard_size, {"sde": sde, "solver": solver, "score": score_name},
+                          check_every)
+        observe = self.has_observers("diffuse_sampling_step")
+        samples, nfe, setup_nfe, seconds = run_sampling(
+            job, dist=self.dist, progress=progress,
+            step_hook=self.pm.hook.diffuse_sampling_step if observe else None)
+        return SamplingResult(samples, nfe, seconds, config, sde_obj, score_obj, setup_nfe)
+
+    # ---- likelihood ----------------------------------------------------------------------
     def log_likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp",
                        **overrides) -> Tensor:
         """``log p(x)`` in nats per sample, shape ``(n,)``, through the probability-flow
@@ -291,134 +280,14 @@ class Engine:
 
     def likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp", **overrides):
         """Like :meth:`log_likelihood`, with NFE, time, bits/dim and the settings."""
-        from .likelihood import evaluate
-        return evaluate(self, x, score=score, sde=sde, **overrides)
+        return evaluate(self.builder, x, score=score, sde=sde, **overrides)
 
-    def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
-                 shape: int | Sequence[int] = 1000, seed: int = 0, *,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 progress: bool = False, check_every: int = 0,
-                 shard_size: int = DEFAULT_SHARD_SIZE, **overrides) -> SamplingResult:
-        """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
 
-        Samples are made in seeded shards of ``shard_size`` (shard ``j`` from its own
-        generator, :func:`~diffuse_engine.distributed.shard_seed`), so an engine with
-        ``distributed=True`` spreads the shards over the ranks and every rank returns the
-        same complete samples as one process would. ``nfe`` counts the score
-        evaluations of one shard (the most of any shard, for adaptive solvers).
-
-        NaN/Inf in the samples raises :class:`NumericalError` naming the step, time and
-        component where it first appeared (located by a replay, see :mod:`.faults`);
-        ``check_every=k`` also checks every ``k`` score calls to stop a bad run early.
-        """
-        if not isinstance(check_every, int) or check_every < 0:
-            raise DiffuseError(f"check_every must be an integer >= 0 (0: check at the end "
-                               f"only), not {check_every!r}")
-        device = self.dist.device(check_device(device or "cpu"))
-        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
-            raise DiffuseError(f"shard_size must be a whole number of samples >= 1, not "
-                               f"{shard_size!r}")
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            raise DiffuseError(f"seed must be an integer, not {seed!r}") from None
-        if not 0 <= seed < 2**63:
-            raise DiffuseError(f"seed must be in [0, 2**63), not {seed}")
-        sde_cls, _ = self.resolve("sde", sde)
-        solver_cls, _ = self.resolve("solver", solver)
-        score_cls = self.score_class(score)
-        routed = self.route_overrides({"sde": sde_cls, "solver": solver_cls,
-                                       "score": score_cls}, overrides)
-        sde_obj = self.build("sde", sde, **routed["sde"])
-        solver_obj = self.build("solver", solver, **routed["solver"])
-        score_obj = self.bind_score(score, sde_obj, **routed["score"])
-        solver_obj.check(sde_obj)
-        if isinstance(shape, int):
-            data_shape = getattr(score_obj, "data_shape", None)
-            if data_shape is None:
-                raise DiffuseError("shape=int needs a score model that knows its data shape; "
-                                   "pass shape=(n, *dims)")
-            shape = (shape, *data_shape)
-        shape = _check_shape(shape, getattr(score_obj, "data_shape", None), dtype)
-        if hasattr(score_obj, "to"):
-            score_obj = score_obj.to(device)
-        # seeded shards (see diffuse_engine.distributed): the same samples on any number
-        # of processes; shard 0 is seeded by `seed`, so n <= shard_size is one plain run
-        sizes = shard_sizes(shape[0], shard_size)
-        ctx = self.dist
-        mine = my_shards(len(sizes), ctx)
-        counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)
-        config = {"sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
-                  "solver": {"name": solver, "type": solver_cls.name,
-                             **solver_obj.config.model_dump()},
-                  "score": {"name": score if isinstance(score, str) else score_cls.name,
-                            **score_obj.config.model_dump(mode="json")},
-                  "shape": list(shape), "seed": seed, "device": str(device),
-                  "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
-        # rank 0 alone reports (its own shards' steps) so observers log once
-        observe = self.has_observers("diffuse_sampling_step") and ctx.is_main
-        steps = solver_obj.config.steps
-        start = time.perf_counter()
-        with torch.no_grad():
-            fitted = solver_obj.prepare(counted, sde_obj, torch.empty((1, *shape[1:]),
-                                                                      device=device, dtype=dtype))
-        setup_nfe = counted.calls
-        if fitted is not None and ctx.enabled:  # round-off may differ across devices
-            solver_obj.adopt(ctx.all_gather_object(fitted)[0])
-        local: dict[int, Tensor] = {}
-        failed, nfe, crash = None, 0, None
-        with progress_bar(steps * len(mine), f"sampling {sde}/{solver}",
-                          enabled=progress and ctx.is_main) as bar:
-            for i, j in enumerate(mine):
-                callback = None
-                if bar is not None or observe:
-                    hook = self.pm.hook.diffuse_sampling_step
-
-                    def callback(step: int, total: int, t: float, done: int = i * steps) -> None:
-                        if bar is not None:
-                            bar(done + step, t=t)
-                        if observe:
-                            hook(step=step, total=total, t=t)
-                gen = torch.Generator(device=device).manual_seed(shard_seed(seed, j))
-                x = sde_obj.prior_sample((sizes[j], *shape[1:]), generator=gen, device=device,
-                                         dtype=dtype)
-                scored = FiniteWatch(counted, check_every) if check_every else counted
-                calls = counted.calls
-                try:
-                    with torch.no_grad():
-                        out = solver_obj.sample(scored, sde_obj, x, generator=gen,
-                                                callback=callback)
-                except NonFiniteSeen:
-                    out = None
-                except DiffuseError:
-                    raise
-                except Exception as exc:  # a solver library giving up on NaN (torchdiffeq's
-                    out, crash = None, exc  # "underflow in dt"): located below, else re-raised
-                nfe = max(nfe, counted.calls - calls)
-                if out is None or not torch.isfinite(out).all():
-                    failed = j
-                    break
-                local[j] = out
-        if ctx.enabled:  # agree before gathering, so no rank waits for one that failed
-            status = ctx.all_gather_object((failed, nfe))
-            nfe = max(n for _, n in status)
-            elsewhere = [(r, f) for r, (f, _) in enumerate(status) if f is not None]
-            if failed is None and elsewhere:
-                raise NumericalError(f"sampling produced NaN/Inf on rank {elsewhere[0][0]} "
-                                     f"(shard {elsewhere[0][1]}); its error says where")
-        if failed is not None:
-            def replay(score_fn, step_callback):  # the failed shard again, same seed
-                g = torch.Generator(device=device).manual_seed(shard_seed(seed, failed))
-                x_T = sde_obj.prior_sample((sizes[failed], *shape[1:]), generator=g,
-                                           device=device, dtype=dtype)
-                with torch.no_grad():
-                    return solver_obj.sample(score_fn, sde_obj, x_T, generator=g,
-                                             callback=step_callback)
-            raise locate(replay, counted, score_name=counted.name, solver_name=solver,
-                         sde_name=sde, steps=getattr(solver_obj.config, "steps", None),
-                         crash=crash)
-        out = local[0] if len(sizes) == 1 and not ctx.enabled else gather_shards(local, sizes, ctx)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        return SamplingResult(out, nfe, seconds, config, sde_obj, score_obj, setup_nfe)
+def _check_seed(seed) -> int:
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise DiffuseError(f"seed must be an integer, not {seed!r}") from None
+    if not 0 <= seed < 2**63:
+        raise DiffuseError(f"seed must be in [0, 2**63), not {seed}")
+    return seed

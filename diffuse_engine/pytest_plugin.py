@@ -10,7 +10,7 @@ imports nothing heavy until the fixture is used. In your plugin's tests::
 
 The fixture builds an :class:`~diffuse_engine.Engine` with the installed plugins (pass
 ``plugins=[module]`` to register objects directly, ``registry=`` for a registry file),
-runs :func:`diffuse_engine.conformance.run_checks` and fails the test with the full
+runs :func:`diffuse_engine.testbed.conformance.run_checks` and fails the test with the full
 pass/fail table when any check fails; it returns the report otherwise. Defaults can be
 set on the command line: ``--diffuse-n``, ``--diffuse-device``, ``--diffuse-seed``.
 """
@@ -38,7 +38,7 @@ def diffuse_check(request):
 
     def check(name: str, kind: str | None = None, *, plugins=(), registry=None, **options):
         from diffuse_engine import Engine
-        from diffuse_engine.conformance import run_checks
+        from diffuse_engine.testbed.conformance import run_checks
 
         engine = Engine(registry=registry, plugins=plugins)
         opts = {**{k: v for k, v in cli.items() if v is not None}, **options}

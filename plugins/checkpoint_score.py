@@ -13,6 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from diffuse_engine import DiffuseError, ScoreConfig, ScoreModel, hookimpl
+from diffuse_engine.components.checkpoint import load_trained
 
 
 class CheckpointConfig(ScoreConfig):
@@ -30,10 +31,9 @@ class CheckpointScore(ScoreModel):
         super().__init__(config, sde=sde, **fields)
         self.inner = None
 
-    def bind_engine(self, engine) -> None:
-        """Load the checkpoint through ``engine``'s catalogue (called by ``Engine.build``)."""
-        from diffuse_engine.training import load_trained
-        self.inner, ckpt = load_trained(engine, self.config.path, ema=self.config.ema,
+    def bind_builder(self, builder) -> None:
+        """Load the checkpoint through ``builder``'s catalogue (called when it builds us)."""
+        self.inner, ckpt = load_trained(builder, self.config.path, ema=self.config.ema,
                                         sde=self.sde)
         self.data_shape = self.inner.data_shape
         self.mixture = getattr(self.inner, "mixture", None)
@@ -41,7 +41,7 @@ class CheckpointScore(ScoreModel):
 
     def _model(self):
         if self.inner is None:
-            raise DiffuseError("a checkpoint score model must be built by Engine.build "
+            raise DiffuseError("a checkpoint score model must be built by the engine "
                                "(score='NAME' with [score.NAME] type = 'checkpoint')")
         return self.inner
 

@@ -20,7 +20,7 @@ import math
 from pydantic import Field
 
 from diffuse_engine import hookimpl, noise_like
-from diffuse_engine.kernel_solver import KernelSolver, KernelSolverConfig
+from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
 
 
 class DDIMConfig(KernelSolverConfig):

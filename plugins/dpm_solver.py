@@ -13,7 +13,7 @@ or ``multistep`` (the previous steps' predictions, Lu et al. 2022b, Alg. 2 and A
 Order 1 is DDIM. The update formulas follow the authors' reference implementation
 (``dpm_solver_pytorch.py``, solver type "dpmsolver"). Written through the kernel, so
 they apply to every SDE with a Gaussian kernel (see
-:mod:`diffuse_engine.kernel_solver`).
+:mod:`diffuse_engine.components.kernel_solver`).
 
 With ``lower_order_final`` (the default) a run of fewer than 15 steps uses order ``k`` at
 its ``k``-th last step, as the reference implementation does for multistep (and as its
@@ -33,8 +33,8 @@ from typing import Literal
 from pydantic import Field
 
 from diffuse_engine import hookimpl
-from diffuse_engine.kernel_solver import KernelSolver, KernelSolverConfig
-from diffuse_engine.schedules import time_from_log_snr
+from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
+from diffuse_engine.components.schedules import time_from_log_snr
 
 
 class DPMSolverConfig(KernelSolverConfig):

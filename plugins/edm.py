@@ -21,9 +21,9 @@ import math
 from pydantic import Field
 
 from diffuse_engine import hookimpl, noise_like
-from diffuse_engine.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
-from diffuse_engine.solver import MAX_STEPS
-from diffuse_engine.schedules import SCHEDULE_HELP, Schedule, time_from_log_snr
+from diffuse_engine.components.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
+from diffuse_engine.components.solver import MAX_STEPS
+from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_from_log_snr
 
 
 class EDMConfig(KernelSolverConfig):

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from diffuse_engine import DiffuseError, ScoreConfig, ScoreModel, bcast, hookimpl
-from diffuse_engine.score import Parameterisation
+from diffuse_engine.components.score import Parameterisation
 
 
 # ---- time embeddings -----------------------------------------------------------------------
@@ -123,7 +123,7 @@ class NetworkScore(ScoreModel):
 
     def check_sde(self, sde) -> None:
         """Refuse to sample with an SDE other than the one this model is bound to."""
-        from diffuse_engine.checkpoint import check_same_sde, sde_spec
+        from diffuse_engine.components.checkpoint import check_same_sde, sde_spec
         check_same_sde(sde_spec(self.sde), sde, f"score model {self.name!r}")
 
     # ---- the nn.Module side -----------------------------------------------------------------

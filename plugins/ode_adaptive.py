@@ -18,8 +18,8 @@ import torch
 from pydantic import Field, model_validator
 
 from diffuse_engine import Solver, SolverConfig, hookimpl
-from diffuse_engine.differentiable import probability_flow_solve
-from diffuse_engine.solver import MAX_STEPS, uniform_schedule_only
+from diffuse_engine.components.differentiable import probability_flow_solve
+from diffuse_engine.components.solver import MAX_STEPS, uniform_schedule_only
 
 
 class AdaptiveODEConfig(SolverConfig):

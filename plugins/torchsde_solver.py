@@ -3,7 +3,7 @@
 Solves ``dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dw_bar`` from ``T`` down to ``eps``
 with ``torchsde.sdeint``. torchsde integrates forward in time only, so the solve runs
 in the reversed clock ``u = T - t`` from ``u = 0`` (the prior) to ``u = T - eps``; see
-:mod:`diffuse_engine.differentiable` for the transformed drift. Image-shaped states
+:mod:`diffuse_engine.components.differentiable` for the transformed drift. Image-shaped states
 ``(B, C, H, W)`` are flattened to ``(B, C*H*W)`` for torchsde and restored.
 
 Methods (``method=``), all for diagonal noise:
@@ -45,8 +45,8 @@ import torch
 from pydantic import Field, model_validator
 
 from diffuse_engine import Solver, SolverConfig, hookimpl
-from diffuse_engine.differentiable import reverse_sde_solve
-from diffuse_engine.solver import uniform_schedule_only
+from diffuse_engine.components.differentiable import reverse_sde_solve
+from diffuse_engine.components.solver import uniform_schedule_only
 
 
 class TorchSDEConfig(SolverConfig):

@@ -10,7 +10,7 @@ computed before the loop. Data prediction (``x0_hat``) by default, as the author
 recommend for unconditional sampling; the update formulas follow their reference
 implementation (``multistep_uni_pc_bh_update``). The last step has no corrector (it
 would need an evaluation nobody uses). Written through the kernel, so it applies to
-every SDE with a Gaussian kernel (see :mod:`diffuse_engine.kernel_solver`).
+every SDE with a Gaussian kernel (see :mod:`diffuse_engine.components.kernel_solver`).
 
 Score evaluations: ``steps``, plus one for the final denoising step when ``denoise``.
 """
@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from diffuse_engine import hookimpl
-from diffuse_engine.kernel_solver import KernelSolver, KernelSolverConfig
+from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
 
 
 class UniPCConfig(KernelSolverConfig):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from diffuse_engine import (DiffuseError, Engine, Solver, UnknownComponentError, bcast,
                             module_plugin)
 from diffuse_engine.cli import build_app
-from diffuse_engine.conformance import (auto_mc_steps, check_sde, check_solver,
+from diffuse_engine.testbed.conformance import (auto_mc_steps, check_sde, check_solver,
                                         kernel_vs_sde, run_checks)
 
 from diffuse_plugins.vp import VPSDE

@@ -1,5 +1,5 @@
 """Gradients through the samplers: adjoint solves agree with backpropagation through
-the same solve (diffuse_engine.differentiable).
+the same solve (diffuse_engine.components.differentiable).
 
 The score is a learnable Gaussian (mean ``mu``, log-std ``rho``) under the VP kernel;
 the loss is a fixed linear functional of the samples. Everything runs in float64 so
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffuse_engine.differentiable import probability_flow_solve, reverse_sde_solve
+from diffuse_engine.components.differentiable import probability_flow_solve, reverse_sde_solve
 
 
 class GaussianScore(nn.Module):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from diffuse_engine import Engine
-from diffuse_engine.distributed import (DistContext, DistributedError, ShardedBatches,
+from diffuse_engine.core.distributed import (DistContext, DistributedError, ShardedBatches,
                                         shard_seed, shard_sizes, split_nproc,
                                         torchrun_args)
 

@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffuse_engine import IncompatibleError, RegistryError, SDE, hookimpl, module_plugin
-from diffuse_engine.schedules import SCHEDULES, log_snr, time_grid
+from diffuse_engine.components.schedules import SCHEDULES, log_snr, time_grid
 
 from conftest import assert_recovers
 
@@ -242,7 +242,7 @@ def test_score_evaluations(engine, solver, kw, nfe):
 # the benchmark plumbing
 # ---------------------------------------------------------------------------------
 def test_steps_for_budget(engine):
-    from diffuse_engine.bench import steps_for_budget
+    from diffuse_engine.testbed.bench import steps_for_budget
     assert steps_for_budget(engine, "gmm", "vp", "dpm_solver_pp", 20, {}) == 19
     assert steps_for_budget(engine, "gmm", "vp", "edm", 20, {}) == 9
     assert steps_for_budget(engine, "gmm", "vp", "dpm_solver", 20, {}) == 7  # 18 + denoise

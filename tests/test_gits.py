@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from diffuse_engine import DiffuseError, IncompatibleError
-from diffuse_engine.gits import cheapest_path, teacher_trajectory
-from diffuse_engine.mixture import mode_statistics
-from diffuse_engine.schedules import time_grid
+from diffuse_engine.components.gits import cheapest_path, teacher_trajectory
+from diffuse_engine.components.mixture import mode_statistics
+from diffuse_engine.components.schedules import time_grid
 
 
 def test_cheapest_path_matches_brute_force():
@@ -113,7 +113,7 @@ def test_ten_evaluations_meet_the_issue_target_on_the_ring(engine):
 
 
 def test_step_costs_do_not_depend_on_chunking():
-    from diffuse_engine.gits import step_costs
+    from diffuse_engine.components.gits import step_costs
     g = torch.Generator().manual_seed(2)
     M, n = 6, 5
     xs = [torch.randn(n, 3, generator=g) for _ in range(M + 1)]

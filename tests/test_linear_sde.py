@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffuse_engine import Engine, LinearSDE, NumericalError, NumericKernel, SDE, module_plugin
-from diffuse_engine.conformance import quality_checks
+from diffuse_engine.testbed.conformance import quality_checks
 
 from diffuse_plugins.subvp import SubVPSDE
 from diffuse_plugins.ve import VEConfig, VESDE

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from diffuse_engine import Engine, hookspecs
 from diffuse_engine.cli import build_app
-from diffuse_engine.introspect import config_rows, type_name
+from diffuse_engine.core.introspect import config_rows, type_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "plugins.md"

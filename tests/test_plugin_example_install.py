@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffuse_engine.conformance import quality_checks
+from diffuse_engine.testbed.conformance import quality_checks
 from diffuse_engine import Engine
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffuse-plugin-example"

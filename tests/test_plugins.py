@@ -7,7 +7,7 @@ import torch
 
 from diffuse_engine import (SDE, Engine, PluginError, UnknownComponentError, hookimpl,
                             module_plugin)
-from diffuse_engine.plugins import ENTRY_POINT_GROUP
+from diffuse_engine.core.plugins import ENTRY_POINT_GROUP
 
 
 class OU(SDE):
@@ -100,7 +100,7 @@ def test_wrong_kind_from_registration_hook_is_an_error():
 def test_broken_entry_point_is_reported(monkeypatch):
     from importlib import metadata
 
-    import diffuse_engine.plugins as plugins_mod
+    import diffuse_engine.core.plugins as plugins_mod
 
     real = metadata.entry_points
 

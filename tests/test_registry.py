@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffuse_engine import Engine, RegistryError
-from diffuse_engine.registry import parse_assignment
+from diffuse_engine.core.registry import parse_assignment
 
 
 def write(tmp_path, text, name="my.toml"):

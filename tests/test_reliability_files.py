@@ -52,7 +52,7 @@ def live_payload(tmp_path: Path) -> tuple[bytes, Path]:
 
 # ---- checkpoints and tensor files ------------------------------------------------------
 def test_crafted_checkpoint_cannot_run_code(tmp_path):
-    from diffuse_engine.checkpoint import Checkpoint, CheckpointError
+    from diffuse_engine.components.checkpoint import Checkpoint, CheckpointError
 
     data, marker = live_payload(tmp_path)
     raw = tmp_path / "raw" / "checkpoint.safetensors"          # bare pickle bytes

@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from diffuse_engine import DiffuseError, Engine
-from diffuse_engine.registry import COMPONENT_TABLES, RUN_TABLE
-from diffuse_engine.runs import plan_run
+from diffuse_engine.core.registry import COMPONENT_TABLES, RUN_TABLE
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -90,7 +89,7 @@ def test_any_registry_file_is_valid_or_a_clean_error(engine, tmp_path_factory, d
             for name in built.registry.names(kind):
                 built.resolve(kind, name)
         for name in built.registry.names(RUN_TABLE):
-            _check(lambda: plan_run(built, name))
+            _check(lambda: built.plan_run(name))
 
 
 @FUZZ
@@ -151,5 +150,5 @@ def test_any_set_values_plan_or_fail_cleanly(items):
     """``--set`` strings reach the engine and the planner of ``diffuse run``."""
     def build():
         engine = Engine(sets=items, autoload=False)
-        return plan_run(engine, "default")
+        return engine.plan_run("default")
     _check(build)

@@ -19,7 +19,7 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from diffuse_engine import ComponentConfig, Dataset, Engine, NumericalError, module_plugin
-from diffuse_engine.checkpoint import Checkpoint
+from diffuse_engine.components.checkpoint import Checkpoint
 from diffuse_engine.cli import build_app
 
 from conftest import running
@@ -169,7 +169,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_first_signal_is_a_request_second_interrupts():
     """StopOnSignal's logic with SIGUSR1 (SIGINT is ignored inside pytest-xdist workers)."""
-    from diffuse_engine.interrupts import StopOnSignal
+    from diffuse_engine.output.interrupts import StopOnSignal
     before = signal.getsignal(signal.SIGUSR1)
     with StopOnSignal(signals=(signal.SIGUSR1,)) as stop:
         signal.raise_signal(signal.SIGUSR1)

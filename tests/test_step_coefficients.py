@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffuse_engine import SDE
-from diffuse_engine.allocator import keep_freed_memory
+from diffuse_engine.core.allocator import keep_freed_memory
 
 SDES = ("vp", "ve", "subvp", "ddpm", "cosine")
 

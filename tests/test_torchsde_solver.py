@@ -91,7 +91,7 @@ def test_progress_callback_reports_every_step_without_changing_samples(engine, m
     """With a callback the solve runs in pieces on the step grid (same Brownian path,
     solver state carried over): every step is reported once, times decrease, and the
     samples equal the one-piece solve up to float32 round-off."""
-    from diffuse_engine.differentiable import reverse_sde_solve
+    from diffuse_engine.components.differentiable import reverse_sde_solve
 
     sde = engine.build("sde", "vp")
     score = engine.build("score", "gmm", sde=sde)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffuse_engine import DiffuseError, Engine, IncompatibleError
-from diffuse_engine.checkpoint import Checkpoint, CheckpointError
+from diffuse_engine.components.checkpoint import Checkpoint, CheckpointError
 
 TINY = dict(steps=40, batch_size=64, checkpoint_every=20, log_every=10, warmup=5,
             plot_n=64, plot_steps=10, hidden=32, depth=1, threads=1)

@@ -13,11 +13,11 @@ from typing import Optional
 
 import typer
 
-from ..plugins import make_plugin_manager
-from . import (common, likelihood_cmd, plugins_cmd, registry_cmd, run_cmd, sample_cmd,
-               train_cmd)
-from . import check_cmd
-from . import bench_cmd
+from diffuse_engine.core.plugins import make_plugin_manager
+from diffuse_engine.cli import (common, likelihood_cmd, plugins_cmd, registry_cmd, run_cmd,
+                                sample_cmd, train_cmd)
+from diffuse_engine.cli import check_cmd
+from diffuse_engine.cli import bench_cmd
 
 #: modules contributing built-in commands, in help order
 COMMAND_MODULES = [run_cmd, train_cmd, sample_cmd, likelihood_cmd, plugins_cmd, registry_cmd,
@@ -58,7 +58,7 @@ def build_app(with_plugin_commands: bool = True) -> typer.Typer:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``diffuse`` console script and ``python -m diffuse_engine``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    from ..allocator import keep_freed_memory
+    from diffuse_engine.core.allocator import keep_freed_memory
     keep_freed_memory()  # CPU sampling page-faulted ~40 % of its time (allocator.py)
     for flag in ("--allow-imports", "--debug"):  # global options, accepted anywhere
         if flag in args:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 def _distributed(args: list[str]) -> list[str]:
     """``--nproc N`` (N > 1) reruns the command under torchrun and exits with its status;
     in a torchrun worker other than rank 0, stdout is silenced (rank 0 reports)."""
-    from ..distributed import DistributedError, launch, launched_by_torchrun, split_nproc
+    from diffuse_engine.core.distributed import DistributedError, launch, launched_by_torchrun, split_nproc
     try:
         nproc, args = split_nproc(args)
         if nproc is not None and nproc > 1:

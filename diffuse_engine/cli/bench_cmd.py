@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from .common import console, handle_errors, make_engine
+from diffuse_engine.cli.common import console, handle_errors, make_engine
 
 
-#: as diffuse_engine.bench.DEFAULT_SOLVERS (not imported here so --help stays fast)
+#: as diffuse_engine.testbed.bench.DEFAULT_SOLVERS (not imported here so --help stays fast)
 DEFAULT_SOLVERS = "pc,ancestral,ode,ddim,dpm_solver,dpm_solver_pp,dpm_solver_pp3,edm,unipc"
 
 
@@ -53,9 +53,9 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from .. import bench as B
-        from ..errors import DiffuseError
-        from ..schedules import ALL_SCHEDULES
+        from diffuse_engine.testbed import bench as B
+        from diffuse_engine.core.errors import DiffuseError
+        from diffuse_engine.components.schedules import ALL_SCHEDULES
 
         if threads is not None:
             torch.set_num_threads(threads)

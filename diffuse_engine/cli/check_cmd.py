@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, handle_errors, make_engine, print_table
+from diffuse_engine.cli.common import RegistryOpt, SetOpt, handle_errors, make_engine, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -34,8 +34,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Run a registered SDE or solver through the exact Gaussian-mixture test bed;
         print a pass/fail table with the measured figures (exit 1 if any check fails)."""
-        from ..conformance import run_checks
-        from .run_cmd import _check_device
+        from diffuse_engine.testbed.conformance import run_checks
+        from diffuse_engine.cli.run_cmd import _check_device
 
         _check_device(device)
         engine = make_engine(registry, set_)
@@ -53,6 +53,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _kind(engine, name: str) -> str | None:
-    from ..conformance import CHECKABLE_KINDS, _known
+    from diffuse_engine.testbed.conformance import CHECKABLE_KINDS, _known
     kinds = [k for k in CHECKABLE_KINDS if _known(engine, k, name)]
     return kinds[0] if len(kinds) == 1 else None

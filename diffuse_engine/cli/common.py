@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import DiffuseError
+from diffuse_engine.core.errors import DiffuseError
 
 
 @dataclass
@@ -69,8 +69,8 @@ def refuse_nproc_here(nproc: Optional[int]) -> None:
 
 def make_engine(registry: Optional[list[Path]] = None, sets: Optional[list[str]] = None):
     """An Engine from CLI options (imported lazily so `--help` stays fast)."""
-    from ..distributed import launched_by_torchrun
-    from ..engine import Engine
+    from diffuse_engine.core.distributed import launched_by_torchrun
+    from diffuse_engine.engine import Engine
     return Engine(registry=registry or [], sets=sets or [], allow_imports=STATE.allow_imports,
                   distributed=launched_by_torchrun())  # a torchrun worker: all ranks work
 

@@ -1,5 +1,5 @@
 """``diffuse likelihood``: log-likelihood of data under a score model, through the
-probability-flow ODE (:mod:`diffuse_engine.likelihood`)."""
+probability-flow ODE (:mod:`diffuse_engine.likelihood.evaluate`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import RegistryOpt, SetOpt, console, handle_errors, make_engine, print_table
+from diffuse_engine.cli.common import RegistryOpt, SetOpt, console, handle_errors, make_engine, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         """
         import torch
 
-        from ..errors import DiffuseError
+        from diffuse_engine.core.errors import DiffuseError
 
         engine = make_engine(registry, set_)
         overrides = {}

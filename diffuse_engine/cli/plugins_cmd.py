@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import console, handle_errors, make_engine, print_table
+from diffuse_engine.cli.common import console, handle_errors, make_engine, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     def plugins(verbose: bool = typer.Option(False, "--verbose", "-v",
                                              help="also list hooks and config schemas")):
         """List plugins (distribution, version, status) and the implementations they add."""
-        from ..plugins import REGISTRATION_HOOKS
+        from diffuse_engine.core.plugins import REGISTRATION_HOOKS
         engine = make_engine()
         rows = []
         for info in engine.plugin_infos:
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
                 impl_rows.append((kind, name, p.provider, (p.cls.__doc__ or "").strip().split("\n")[0]))
         print_table("implementations", impl_rows, ["kind", "name", "plugin", "description"])
         if verbose:  # each implementation's config schema, as the registry validates it
-            from ..introspect import config_rows
+            from diffuse_engine.core.introspect import config_rows
             infos = {i.name if i.builtin or i.distribution.startswith("(")
                      else f"{i.distribution}:{i.name}": i for i in engine.plugin_infos}
             for kind in REGISTRATION_HOOKS:

@@ -8,7 +8,7 @@ from typing import Optional
 import tomli_w
 import typer
 
-from .common import RegistryOpt, SetOpt, console, handle_errors, make_engine
+from diffuse_engine.cli.common import RegistryOpt, SetOpt, console, handle_errors, make_engine
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import DiffuseError
-from .common import (RegistryOpt, SetOpt, console, err, handle_errors, make_engine,
+from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.cli.common import (RegistryOpt, SetOpt, console, err, handle_errors, make_engine,
                      print_table)
 
 
@@ -35,10 +35,10 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
     ):
         """Sample with a preset, score samples against the exact law, write a run folder."""
-        from ..runs import default_out, execute_run, plan_run
+        from diffuse_engine.runs import default_out
 
         engine = make_engine(registry, set_)
-        plan = plan_run(engine, preset, sde=sde, solver=solver, score=score, n=n, seed=seed,
+        plan = engine.plan_run(preset, sde=sde, solver=solver, score=score, n=n, seed=seed,
                         device=device, steps=steps)
         _check_device(plan.device)
         if dry_run:
@@ -50,10 +50,10 @@ def register(app: typer.Typer) -> None:
             console.print_json(json.dumps({"plan": plan.as_dict(), "entries": resolved}))
             return
         out = out or default_out(plan)
-        from ..interrupts import TerminateAsInterrupt
+        from diffuse_engine.output.interrupts import TerminateAsInterrupt
         try:
             with TerminateAsInterrupt():  # SIGTERM ends the run like Ctrl-C
-                metrics = execute_run(engine, plan, out, overwrite=overwrite,
+                metrics = engine.run(plan, out, overwrite=overwrite,
                                       progress=not quiet, sample_format=sample_format)
         except (DiffuseError, KeyboardInterrupt):
             partial = Path(f"{out}.partial")
@@ -77,5 +77,5 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_device(device: str) -> None:
-    from ..devices import check_device
+    from diffuse_engine.core.devices import check_device
     check_device(device)

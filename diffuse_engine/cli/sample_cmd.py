@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import (NprocOpt, RegistryOpt, SetOpt, handle_errors, make_engine, print_table,
+from diffuse_engine.cli.common import (NprocOpt, RegistryOpt, SetOpt, handle_errors, make_engine, print_table,
                      refuse_nproc_here)
 
 
@@ -34,14 +34,14 @@ def register(app: typer.Typer) -> None:
         nproc: Optional[int] = NprocOpt,
     ):
         """Sample from a trained checkpoint with any solver; write samples, plot, metrics."""
-        from ..engine import Engine
-        from ..errors import DiffuseError
-        from ..mixture import mode_statistics
-        from ..outputs import RunFolder, write_json
-        from ..runs import SAMPLE_FORMATS, save_tensor
-        from ..training import load_trained, plot_result, sample_overrides
-        from .run_cmd import _check_device
-        from .train_cmd import split_sets
+        from diffuse_engine.engine import Engine
+        from diffuse_engine.core.errors import DiffuseError
+        from diffuse_engine.components.mixture import mode_statistics
+        from diffuse_engine.output.files import RunFolder, write_json
+        from diffuse_engine.runs import SAMPLE_FORMATS, save_tensor
+        from diffuse_engine.training import load_trained, plot_result, sample_overrides
+        from diffuse_engine.cli.run_cmd import _check_device
+        from diffuse_engine.cli.train_cmd import split_sets
 
         if sample_format not in SAMPLE_FORMATS:
             raise DiffuseError(f"unknown sample format {sample_format!r}; choices: "
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         cfg = ckpt.config
         name = (checkpoint if checkpoint.is_dir() else checkpoint.parent).name or "checkpoint"
         out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
-        from ..distributed import on_main
+        from diffuse_engine.core.distributed import on_main
         # under torchrun every rank samples its shards; rank 0 alone writes the folder
         with on_main(engine.dist, RunFolder(out, overwrite)) as folder:
             result = engine.sampling(score=model, sde=cfg["sde"]["type"], solver=solver,
@@ -78,8 +78,7 @@ def register(app: typer.Typer) -> None:
             write_json(folder.path / "config.json", {"checkpoint": str(checkpoint),
                                                      "sampling": result.config, "training": cfg})
             save_tensor(x, folder.path / f"samples.{sample_format}")
-            from ..training import build_component
-            dataset = build_component(engine, "data", cfg["data"])
+            dataset = engine.builder.build_recorded("data", cfg["data"])
             plot_result(x, folder.path / "samples.png", dataset=dataset,
                         title=f"{cfg['score']['type']} step {ckpt.step}: {solver}, "
                               f"{result.nfe} score evaluations")

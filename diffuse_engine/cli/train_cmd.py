@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from .common import (NprocOpt, RegistryOpt, SetOpt, console, handle_errors, make_engine,
+from diffuse_engine.cli.common import (NprocOpt, RegistryOpt, SetOpt, console, handle_errors, make_engine,
                      print_table, refuse_nproc_here)
 
 
 def split_sets(sets: Optional[list[str]]) -> tuple[list[str], dict]:
     """``(KIND.NAME.FIELD=V registry edits, FIELD=V / KIND.FIELD=V overrides)``."""
-    from ..registry import parse_assignment
+    from diffuse_engine.core.registry import parse_assignment
     registry_sets, overrides = [], {}
     for item in sets or []:
         key, value = parse_assignment(item)
@@ -53,8 +53,8 @@ def register(app: typer.Typer) -> None:
         nproc: Optional[int] = NprocOpt,
     ):
         """Train a score model (data + SDE + network + loss); checkpoints go to --out."""
-        from ..engine import Engine
-        from ..errors import DiffuseError
+        from diffuse_engine.engine import Engine
+        from diffuse_engine.core.errors import DiffuseError
 
         refuse_nproc_here(nproc)
         registry_sets, overrides = split_sets(set_)
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                 ("data", data), ("sde", sde), ("model", model)) if v is not None})
             out = Path("runs") / f"train-{s.data}-{s.sde}-{s.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         if device is not None:
-            from .run_cmd import _check_device
+            from diffuse_engine.cli.run_cmd import _check_device
             _check_device(device)
         result = engine.training(data=data, sde=sde, model=model, loss=loss, preset=preset,
                                  out=out, resume=resume, overwrite=overwrite,

@@ -1,0 +1,33 @@
+"""Dataset contract: a source of training data ``x_0``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from diffuse_engine.core.component import Component, ComponentConfig
+from diffuse_engine.components.mixture import GaussianMixture
+
+
+class Dataset(Component):
+    """Base class of datasets (registry kind ``data``).
+
+    ``sample(n, generator)`` returns ``(n, *shape)`` float tensors; datasets with a
+    known Gaussian-mixture law expose it as :attr:`mixture` so runs can score samples
+    against it exactly.
+    """
+
+    kind: ClassVar[str] = "data"
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    mixture: GaussianMixture | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one data point."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` data points ``(n, *shape)`` (with replacement for finite sets)."""
+        raise NotImplementedError

@@ -1,0 +1,172 @@
+"""Solver contracts: samplers, and the predictors and correctors of the PC sampler.
+
+Time runs backwards in sampling: a solver starts from ``x_T`` drawn from the SDE's
+prior and integrates down to ``eps``. Time grids are lists of Python floats computed
+once before the loop, so the loop never syncs with the device to read a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Optional
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from diffuse_engine.core.component import Component, ComponentConfig
+from diffuse_engine.core.errors import IncompatibleError
+from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_grid
+from diffuse_engine.components.score import ScoreFn
+from diffuse_engine.components.sde import SDE
+
+#: the most time steps a solver accepts: the time grid is built in memory before the loop,
+#: and 10 million steps is far past any sampler's use (1000-4000 for PC samplers)
+MAX_STEPS = 10_000_000
+
+#: ``callback(step, total_steps, t)`` after each solver step; used for progress bars
+#: and per-step observers. It receives Python numbers only.
+StepCallback = Callable[[int, int, float], None]
+
+
+class SolverConfig(ComponentConfig):
+    """Fields every solver accepts."""
+
+    steps: int = Field(1000, ge=1, le=MAX_STEPS, description="number of time steps from T to eps")
+    eps: Optional[float] = Field(None, gt=0, lt=1,
+                                 description="smallest time; default: the SDE's sampling_eps")
+    denoise: bool = Field(True, description="final Tweedie denoising step at eps")
+    schedule: Schedule = Field("uniform", description=SCHEDULE_HELP)
+    rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
+    pilot: int = Field(512, ge=1, description="gits schedule: pilot batch size")
+    fine: int = Field(100, ge=2, description="gits schedule: fine log-SNR grid intervals")
+
+
+def uniform_schedule_only(config: SolverConfig, why: str) -> SolverConfig:
+    """Validator body for solvers that choose their own times: refuse another
+    ``schedule`` instead of ignoring it (``why`` says how the solver steps)."""
+    if config.schedule != "uniform":
+        raise ValueError(f"schedule {config.schedule!r} does not apply: {why}; "
+                         "leave schedule = \"uniform\"")
+    return config
+
+
+class Solver(Component):
+    """Base class of samplers: ``sample(score, sde, x_T, generator=...) -> x_0``."""
+
+    kind: ClassVar[str] = "solver"
+    Config: ClassVar[type[ComponentConfig]] = SolverConfig
+
+    def __init__(self, config: SolverConfig | None = None, *, catalogue=None, **fields):
+        super().__init__(config, **fields)
+        self.catalogue = catalogue
+
+    def check(self, sde: SDE) -> None:
+        """Raise :class:`~diffuse_engine.core.errors.IncompatibleError` if ``sde`` is unusable."""
+
+    def eps(self, sde: SDE) -> float:
+        return self.config.eps if self.config.eps is not None else sde.sampling_eps
+
+    def time_grid(self, sde: SDE, score: ScoreFn | None = None,
+                  like: Tensor | None = None) -> list[float]:
+        """``steps + 1`` decreasing times from ``T`` to ``eps``, spaced by the configured
+        schedule (:mod:`diffuse_engine.components.schedules`; uniform in ``t`` by default).
+
+        The ``gits`` schedule is fitted to ``score`` on a pilot batch shaped, placed and
+        typed like ``like`` (:mod:`diffuse_engine.components.gits`); the fit is kept for the next
+        call with the same score, SDE and data, so sharded runs fit once.
+        """
+        c = self.config
+        if c.schedule != "gits":
+            return time_grid(sde, c.steps, self.eps(sde), c.schedule, c.rho)
+        if score is None or like is None:
+            raise IncompatibleError(f"solver {self.name!r}: schedule 'gits' is fitted to the "
+                                    "score model; pass score and a sample batch to time_grid")
+        from diffuse_engine.components.gits import gits_time_grid
+        key = (innermost(score), sde, tuple(like.shape[1:]), like.device, like.dtype)
+        fitted = getattr(self, "_gits_fit", None)
+        if fitted is None or fitted[0] != key:  # score and SDE compare by identity
+            grid = gits_time_grid(score, sde, c.steps, self.eps(sde), like,
+                                  pilot=c.pilot, fine=c.fine)
+            self._gits_fit = fitted = (key, grid)
+        return list(fitted[1])
+
+    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> Optional[list[float]]:
+        """Work done once per run before sampling, with ``score`` (the engine counts its
+        evaluations apart from the per-sample ones): fits a ``gits`` schedule and returns
+        its grid (``None`` when there is nothing to fit)."""
+        if self.config.schedule == "gits":
+            return self.time_grid(sde, score, like)
+        return None
+
+    def adopt(self, grid: list[float]) -> None:
+        """Use ``grid``, another process's :meth:`prepare` result, as the fitted grid, so
+        every rank of a distributed run samples on rank 0's times."""
+        key, _ = self._gits_fit
+        self._gits_fit = (key, list(grid))
+
+    def sample(self, score: ScoreFn, sde: SDE, x: Tensor, *,
+               generator: torch.Generator | None = None,
+               callback: StepCallback | None = None) -> Tensor:
+        """Integrate from ``x`` (a prior sample at ``T``) down to ``eps``; return samples."""
+        raise NotImplementedError
+
+    def finish(self, score: ScoreFn, sde: SDE, x: Tensor, t: float) -> Tensor:
+        """Apply the optional final Tweedie denoising at time ``t``."""
+        if not self.config.denoise:
+            return x
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        return sde.denoise(x, score(x, tt), tt)
+
+
+def innermost(score: ScoreFn) -> ScoreFn:
+    """The score function under the engine's wrappers (which keep it as ``.fn``)."""
+    while hasattr(score, "fn") and callable(score.fn):
+        score = score.fn
+    return score
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator``."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class Predictor(Component):
+    """One reverse-time step ``t -> t_next < t``; returns ``(x, x_mean)``."""
+
+    kind: ClassVar[str] = "predictor"
+
+    def check(self, sde: SDE) -> None:
+        """Raise if this predictor cannot step ``sde``."""
+
+    def step(self, x: Tensor, t: Tensor, t_next: Tensor, score: ScoreFn, sde: SDE,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def plan(self, sde: SDE, grid: list[float]) -> Optional[list]:
+        """Optional: per-step coefficients for the whole ``grid`` as Python floats,
+        computed once before the loop; then the sampler calls :meth:`planned_step`
+        instead of :meth:`step`. ``None`` (the default) keeps :meth:`step`."""
+        return None
+
+    def planned_step(self, x: Tensor, t: Tensor, coefficients, score: ScoreFn,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """:meth:`step` with this step's entry of :meth:`plan` (``t`` is the start time)."""
+        raise NotImplementedError
+
+
+class CorrectorConfig(ComponentConfig):
+    """Fields every corrector accepts (set through the PC solver's entry)."""
+
+    snr: float = Field(0.16, gt=0, description="target signal-to-noise ratio")
+    steps: int = Field(1, ge=0, description="corrector steps per time step")
+
+
+class Corrector(Component):
+    """MCMC steps at a fixed ``t`` targeting ``p_t``; returns ``(x, x_mean)``."""
+
+    kind: ClassVar[str] = "corrector"
+    Config: ClassVar[type[ComponentConfig]] = CorrectorConfig
+
+    def step(self, x: Tensor, t: Tensor, score: ScoreFn, sde: SDE,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,55 @@
+"""The base every plugin implementation derives from.
+
+An implementation is a class that declares its ``kind`` (set by the kind's base
+class, e.g. :class:`~diffuse_engine.components.sde.SDE`), a unique ``name`` within that kind
+and a pydantic ``Config`` model describing the registry fields it accepts. The
+engine validates a registry entry against ``Config`` and passes the validated model
+to the constructor, so implementations never see unchecked input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ComponentConfig(BaseModel):
+    """Base of every implementation's config: unknown fields are errors, and so are
+    NaN and infinite floats (a registry value of ``inf`` only ever ends in NaN samples)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
+                              allow_inf_nan=False)
+
+
+class ComponentRef:
+    """Marks a config field whose value names another component of ``kind``.
+
+    Use as ``Annotated[str, ComponentRef("predictor")]``; the registry checks the
+    name exists and lists the installed choices when it does not.
+    """
+
+    def __init__(self, kind: str, allow_none: bool = False):
+        self.kind = kind
+        self.allow_none = allow_none
+
+    def __repr__(self) -> str:  # shows up in `diffuse plugins --verbose` schemas
+        return f"ComponentRef({self.kind!r})"
+
+
+class Component:
+    """Base class of all implementations (SDEs, score models, solvers, ...)."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+
+    def __init__(self, config: ComponentConfig | None = None, **fields: Any):
+        if config is None:
+            config = self.Config(**fields)
+        elif fields:
+            config = self.Config.model_validate({**config.model_dump(), **fields})
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"

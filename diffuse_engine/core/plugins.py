@@ -1,0 +1,201 @@
+"""Plugin discovery and the catalogue of implementations.
+
+Plugins are loaded from the entry-point group :data:`ENTRY_POINT_GROUP`; the built-in
+plugins are entry points of the ``diffuse-engine`` distribution itself and load the same
+way. A plugin that fails to import or register is recorded (with its distribution,
+entry point and error) and skipped; the rest load. ``DIFFUSE_DISABLE_PLUGIN_AUTOLOAD=1``
+(or ``Engine(autoload=False)``) loads only the built-ins and the plugins passed in;
+``DIFFUSE_TRACE_HOOKS=1`` traces every hook call to stderr.
+
+The catalogue maps ``kind -> name -> implementation class``. It is a plain dict built
+once per engine from the registration hooks: no global state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
+from typing import Any, Iterable
+
+import pluggy
+
+from diffuse_engine.core import hookspecs
+from diffuse_engine.core.component import Component
+from diffuse_engine.core.errors import PluginError, UnknownComponentError
+
+ENTRY_POINT_GROUP = "diffuse_engine.plugins"
+DISTRIBUTION = "diffuse-engine"
+
+#: component kind -> the registration hook that provides it
+REGISTRATION_HOOKS = {
+    "sde": "diffuse_register_sdes",
+    "kernel": "diffuse_register_kernels",
+    "score": "diffuse_register_score_models",
+    "loss": "diffuse_register_losses",
+    "data": "diffuse_register_datasets",
+    "solver": "diffuse_register_solvers",
+    "predictor": "diffuse_register_predictors",
+    "corrector": "diffuse_register_correctors",
+}
+
+
+@dataclass
+class PluginInfo:
+    """What ``diffuse plugins`` shows about one plugin."""
+
+    name: str
+    distribution: str
+    version: str
+    entry_point: str
+    builtin: bool
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"], dist.version
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get("DIFFUSE_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
+
+
+def make_plugin_manager(plugins: Iterable[Any] = (), autoload: bool = True
+                        ) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
+    """A fresh plugin manager with entry-point plugins and ``plugins`` registered."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("DIFFUSE_TRACE_HOOKS"):
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+    infos: list[PluginInfo] = []
+    third_party = autoload and not _autoload_disabled()
+    seen: set[str] = set()
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist, version = _dist_of(ep)
+        builtin = dist == DISTRIBUTION
+        if not (builtin or third_party) or (dist, ep.name) in seen:
+            continue
+        seen.add((dist, ep.name))
+        info = PluginInfo(ep.name, dist, version, ep.value, builtin)
+        infos.append(info)
+        try:
+            obj = ep.load()
+            pm.register(obj, name=ep.name if builtin else f"{dist}:{ep.name}")
+        except Exception as exc:  # a broken plugin is reported, the rest still load
+            info.error = _describe(exc)
+    for obj in plugins:
+        name = getattr(obj, "__name__", None) or type(obj).__name__
+        info = PluginInfo(name, "(passed to Engine)", "", repr(obj)[:60], False)
+        infos.append(info)
+        try:
+            pm.register(obj, name=name if pm.get_plugin(name) is None else None)
+        except Exception as exc:
+            info.error = _describe(exc)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"a plugin implements an unknown hook: {exc}") from None
+    by_name = {pm.get_name(p): p for p in pm.get_plugins()}
+    for info in infos:
+        plugin = by_name.get(info.name if info.builtin or info.distribution.startswith("(")
+                             else f"{info.distribution}:{info.name}")
+        if plugin is not None:
+            info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
+    return pm, infos
+
+
+@dataclass(frozen=True)
+class Provided:
+    """An implementation class and the plugin that registered it."""
+
+    cls: type[Component]
+    provider: str
+
+
+class Catalogue:
+    """``kind -> name -> implementation``, built once from the registration hooks."""
+
+    def __init__(self, entries: dict[str, dict[str, Provided]], failures: list[PluginInfo]):
+        self._entries = entries
+        self.failures = failures
+
+    @classmethod
+    def from_plugin_manager(cls, pm: pluggy.PluginManager,
+                            infos: list[PluginInfo]) -> "Catalogue":
+        entries: dict[str, dict[str, Provided]] = {k: {} for k in REGISTRATION_HOOKS}
+        by_name = {i.name: i for i in infos}
+        for kind, hook_name in REGISTRATION_HOOKS.items():
+            hook = getattr(pm.hook, hook_name)
+            for impl in reversed(hook.get_hookimpls()):
+                provider = impl.plugin_name
+                try:
+                    classes = impl.function() or []
+                except Exception as exc:  # registration failure: report, keep going
+                    info = by_name.get(provider.split(":")[-1])
+                    if info is not None and info.error is None:
+                        info.error = f"{hook_name} failed: {_describe(exc)}"
+                    continue
+                for c in classes:
+                    name = getattr(c, "name", "")
+                    if not name or getattr(c, "kind", None) != kind:
+                        raise PluginError(
+                            f"plugin {provider!r} returned {c!r} from {hook_name}: it must "
+                            f"be a class with kind {kind!r} and a non-empty name")
+                    if name in entries[kind]:
+                        other = entries[kind][name]
+                        raise PluginError(
+                            f"two {kind} implementations named {name!r}: "
+                            f"{other.cls.__module__}.{other.cls.__qualname__} from plugin "
+                            f"{other.provider!r} and {c.__module__}.{c.__qualname__} from "
+                            f"plugin {provider!r}")
+                    entries[kind][name] = Provided(c, provider)
+        return cls(entries, [i for i in infos if not i.ok])
+
+    def kinds(self) -> list[str]:
+        return list(self._entries)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._entries.get(kind, {}))
+
+    def has(self, kind: str, name: str) -> bool:
+        return name in self._entries.get(kind, {})
+
+    def provided(self, kind: str, name: str) -> Provided:
+        try:
+            return self._entries[kind][name]
+        except KeyError:
+            raise UnknownComponentError(self.unknown_message(kind, name)) from None
+
+    def get(self, kind: str, name: str) -> type[Component]:
+        """The class implementing ``name`` of ``kind``; a clear error listing choices."""
+        return self.provided(kind, name).cls
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        msg = f"unknown {kind} {name!r}; choices: {', '.join(self.names(kind)) or '(none)'}"
+        if self.failures:
+            broken = ", ".join(f"{f.name} ({f.error})" for f in self.failures)
+            return msg + f"; note: plugins failed to load: {broken}"
+        return msg + " (is a plugin missing? `diffuse plugins` lists what is installed)"
+
+
+def module_plugin(**hooks: Any) -> ModuleType:
+    """Build a throwaway plugin module from hook functions (handy in tests and apps)."""
+    mod = ModuleType("plugin_" + "_".join(sorted(hooks))[:40])
+    for k, fn in hooks.items():
+        setattr(mod, k, hookspecs.hookimpl(fn))
+    return mod

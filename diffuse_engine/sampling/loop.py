@@ -1,0 +1,139 @@
+"""Sharded, seeded sampling with built components.
+
+Samples are made in seeded shards (shard ``j`` from its own generator,
+:func:`~diffuse_engine.core.distributed.shard_seed`), so a distributed run spreads the
+shards over the ranks and every rank returns the same complete samples one process
+would. NaN/Inf in a shard is located by replaying it (:mod:`.faults`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffuse_engine.components.score import ScoreBoundary
+from diffuse_engine.components.sde import SDE
+from diffuse_engine.components.solver import Solver
+from diffuse_engine.core.distributed import (DistContext, gather_shards, my_shards,
+                                             shard_seed, shard_sizes)
+from diffuse_engine.core.errors import DiffuseError, NumericalError
+from diffuse_engine.output.progress import progress_bar
+from diffuse_engine.sampling.faults import FiniteWatch, NonFiniteSeen, locate
+
+
+@dataclass
+class SamplingResult:
+    """Samples plus what it took to make them."""
+
+    samples: Tensor
+    nfe: int
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+    sde: SDE | None = None
+    score: Any = None
+    #: score evaluations spent once per run before sampling (a fitted schedule's pilot)
+    setup_nfe: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """What to sample: built components, the batch layout and how to run it."""
+
+    sde: SDE
+    solver: Solver
+    score: Any
+    shape: tuple[int, ...]
+    seed: int
+    device: torch.device
+    dtype: torch.dtype
+    shard_size: int
+    #: names for progress bars and errors (``sde``, ``solver``, ``score``)
+    names: dict[str, str]
+    check_every: int = 0
+
+
+def run_sampling(job: SamplingJob, *, dist: DistContext, step_hook=None,
+                 progress: bool = False) -> tuple[Tensor, int, int, float]:
+    """Sample ``job``; ``(samples, nfe, setup_nfe, seconds)``.
+
+    ``nfe`` counts the score evaluations of one shard (the most of any shard, for
+    adaptive solvers); ``setup_nfe`` the once-per-run work of :meth:`Solver.prepare`.
+    ``step_hook(step, total, t)`` is called after each solver step (rank 0 only).
+    """
+    sde, solver, shape, device, dtype = job.sde, job.solver, job.shape, job.device, job.dtype
+    sizes = shard_sizes(shape[0], job.shard_size)
+    mine = my_shards(len(sizes), dist)
+    counted = ScoreBoundary(job.score, job.names["score"])
+    steps = solver.config.steps
+    start = time.perf_counter()
+    with torch.no_grad():
+        fitted = solver.prepare(counted, sde, torch.empty((1, *shape[1:]), device=device,
+                                                          dtype=dtype))
+    setup_nfe = counted.calls
+    if fitted is not None and dist.enabled:  # round-off may differ across devices
+        solver.adopt(dist.all_gather_object(fitted)[0])
+
+    def prior(j: int) -> tuple[Tensor, torch.Generator]:
+        gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, j))
+        return sde.prior_sample((sizes[j], *shape[1:]), generator=gen, device=device,
+                                dtype=dtype), gen
+
+    local: dict[int, Tensor] = {}
+    failed, nfe, crash = None, 0, None
+    with progress_bar(steps * len(mine), f"sampling {job.names['sde']}/{job.names['solver']}",
+                      enabled=progress and dist.is_main) as bar:
+        for i, j in enumerate(mine):
+            callback = _step_callback(bar, step_hook if dist.is_main else None, i * steps)
+            x, gen = prior(j)
+            scored = FiniteWatch(counted, job.check_every) if job.check_every else counted
+            calls = counted.calls
+            try:
+                with torch.no_grad():
+                    out = solver.sample(scored, sde, x, generator=gen, callback=callback)
+            except NonFiniteSeen:
+                out = None
+            except DiffuseError:
+                raise
+            except Exception as exc:  # a solver library giving up on NaN (torchdiffeq's
+                out, crash = None, exc  # "underflow in dt"): located below, else re-raised
+            nfe = max(nfe, counted.calls - calls)
+            if out is None or not torch.isfinite(out).all():
+                failed = j
+                break
+            local[j] = out
+    if dist.enabled:  # agree before gathering, so no rank waits for one that failed
+        status = dist.all_gather_object((failed, nfe))
+        nfe = max(n for _, n in status)
+        elsewhere = [(r, f) for r, (f, _) in enumerate(status) if f is not None]
+        if failed is None and elsewhere:
+            raise NumericalError(f"sampling produced NaN/Inf on rank {elsewhere[0][0]} "
+                                 f"(shard {elsewhere[0][1]}); its error says where")
+    if failed is not None:
+        def replay(score_fn, step_callback):  # the failed shard again, same seed
+            x_T, g = prior(failed)
+            with torch.no_grad():
+                return solver.sample(score_fn, sde, x_T, generator=g, callback=step_callback)
+        raise locate(replay, counted, score_name=counted.name, solver_name=job.names["solver"],
+                     sde_name=job.names["sde"], steps=getattr(solver.config, "steps", None),
+                     crash=crash)
+    out = local[0] if len(sizes) == 1 and not dist.enabled else gather_shards(local, sizes, dist)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, nfe, setup_nfe, time.perf_counter() - start
+
+
+def _step_callback(bar, hook, done: int):
+    """The solver's per-step callback: progress bar and observers, or ``None``."""
+    if bar is None and hook is None:
+        return None
+
+    def callback(step: int, total: int, t: float) -> None:
+        if bar is not None:
+            bar(done + step, t=t)
+        if hook is not None:
+            hook(step=step, total=total, t=t)
+    return callback

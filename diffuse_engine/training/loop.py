@@ -1,0 +1,274 @@
+"""Training score models: settings, the loop, checkpoints and resume.
+
+One training run combines four registry entries: a dataset (``data``), an SDE, a
+trainable score model (``score``, any implementation with ``needs_training = True``)
+and a loss, under :class:`TrainSettings` (a ``[train.NAME]`` registry table). The loop is
+plain PyTorch in the style of ``score_sde_pytorch/run_lib.py``:
+
+* AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up, gradient-norm
+  clipping, and an exponential moving average of the weights (``torch.optim.swa_utils``;
+  Song & Ermon 2020 recommend EMA for sampling). The model returned, and the one a
+  checkpoint samples with, uses the EMA weights.
+* All randomness comes from two generators seeded by ``seed``: one for data batches
+  (CPU), one for the loss's times and noise (on the training device); the weights are
+  initialised from the model's ``init_seed`` (default: ``seed``). Their states are
+  saved in every checkpoint, so ``resume`` continues with exactly the losses an
+  uninterrupted run gets.
+* The loss is read back to the host only every ``log_every`` steps (for the progress
+  bar and the NaN check) and, when some plugin implements ``diffuse_training_step``,
+  every step.
+
+A training folder holds ``checkpoint.safetensors`` (the latest complete checkpoint,
+replaced atomically, see :mod:`diffuse_engine.components.checkpoint`), ``config.json`` (the resolved
+configuration), ``losses.csv``, ``samples.png`` (and ``samples-stepN.png`` every
+``plot_every`` steps) and ``status.json`` (``complete: true`` only after the last step
+and the final checkpoint).
+
+Trainable score models expose ``net`` (the ``torch.nn.Module`` backbone),
+``parameters()``, ``to(device)``, ``train()``/``eval()`` and ``with_net(module)``;
+see ``diffuse_plugins.networks.NetworkScore``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from diffuse_engine.components.builder import Builder, SampleFn
+from diffuse_engine.components.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError
+from diffuse_engine.core.devices import check_device
+from diffuse_engine.core.distributed import ShardedBatches
+from diffuse_engine.core.errors import DiffuseError, NumericalError, OutputExistsError
+from diffuse_engine.output.files import atomic_write_bytes, write_json
+from diffuse_engine.output.interrupts import StopOnSignal
+from diffuse_engine.output.progress import progress_bar
+from diffuse_engine.training.plots import plot_model
+from diffuse_engine.training.resolve import resolve_config
+from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings
+
+
+# ---- the folder ---------------------------------------------------------------------------
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Optional[Checkpoint]:
+    ckpt_path = out / CHECKPOINT_NAME
+    if resume:
+        if not ckpt_path.is_file():
+            raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {out}; nothing to resume")
+        return Checkpoint.load(ckpt_path)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} is a file; --out names a training folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"output {out} already exists; pass --resume to continue "
+                                    "it, --overwrite to replace it, or choose another --out")
+        if not (out / "status.json").exists() and not ckpt_path.exists():
+            raise OutputExistsError(f"--overwrite: {out} is not a training folder (no "
+                                    "status.json); refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _write_losses(path: Path, losses: list[float]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "loss"])
+    w.writerows((i + 1, f"{v:.8g}") for i, v in enumerate(losses))
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def run_training(builder: Builder, settings: TrainSettings, overrides: dict[str, Any] | None = None,
+                 *, sample: SampleFn, out: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False, progress: bool = False) -> TrainResult:
+    """Train per ``settings`` (+ component ``overrides``); write to ``out`` if given.
+
+    With ``resume`` the configuration comes from ``out``'s checkpoint; only the
+    :data:`RESUMABLE` settings set explicitly in ``settings`` apply.
+    """
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run_training(builder, settings, overrides, sample=sample, out=out, resume=resume,
+                             overwrite=overwrite, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_training(builder, settings, overrides, *, sample, out, resume, overwrite, progress):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    out = Path(out) if out is not None else None
+    if resume and out is None:
+        raise DiffuseError("resume needs the training folder (--out) to continue")
+    ctx = builder.dist  # rank 0 prepares the folder and writes; see diffuse_engine.core.distributed
+    ckpt = ctx.run_on_main(_prepare_out, out, resume, overwrite) if out is not None else None
+    if resume and not ctx.is_main:
+        ckpt = Checkpoint.load(out / CHECKPOINT_NAME)
+    if ckpt is not None:
+        config = json.loads(json.dumps(ckpt.config))
+        changes = {k: v for k, v in settings.model_dump().items()
+                   if k in RESUMABLE and k in settings.model_fields_set}
+        config["train"].update(changes)
+        settings = TrainSettings.model_validate(config["train"])
+    else:
+        config = resolve_config(builder, settings, dict(overrides or {}))
+        config["train"]["shards"] = settings.shards or ctx.world_size
+    s = settings
+    device = ctx.device(check_device(s.device))
+
+    dataset = builder.build_recorded("data", config["data"])
+    sde = builder.build_recorded("sde", config["sde"])
+    model = builder.build_recorded("score", config["score"], sde=sde).to(device)
+    loss_fn = builder.build_recorded("loss", config["loss"], sde=sde)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    ema = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay),
+                        use_buffers=True)
+    batches = ShardedBatches(s.seed, config["train"].get("shards") or 1, s.batch_size, ctx,
+                             device)
+    losses: list[float] = []
+    start = 0
+    if ckpt is not None:
+        model.net.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        opt.load_state_dict(ckpt.optim)
+        batches.load_state(ckpt.rng)
+        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        losses = ckpt.losses.tolist() if ckpt.losses is not None else []
+        start = ckpt.step
+    ddp, train_model = None, model
+    if ctx.enabled:  # broadcasts rank 0's weights; averages gradients over ranks
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model.net, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+        train_model = model.with_net(ddp)
+    if out is not None and ctx.is_main:
+        write_json(out / "config.json", {"config": config, "resumed_from": start or None})
+        write_json(out / "status.json", {"complete": False, "step": start, "steps": s.steps})
+
+    def save(step: int) -> Path:
+        # one sync per checkpoint: never replace the last good checkpoint with bad weights
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NumericalError(f"model weights became NaN/Inf by step {step} (loss "
+                                 f"{config['loss']['type']!r}); lower lr ({s.lr}) or keep "
+                                 "grad_clip on; the last good checkpoint is kept")
+        rng = {**batches.state(ctx), "torch_cpu": torch.get_rng_state()}
+        if not ctx.is_main:
+            return out / CHECKPOINT_NAME
+        path = Checkpoint(step=step, config=config, model=model.net.state_dict(),
+                          ema=ema.state_dict(), optim=opt.state_dict(), rng=rng,
+                          losses=torch.tensor(losses, dtype=torch.float64)).save(out / CHECKPOINT_NAME)
+        _write_losses(out / "losses.csv", losses)
+        write_json(out / "status.json", {"complete": False, "step": step, "steps": s.steps})
+        if builder.has_observers("diffuse_checkpoint_saved"):
+            builder.hook.diffuse_checkpoint_saved(path=str(path), step=step)
+        return path
+
+    observe = builder.has_observers("diffuse_training_step")
+    pending: list[torch.Tensor] = []
+    checkpoints: list[Path] = []
+    stopped_early = False
+    model.train()
+    t0 = time.perf_counter()
+    done = start
+    interrupted = False
+    with progress_bar(s.steps, f"training {config['score']['type']} on {config['data']['name']}",
+                      enabled=progress and ctx.is_main) as bar, StopOnSignal() as stop:
+        if bar is not None and start:
+            bar(start)
+        for step in range(start, s.steps):
+            lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss = batches.step(train_model, loss_fn, dataset, device, ddp)
+            if s.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            ema.update_parameters(model.net)
+            pending.append(loss.detach())
+            done = step + 1
+            if observe:
+                mean = float(ctx.all_reduce_mean(loss))
+                if ctx.is_main:
+                    builder.hook.diffuse_training_step(step=done, loss=mean)
+            last = done == s.steps
+            elapsed = time.perf_counter() - t0
+            over_time = s.max_seconds is not None and elapsed > s.max_seconds
+            stop_now = stop.requested
+            if ctx.enabled:  # every rank stops at the same step
+                flags = ctx.all_reduce_mean(torch.tensor([float(over_time), float(stop_now)]))
+                over_time, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+            if done % s.log_every == 0 or last or over_time or stop_now or (
+                    out is not None and s.checkpoint_every and done % s.checkpoint_every == 0):
+                values = ctx.all_reduce_mean(torch.stack(pending)).double().cpu().tolist()
+                pending.clear()
+                losses.extend(values)
+                if not all(map(math.isfinite, values)):
+                    first = done - len(values) + 1 + next(
+                        i for i, v in enumerate(values) if not math.isfinite(v))
+                    raise NumericalError(
+                        f"training loss became NaN/Inf at step {first} (loss "
+                        f"{config['loss']['type']!r} of model {config['score']['type']!r}); "
+                        f"lower lr ({s.lr}) or keep grad_clip on; the last good checkpoint "
+                        "is kept" + (f" in {out}" if out is not None else ""))
+                if bar is not None:
+                    bar(done, loss=sum(values) / len(values),
+                        steps_per_s=(done - start) / max(elapsed, 1e-9))
+            if out is not None and not last and s.checkpoint_every and done % s.checkpoint_every == 0:
+                checkpoints.append(save(done))
+            if out is not None and not last and s.plot_every and done % s.plot_every == 0:
+                plot_model(sample, ctx, model.with_net(ema.module), config, dataset,
+                      out / f"samples-step{done:07d}.png", s, done)
+                model.train()
+            if over_time and not last:
+                stopped_early = True
+                break
+            if stop_now and not last:  # Ctrl-C / SIGTERM: checkpoint, then stop
+                interrupted = stopped_early = True
+                break
+    seconds = time.perf_counter() - t0
+    ema_model = model.with_net(ema.module).eval()
+    raw = model.eval()
+    if getattr(dataset, "mixture", None) is not None:
+        ema_model.mixture = dataset.mixture
+    ema_model.trained_config = config
+    if out is not None:
+        checkpoints.append(save(done))
+        if not interrupted:  # a Ctrl-C should not wait for a sample plot
+            plot_model(sample, ctx, ema_model, config, dataset, out / "samples.png", s, done)
+    if out is not None and ctx.is_main:
+        write_json(out / "status.json", {"complete": not stopped_early, "step": done,
+                                         "steps": s.steps, "stopped_early": stopped_early,
+                                         "interrupted": interrupted,
+                                         "seconds": round(seconds, 2)})
+    if interrupted:
+        raise KeyboardInterrupt(
+            f"{stop.name} at step {done}: " + (
+                f"checkpoint saved in {out}; continue with diffuse train --resume --out {out}"
+                if out is not None else "nothing saved (no output folder)"))
+    return TrainResult(model=ema_model, raw=raw, losses=losses, step=done, seconds=seconds,
+                       config=config, dataset=dataset, out=out, stopped_early=stopped_early,
+                       steps_per_second=(done - start) / max(seconds, 1e-9),
+                       checkpoints=checkpoints)
+
+
+def train_for_run(builder: Builder, plan, out: Path, *, sample: SampleFn,
+                  progress: bool = False):
+    """Train the score model of a ``diffuse run`` plan (``[train.NAME]`` of ``plan.train``,
+    default ``default``, with the plan's score, SDE, seed, device and data); the EMA model."""
+    choices = {"model": plan.score, "sde": plan.sde, "seed": plan.seed, "device": plan.device}
+    if plan.data is not None:
+        choices["data"] = plan.data
+    settings = builder.registry.train_settings(plan.train or "default", choices)
+    return run_training(builder, settings, {}, sample=sample, out=out,
+                        progress=progress).model

@@ -1,0 +1,45 @@
+"""The resolved configuration of a fresh training run: each component's type and fields,
+as the checkpoint records it (implementations by installed name, never by import path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffuse_engine.components.builder import Builder
+from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.core.trust import is_import_path
+from diffuse_engine.training.settings import TrainSettings
+
+
+def resolve_config(builder: Builder, settings: TrainSettings,
+                   overrides: dict[str, Any]) -> dict[str, Any]:
+    """The full resolved configuration of a fresh run: each component's type and fields."""
+    names = {"data": settings.data, "sde": settings.sde, "score": settings.model,
+             "loss": settings.loss}
+    chosen = {k: builder.resolve(k, n)[0] for k, n in names.items()}
+    routed = builder.route_overrides(chosen, overrides)
+    score_cls = chosen["score"]
+    if not getattr(score_cls, "needs_training", False):
+        trainable = [n for n in builder.catalogue.names("score")
+                     if builder.catalogue.get("score", n).needs_training]
+        raise DiffuseError(f"score model {settings.model!r} ({score_cls.name}) is not trainable;"
+                           f" choose one of: {', '.join(trainable) or '(none installed)'}")
+    data_cls, data_cfg = builder.resolve("data", names["data"], **routed["data"])
+    dataset = data_cls(data_cfg)
+    fields = score_cls.Config.model_fields
+    if "shape" in fields and "shape" not in routed["score"]:
+        routed["score"]["shape"] = list(dataset.shape)
+    if "init_seed" in fields and "init_seed" not in routed["score"]:
+        entry = builder.registry.entry("score", names["score"])
+        if "init_seed" not in entry.fields:
+            routed["score"]["init_seed"] = settings.seed
+    config: dict[str, Any] = {"train": settings.model_dump(mode="json")}
+    for kind, name in names.items():
+        cls, cfg = builder.resolve(kind, name, **routed[kind])
+        typ = builder.registry.entry(kind, name).type
+        if isinstance(typ, str) and is_import_path(typ):  # checkpoints name installed code
+            raise DiffuseError(f"{kind} {name!r} is imported from {typ!r}; training records "
+                               "implementations by installed name so its checkpoints load "
+                               "anywhere: install it as a plugin to train with it")
+        config[kind] = {"name": name, "type": cls.name, **cfg.model_dump(mode="json")}
+    return config

@@ -1,0 +1,77 @@
+"""Training settings: a ``[train.NAME]`` registry table, and what a run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainSettings(BaseModel):
+    """A ``[train.NAME]`` table: what to train on and how (all fields optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str = Field("gmm", description="dataset entry")
+    sde: str = Field("vp", description="SDE entry")
+    model: str = Field("mlp", description="trainable score-model entry")
+    loss: str = Field("dsm", description="loss entry")
+    steps: int = Field(2000, ge=1, description="optimiser steps in total")
+    batch_size: int = Field(512, ge=1, description="samples per step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    warmup: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max gradient norm (none: off)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights")
+    seed: int = Field(0, description="seed of data, noise and (by default) initial weights")
+    device: str = Field("cpu", description="torch device")
+    checkpoint_every: int = Field(1000, ge=0, description="checkpoint period (0: at the end)")
+    plot_every: int = Field(0, ge=0, description="sample-plot period (0: at the end only)")
+    plot_solver: str = Field("pc", description="solver entry for sample plots")
+    plot_steps: int = Field(250, ge=1, description="solver steps for sample plots")
+    plot_n: int = Field(2000, ge=1, description="samples in a plot (images: up to 100 shown)")
+    log_every: int = Field(50, ge=1, description="steps between loss read-backs / bar updates")
+    max_seconds: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) "
+                                         "after this much training time")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads while training "
+                                   "(default: torch's; 1 is fastest on a busy machine)")
+    shards: Optional[int] = Field(None, ge=1, description="seeded parts of each global batch "
+                                  "(default: the number of processes); a run on N processes "
+                                  "equals one process with shards = N")
+
+
+#: settings a resumed run may change (everything else comes from the checkpoint)
+RESUMABLE = ("steps", "max_seconds", "checkpoint_every", "plot_every", "log_every",
+             "plot_solver", "plot_steps", "plot_n", "threads")
+COMPONENT_KINDS = ("data", "sde", "score", "loss")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: ``model`` (EMA weights) and its history."""
+
+    model: Any
+    raw: Any
+    losses: list[float]
+    step: int
+    seconds: float
+    config: dict[str, Any]
+    dataset: Any = None
+    out: Optional[Path] = None
+    stopped_early: bool = False
+    steps_per_second: float = 0.0
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(TrainSettings fields, component field overrides)``; ``train.FIELD`` is explicit."""
+    settings, rest = {}, {}
+    for key, value in overrides.items():
+        name = key.removeprefix("train.")
+        if name in TrainSettings.model_fields and (key.startswith("train.") or "." not in key):
+            settings[name] = value
+        else:
+            rest[key] = value
+    return settings, rest
