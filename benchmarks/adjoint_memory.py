@@ -52,8 +52,9 @@ def run_one(args: dict, queue) -> None:
     class MLPScore(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128),
-                                     nn.SiLU(), nn.Linear(128, 2))
+            self.net = nn.Sequential(
+                nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 2)
+            )
 
         def forward(self, x, t):
             return self.net(torch.cat([x, t[:, None]], 1))
@@ -66,10 +67,18 @@ def run_one(args: dict, queue) -> None:
 
     def solve(steps):
         if args["kind"] == "sde":
-            return reverse_sde_solve(net, sde, x_T, method=args["method"], steps=steps,
-                                     entropy=3, adjoint=args["adjoint"])
-        return probability_flow_solve(net, sde, x_T, method="rk4", steps=steps,
-                                      adjoint=args["adjoint"])
+            return reverse_sde_solve(
+                net,
+                sde,
+                x_T,
+                method=args["method"],
+                steps=steps,
+                entropy=3,
+                adjoint=args["adjoint"],
+            )
+        return probability_flow_solve(
+            net, sde, x_T, method="rk4", steps=steps, adjoint=args["adjoint"]
+        )
 
     def grad(steps):
         net.zero_grad()
@@ -117,25 +126,48 @@ def main() -> None:
         for steps in a.steps:
             res = {}
             for adjoint in (False, True):
-                res[adjoint] = measure(dict(kind=kind, method=method, steps=steps,
-                                            adjoint=adjoint, batch=a.batch, device=a.device))
+                res[adjoint] = measure(
+                    dict(
+                        kind=kind,
+                        method=method,
+                        steps=steps,
+                        adjoint=adjoint,
+                        batch=a.batch,
+                        device=a.device,
+                    )
+                )
             import torch
+
             gd, ga = torch.tensor(res[False]["grad"]), torch.tensor(res[True]["grad"])
             diff = float((ga - gd).norm() / gd.norm())
-            rows.append((kind, method, steps, res[False]["peak_mib"], res[True]["peak_mib"],
-                         res[False]["seconds"], res[True]["seconds"], diff))
+            rows.append(
+                (
+                    kind,
+                    method,
+                    steps,
+                    res[False]["peak_mib"],
+                    res[True]["peak_mib"],
+                    res[False]["seconds"],
+                    res[True]["seconds"],
+                    diff,
+                )
+            )
             print(rows[-1], flush=True)
-    lines = [f"Device `{a.device}`, batch {a.batch}, 2-D data, MLP score (3-128-128-2), "
-             "float32, VP SDE; gradient of a linear loss on the samples w.r.t. the "
-             "network's parameters. Peak memory is the growth over the forward + backward "
-             "pass (CPU: peak RSS; CUDA: max allocated).",
-             "",
-             "| solve | method | steps | direct peak MiB | adjoint peak MiB | direct s | "
-             "adjoint s | grad rel. diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device `{a.device}`, batch {a.batch}, 2-D data, MLP score (3-128-128-2), "
+        "float32, VP SDE; gradient of a linear loss on the samples w.r.t. the "
+        "network's parameters. Peak memory is the growth over the forward + backward "
+        "pass (CPU: peak RSS; CUDA: max allocated).",
+        "",
+        "| solve | method | steps | direct peak MiB | adjoint peak MiB | direct s | "
+        "adjoint s | grad rel. diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for kind, method, steps, pd, pa, sd, sa, diff in rows:
-        lines.append(f"| {kind} | {method} | {steps} | {pd:.1f} | {pa:.1f} | {sd:.2f} | "
-                     f"{sa:.2f} | {diff:.1e} |")
+        lines.append(
+            f"| {kind} | {method} | {steps} | {pd:.1f} | {pa:.1f} | {sd:.2f} | "
+            f"{sa:.2f} | {diff:.1e} |"
+        )
     table = "\n".join(lines)
     print(table)
     if not a.no_doc:

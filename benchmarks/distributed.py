@@ -55,22 +55,44 @@ def _worker(rank: int, world: int, port: int, args: dict, folder: str) -> None:
     torch.distributed.init_process_group(default_backend(), rank=rank, world_size=world)
     try:
         engine = Engine(autoload=False, distributed=True)
-        common = dict(batch_size=args["batch"], hidden=args["hidden"], depth=2,
-                      threads=args["threads"], device=args["device"], log_every=50,
-                      checkpoint_every=0, warmup=10, seed=0)
+        common = dict(
+            batch_size=args["batch"],
+            hidden=args["hidden"],
+            depth=2,
+            threads=args["threads"],
+            device=args["device"],
+            log_every=50,
+            checkpoint_every=0,
+            warmup=10,
+            seed=0,
+        )
         engine.training(steps=args["warmup"], **common)  # warm-up: allocator, DDP buckets
         result = engine.training(steps=args["steps"], **common)
-        engine.sample(score="gmm", sde="vp", solver="pc", shape=(args["shard_size"], 2),
-                      steps=5, device=args["device"], shard_size=args["shard_size"])
+        engine.sample(
+            score="gmm",
+            sde="vp",
+            solver="pc",
+            shape=(args["shard_size"], 2),
+            steps=5,
+            device=args["device"],
+            shard_size=args["shard_size"],
+        )
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        samples = engine.sample(score="gmm", sde="vp", solver="pc", shape=(args["n"], 2),
-                                steps=args["sample_steps"], device=args["device"],
-                                shard_size=args["shard_size"])
+        samples = engine.sample(
+            score="gmm",
+            sde="vp",
+            solver="pc",
+            shape=(args["n"], 2),
+            steps=args["sample_steps"],
+            device=args["device"],
+            shard_size=args["shard_size"],
+        )
         seconds = time.perf_counter() - t0
         if rank == 0:
             Path(folder, f"{world}.txt").write_text(
-                f"{result.steps_per_second} {samples.shape[0] / seconds}")
+                f"{result.steps_per_second} {samples.shape[0] / seconds}"
+            )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -103,27 +125,41 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=200)
     p.add_argument("--no-write", action="store_true", help="print only")
     a = p.parse_args()
-    args = dict(device=a.device, threads=a.threads, batch=a.batch, hidden=a.hidden,
-                steps=a.steps, warmup=a.warmup, n=a.n, shard_size=a.shard_size,
-                sample_steps=a.sample_steps)
+    args = dict(
+        device=a.device,
+        threads=a.threads,
+        batch=a.batch,
+        hidden=a.hidden,
+        steps=a.steps,
+        warmup=a.warmup,
+        n=a.n,
+        shard_size=a.shard_size,
+        sample_steps=a.sample_steps,
+    )
     rows = []
     base = None
     for world in a.procs:
         load, steps, samples = measure(world, args)
         base = base or (steps, samples)
-        rows.append(f"| {world} | {load:.1f} | {steps:.1f} | {steps / base[0]:.2f}x | "
-                    f"{samples:.0f} | {samples / base[1]:.2f}x |")
+        rows.append(
+            f"| {world} | {load:.1f} | {steps:.1f} | {steps / base[0]:.2f}x | "
+            f"{samples:.0f} | {samples / base[1]:.2f}x |"
+        )
         print(rows[-1], flush=True)
     cpu = f"{os.cpu_count()} cores" if a.device == "cpu" else "CUDA"
-    table = "\n".join([
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
-        f"({cpu}, {a.device}, {a.threads} torch thread(s) per process, torch "
-        f"{__import__('torch').__version__}). Training: MLP hidden {a.hidden} x 2, global "
-        f"batch {a.batch}, {a.steps} steps after {a.warmup} warm-up steps. Sampling: exact "
-        f"gmm score, PC, {a.sample_steps} steps, n = {a.n} in shards of {a.shard_size}.",
-        "",
-        "| processes | load avg before | train steps/s | speed-up | samples/s | speed-up |",
-        "|---|---|---|---|---|---|", *rows])
+    table = "\n".join(
+        [
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
+            f"({cpu}, {a.device}, {a.threads} torch thread(s) per process, torch "
+            f"{__import__('torch').__version__}). Training: MLP hidden {a.hidden} x 2, global "
+            f"batch {a.batch}, {a.steps} steps after {a.warmup} warm-up steps. Sampling: exact "
+            f"gmm score, PC, {a.sample_steps} steps, n = {a.n} in shards of {a.shard_size}.",
+            "",
+            "| processes | load avg before | train steps/s | speed-up | samples/s | speed-up |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     print(table)
     if not a.no_write:
         replace_section(DOC, BEGIN, END, table)

@@ -31,6 +31,7 @@ def cosine_closed_form(sde):
     def marginal(t):
         a = torch.cos((c.end * t + c.s) / (1 + c.s) * math.pi / 2) / math.cos(phi0)
         return a, (1 - a**2).sqrt()
+
     return marginal
 
 
@@ -52,9 +53,14 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     from diffuse_engine import Engine
+
     engine = Engine(autoload=False)
-    t64 = torch.cat([torch.logspace(-5, 0, 2000, dtype=torch.float64),
-                     torch.linspace(1e-5, 1, 2000, dtype=torch.float64)]).to(device)
+    t64 = torch.cat(
+        [
+            torch.logspace(-5, 0, 2000, dtype=torch.float64),
+            torch.linspace(1e-5, 1, 2000, dtype=torch.float64),
+        ]
+    ).to(device)
     tb = torch.rand(8192, generator=torch.Generator().manual_seed(0)).to(device) * 0.999 + 1e-3
     rows = []
     for name in ("vp", "subvp", "ve", "cosine"):
@@ -70,25 +76,47 @@ def main() -> None:
         for dtype in (torch.float64, torch.float32):
             a, s = numeric.marginal(t64.to(dtype))
             ra, rs = closed(t64)
-            errs.append(max(float(((a.double() - ra) / ra).abs().max()),
-                            float(((s.double() - rs) / rs).abs().max())))
-        t_num = timed(lambda: numeric.marginal(tb), device)
-        t_closed = timed(lambda: closed(tb), device)
-        rows.append((name, f"{build * 1e3:.0f}", f"{t_num * 1e6:.0f}", f"{t_closed * 1e6:.0f}",
-                     f"{t_num / t_closed:.1f}", f"{errs[0]:.1e}", f"{errs[1]:.1e}"))
-    head = ("SDE", "table build (ms)", "marginal, numeric (us)", "marginal, closed form (us)",
-            "ratio", "max rel. error f64", "max rel. error f32")
+            errs.append(
+                max(
+                    float(((a.double() - ra) / ra).abs().max()),
+                    float(((s.double() - rs) / rs).abs().max()),
+                )
+            )
+        t_num = timed(lambda k=numeric: k.marginal(tb), device)
+        t_closed = timed(lambda f=closed: f(tb), device)
+        rows.append(
+            (
+                name,
+                f"{build * 1e3:.0f}",
+                f"{t_num * 1e6:.0f}",
+                f"{t_closed * 1e6:.0f}",
+                f"{t_num / t_closed:.1f}",
+                f"{errs[0]:.1e}",
+                f"{errs[1]:.1e}",
+            )
+        )
+    head = (
+        "SDE",
+        "table build (ms)",
+        "marginal, numeric (us)",
+        "marginal, closed form (us)",
+        "ratio",
+        "max rel. error f64",
+        "max rel. error f32",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
-    note = (f"\n\nMeasured by `benchmarks/plugins_numeric_kernel.py` on {device} "
-            f"({torch.get_num_threads()} threads, torch {torch.__version__}); batch of 8192 "
-            "times per call; errors over 4000 times in [1e-5, 1].")
+    note = (
+        f"\n\nMeasured by `benchmarks/plugins_numeric_kernel.py` on {device} "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__}); batch of 8192 "
+        "times per call; errors over 4000 times in [1e-5, 1]."
+    )
     print(table + note)
     text = DOC.read_text()
     if BEGIN in text and END in text:
         i, j = text.index(BEGIN), text.index(END)
-        DOC.write_text(text[:i + len(BEGIN)] + "\n" + table + note + "\n" + text[j:])
+        DOC.write_text(text[: i + len(BEGIN)] + "\n" + table + note + "\n" + text[j:])
         print(f"wrote {DOC}")
 
 

@@ -14,4 +14,5 @@ from diffuse_engine.cli import main
 
 if __name__ == "__main__":
     import sys
+
     main(["bench", *sys.argv[1:]])

@@ -18,16 +18,34 @@ from diffuse_engine.components.linear import LinearSDE, NumericKernel
 from diffuse_engine.components.loss import Loss
 from diffuse_engine.components.mixture import GaussianMixture, mode_statistics
 from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_from_log_snr
-from diffuse_engine.components.score import (CallableScore, Parameterisation, ScoreConfig,
-                                             ScoreModel, to_score)
+from diffuse_engine.components.score import (
+    CallableScore,
+    Parameterisation,
+    ScoreConfig,
+    ScoreModel,
+    to_score,
+)
 from diffuse_engine.components.sde import SDE, SDEConfig, VPFamilySDE, bcast
-from diffuse_engine.components.solver import (MAX_STEPS, Corrector, CorrectorConfig, Predictor,
-                                              Solver, SolverConfig, noise_like,
-                                              uniform_schedule_only)
+from diffuse_engine.components.solver import (
+    MAX_STEPS,
+    Corrector,
+    CorrectorConfig,
+    Predictor,
+    Solver,
+    SolverConfig,
+    noise_like,
+    uniform_schedule_only,
+)
 from diffuse_engine.core.component import Component, ComponentConfig, ComponentRef
-from diffuse_engine.core.errors import (DiffuseError, IncompatibleError, NumericalError,
-                                        OutputExistsError, PluginError, RegistryError,
-                                        UnknownComponentError)
+from diffuse_engine.core.errors import (
+    DiffuseError,
+    IncompatibleError,
+    NumericalError,
+    OutputExistsError,
+    PluginError,
+    RegistryError,
+    UnknownComponentError,
+)
 from diffuse_engine.core.hookspecs import hookimpl, hookspec
 from diffuse_engine.core.plugins import ENTRY_POINT_GROUP, module_plugin
 from diffuse_engine.engine import Engine
@@ -38,13 +56,50 @@ _moved.install()
 __version__ = "0.1.0"
 
 __all__ = [
-    "MAX_STEPS", "SCHEDULE_HELP", "Component", "ComponentConfig", "ComponentRef", "Corrector",
-    "CorrectorConfig", "CallableScore", "Dataset", "DiffuseError", "ENTRY_POINT_GROUP",
-    "Engine", "GaussianMixture", "IncompatibleError", "KernelGrid", "KernelSolver",
-    "KernelSolverConfig", "LinearSDE", "Loss", "NumericalError", "NumericKernel",
-    "OutputExistsError", "Parameterisation", "PerturbationKernel", "PluginError", "Predictor",
-    "RegistryError", "SDE", "SDEConfig", "SamplingResult", "Schedule", "ScoreConfig",
-    "ScoreModel", "Solver", "SolverConfig", "UnknownComponentError", "VPFamilySDE", "bcast",
-    "hookimpl", "hookspec", "mode_statistics", "module_plugin", "noise_like",
-    "time_from_log_snr", "to_score", "uniform_schedule_only",
+    "MAX_STEPS",
+    "SCHEDULE_HELP",
+    "Component",
+    "ComponentConfig",
+    "ComponentRef",
+    "Corrector",
+    "CorrectorConfig",
+    "CallableScore",
+    "Dataset",
+    "DiffuseError",
+    "ENTRY_POINT_GROUP",
+    "Engine",
+    "GaussianMixture",
+    "IncompatibleError",
+    "KernelGrid",
+    "KernelSolver",
+    "KernelSolverConfig",
+    "LinearSDE",
+    "Loss",
+    "NumericalError",
+    "NumericKernel",
+    "OutputExistsError",
+    "Parameterisation",
+    "PerturbationKernel",
+    "PluginError",
+    "Predictor",
+    "RegistryError",
+    "SDE",
+    "SDEConfig",
+    "SamplingResult",
+    "Schedule",
+    "ScoreConfig",
+    "ScoreModel",
+    "Solver",
+    "SolverConfig",
+    "UnknownComponentError",
+    "VPFamilySDE",
+    "bcast",
+    "hookimpl",
+    "hookspec",
+    "mode_statistics",
+    "module_plugin",
+    "noise_like",
+    "time_from_log_snr",
+    "to_score",
+    "uniform_schedule_only",
 ]

@@ -16,20 +16,36 @@ import sys
 
 #: old module name (under ``diffuse_engine.``) -> its new home
 MOVED = {
-    "errors": "core.errors", "hookspecs": "core.hookspecs", "plugins": "core.plugins",
-    "registry": "core.registry", "component": "core.component", "trust": "core.trust",
-    "devices": "core.devices", "introspect": "core.introspect",
-    "distributed": "core.distributed", "allocator": "core.allocator",
-    "outputs": "output.files", "plotting": "output.plotting",
-    "image_grid": "output.image_grid", "progress": "output.progress",
-    "interrupts": "output.interrupts", "sde": "components.sde",
-    "kernel": "components.kernel", "linear": "components.linear",
-    "score": "components.score", "solver": "components.solver",
-    "kernel_solver": "components.kernel_solver", "loss": "components.loss",
-    "data": "components.data", "schedules": "components.schedules",
-    "gits": "components.gits", "checkpoint": "components.checkpoint",
-    "mixture": "components.mixture", "differentiable": "components.differentiable",
-    "faults": "sampling.faults", "conformance": "testbed.conformance",
+    "errors": "core.errors",
+    "hookspecs": "core.hookspecs",
+    "plugins": "core.plugins",
+    "registry": "core.registry",
+    "component": "core.component",
+    "trust": "core.trust",
+    "devices": "core.devices",
+    "introspect": "core.introspect",
+    "distributed": "core.distributed",
+    "allocator": "core.allocator",
+    "outputs": "output.files",
+    "plotting": "output.plotting",
+    "image_grid": "output.image_grid",
+    "progress": "output.progress",
+    "interrupts": "output.interrupts",
+    "sde": "components.sde",
+    "kernel": "components.kernel",
+    "linear": "components.linear",
+    "score": "components.score",
+    "solver": "components.solver",
+    "kernel_solver": "components.kernel_solver",
+    "loss": "components.loss",
+    "data": "components.data",
+    "schedules": "components.schedules",
+    "gits": "components.gits",
+    "checkpoint": "components.checkpoint",
+    "mixture": "components.mixture",
+    "differentiable": "components.differentiable",
+    "faults": "sampling.faults",
+    "conformance": "testbed.conformance",
     "bench": "testbed.bench",
 }
 
@@ -53,11 +69,10 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith(self.prefix):
             return None
-        new = MOVED.get(fullname[len(self.prefix):])
+        new = MOVED.get(fullname[len(self.prefix) :])
         if new is None:
             return None
-        return importlib.machinery.ModuleSpec(fullname,
-                                              _MovedModuleLoader(self.prefix + new))
+        return importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(self.prefix + new))
 
 
 def install() -> None:

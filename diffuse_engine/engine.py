@@ -24,14 +24,20 @@ from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.core.plugins import Catalogue, make_plugin_manager
 from diffuse_engine.core.registry import Registry, parse_assignment
 from diffuse_engine.likelihood import LikelihoodConfig, evaluate
-from diffuse_engine.sampling.loop import SamplingJob, SamplingResult, run_sampling
 from diffuse_engine.runs import RunPlan, execute_run, plan_run
-from diffuse_engine.training import (RESUMABLE, TrainSettings, run_training, split_overrides,
-                                     train_for_run)
+from diffuse_engine.sampling.loop import SamplingJob, SamplingResult, run_sampling
+from diffuse_engine.training import (
+    RESUMABLE,
+    TrainSettings,
+    run_training,
+    split_overrides,
+    train_for_run,
+)
 
 #: service settings an ``Engine(sets=...)`` assignment may name (not component fields)
-SERVICE_SETTINGS = ([("train", f) for f in TrainSettings.model_fields]
-                    + [("likelihood", f) for f in LikelihoodConfig.model_fields])
+SERVICE_SETTINGS = [("train", f) for f in TrainSettings.model_fields] + [
+    ("likelihood", f) for f in LikelihoodConfig.model_fields
+]
 
 
 def _check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
@@ -43,8 +49,10 @@ def _check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
     if len(out) < 2 or min(out) < 1:
         raise DiffuseError(f"shape must be (n, *dims) with n >= 1 and dims >= 1, not {out}")
     if data_shape is not None and tuple(out[1:]) != tuple(data_shape):
-        raise DiffuseError(f"shape {out}: this score model's data are {tuple(data_shape)}; "
-                           f"use shape=(n, {', '.join(map(str, data_shape))}) or shape=n")
+        raise DiffuseError(
+            f"shape {out}: this score model's data are {tuple(data_shape)}; "
+            f"use shape=(n, {', '.join(map(str, data_shape))}) or shape=n"
+        )
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise DiffuseError(f"dtype must be a floating-point torch dtype, not {dtype!r}")
     return out
@@ -71,13 +79,20 @@ class Engine:
     (imports code; off by default, see :mod:`diffuse_engine.core.trust`).
     ``distributed``: ``True`` to train and sample across the processes of a torchrun
     launch (initialising ``torch.distributed`` from its environment), or a
-    :class:`~diffuse_engine.core.distributed.DistContext`; see :mod:`diffuse_engine.core.distributed`.
+    :class:`~diffuse_engine.core.distributed.DistContext`; see
+    :mod:`diffuse_engine.core.distributed`.
     """
 
-    def __init__(self, registry: str | Path | Sequence[str | Path] | None = None,
-                 plugins: Iterable[Any] = (), *, autoload: bool = True,
-                 sets: Iterable[str] = (), allow_imports: bool = False,
-                 distributed: Any = False):
+    def __init__(
+        self,
+        registry: str | Path | Sequence[str | Path] | None = None,
+        plugins: Iterable[Any] = (),
+        *,
+        autoload: bool = True,
+        sets: Iterable[str] = (),
+        allow_imports: bool = False,
+        distributed: Any = False,
+    ):
         if isinstance(sets, (str, bytes)) or not isinstance(sets, Iterable):
             raise DiffuseError(f"sets must be a list of 'KEY=VALUE' strings, not {sets!r}")
         self.dist = as_context(distributed)
@@ -92,11 +107,22 @@ class Engine:
                 qualified.append((key, value))
             else:
                 set_overrides[key] = value
-        registry = Registry.load(_as_list(registry), catalogue, sets=qualified,
-                                 allow_imports=allow_imports, train_model=TrainSettings)
+        registry = Registry.load(
+            _as_list(registry),
+            catalogue,
+            sets=qualified,
+            allow_imports=allow_imports,
+            train_model=TrainSettings,
+        )
         #: what the services get: catalogue, registry, sets, events and process group
-        self.builder = Builder(catalogue, registry, hook=self.pm.hook, dist=self.dist,
-                               set_overrides=set_overrides, known_settings=SERVICE_SETTINGS)
+        self.builder = Builder(
+            catalogue,
+            registry,
+            hook=self.pm.hook,
+            dist=self.dist,
+            set_overrides=set_overrides,
+            known_settings=SERVICE_SETTINGS,
+        )
         # plugins may now register observers (the metrics logger does when enabled)
         self.pm.hook.diffuse_configure(engine=self)
 
@@ -143,19 +169,34 @@ class Engine:
         return self.builder.bind_score(score, sde, **fields)
 
     # ---- training ------------------------------------------------------------------------
-    def train(self, data: str | None = None, sde: str | None = None, model: str | None = None,
-              loss: str | None = None, **kwargs) -> ScoreModel:
+    def train(
+        self,
+        data: str | None = None,
+        sde: str | None = None,
+        model: str | None = None,
+        loss: str | None = None,
+        **kwargs,
+    ) -> ScoreModel:
         """Train a score model; returns it with EMA weights, ready for ``sample(score=)``.
 
         See :meth:`training` for the arguments.
         """
         return self.training(data=data, sde=sde, model=model, loss=loss, **kwargs).model
 
-    def training(self, data: str | None = None, sde: str | None = None,
-                 model: str | None = None, loss: str | None = None, *,
-                 preset: str = "default", out: str | Path | None = None,
-                 resume: bool = False, overwrite: bool = False, progress: bool = False,
-                 **overrides):
+    def training(
+        self,
+        data: str | None = None,
+        sde: str | None = None,
+        model: str | None = None,
+        loss: str | None = None,
+        *,
+        preset: str = "default",
+        out: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = False,
+        **overrides,
+    ):
         """Train per ``[train.PRESET]`` with the given entries; a ``TrainResult``.
 
         ``overrides`` are training settings (``steps=``, ``lr=``, ``batch_size=``, ...,
@@ -167,18 +208,31 @@ class Engine:
         set_settings, _ = split_overrides(self.set_overrides)  # Engine(sets=["lr=1e-3"])
         settings_fields, fields = split_overrides(overrides)
         settings_fields = {**set_settings, **settings_fields}
-        choices = {k: v for k, v in (("data", data), ("sde", sde), ("model", model),
-                                     ("loss", loss)) if v is not None}
+        choices = {
+            k: v
+            for k, v in (("data", data), ("sde", sde), ("model", model), ("loss", loss))
+            if v is not None
+        }
         if resume:  # everything comes from the checkpoint except what may change
             fixed = sorted(set(choices) | set(fields) | (set(settings_fields) - set(RESUMABLE)))
             if fixed:
-                raise DiffuseError(f"resume continues the recorded run; these cannot change: "
-                                   f"{', '.join(fixed)}; allowed: {', '.join(RESUMABLE)}")
+                raise DiffuseError(
+                    f"resume continues the recorded run; these cannot change: "
+                    f"{', '.join(fixed)}; allowed: {', '.join(RESUMABLE)}"
+                )
             settings = TrainSettings.model_validate(settings_fields)
         else:
             settings = self.registry.train_settings(preset, {**choices, **settings_fields})
-        return run_training(self.builder, settings, fields, sample=self.sampling, out=out,
-                            resume=resume, overwrite=overwrite, progress=progress)
+        return run_training(
+            self.builder,
+            settings,
+            fields,
+            sample=self.sampling,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
 
     # ---- runs ------------------------------------------------------------------------------
     def plan_run(self, preset: str = "default", **choices: Any) -> RunPlan:
@@ -186,33 +240,69 @@ class Engine:
         keys are field overrides), validated before anything touches the disk."""
         return plan_run(self.builder, preset, **choices)
 
-    def run(self, plan: RunPlan, out: str | Path, *, overwrite: bool = False,
-            progress: bool = False, sample_format: str = "pt") -> dict[str, Any]:
+    def run(
+        self,
+        plan: RunPlan,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        progress: bool = False,
+        sample_format: str = "pt",
+    ) -> dict[str, Any]:
         """What ``diffuse run`` does: train the plan's model if it needs it, sample, and
         write run folder ``out`` (samples, plot, metrics, config); the metrics."""
+
         def train(plan: RunPlan, train_out: Path, progress: bool = False):
-            return train_for_run(self.builder, plan, train_out, sample=self.sampling,
-                                 progress=progress)
-        return execute_run(self.builder, plan, out, sample=self.sampling, train=train,
-                           overwrite=overwrite, progress=progress, sample_format=sample_format)
+            return train_for_run(
+                self.builder, plan, train_out, sample=self.sampling, progress=progress
+            )
+
+        return execute_run(
+            self.builder,
+            plan,
+            out,
+            sample=self.sampling,
+            train=train,
+            overwrite=overwrite,
+            progress=progress,
+            sample_format=sample_format,
+        )
 
     # ---- sampling ------------------------------------------------------------------------
-    def sample(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
-               shape: int | Sequence[int] = 1000, seed: int = 0, **kwargs) -> Tensor:
+    def sample(
+        self,
+        score: Any = "gmm",
+        sde: str = "vp",
+        solver: str = "pc",
+        shape: int | Sequence[int] = 1000,
+        seed: int = 0,
+        **kwargs,
+    ) -> Tensor:
         """Samples ``shape`` (or ``(shape, *data_dims)`` for an int) from ``score``.
 
         ``score`` is a callable ``fn(x, t)``, a :class:`ScoreModel`, or a registry name.
         Remaining keyword arguments: ``device``, ``dtype``, ``progress`` and registry
         field overrides of the chosen entries (``steps=``, ``snr=``, ...).
         """
-        return self.sampling(score=score, sde=sde, solver=solver, shape=shape, seed=seed,
-                             **kwargs).samples
+        return self.sampling(
+            score=score, sde=sde, solver=solver, shape=shape, seed=seed, **kwargs
+        ).samples
 
-    def sampling(self, score: Any = "gmm", sde: str = "vp", solver: str = "pc",
-                 shape: int | Sequence[int] = 1000, seed: int = 0, *,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 progress: bool = False, check_every: int = 0,
-                 shard_size: int = DEFAULT_SHARD_SIZE, **overrides) -> SamplingResult:
+    def sampling(
+        self,
+        score: Any = "gmm",
+        sde: str = "vp",
+        solver: str = "pc",
+        shape: int | Sequence[int] = 1000,
+        seed: int = 0,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+        check_every: int = 0,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        **overrides,
+    ) -> SamplingResult:
         """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
 
         Samples are made in seeded shards of ``shard_size`` (see
@@ -225,19 +315,23 @@ class Engine:
         ``k`` score calls to stop a bad run early.
         """
         if not isinstance(check_every, int) or check_every < 0:
-            raise DiffuseError(f"check_every must be an integer >= 0 (0: check at the end "
-                               f"only), not {check_every!r}")
+            raise DiffuseError(
+                f"check_every must be an integer >= 0 (0: check at the end "
+                f"only), not {check_every!r}"
+            )
         device = self.dist.device(check_device(device or "cpu"))
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
-            raise DiffuseError(f"shard_size must be a whole number of samples >= 1, not "
-                               f"{shard_size!r}")
+            raise DiffuseError(
+                f"shard_size must be a whole number of samples >= 1, not {shard_size!r}"
+            )
         seed = _check_seed(seed)
         b = self.builder
         sde_cls, _ = b.resolve("sde", sde)
         solver_cls, _ = b.resolve("solver", solver)
         score_cls = b.score_class(score)
-        routed = b.route_overrides({"sde": sde_cls, "solver": solver_cls,
-                                    "score": score_cls}, overrides)
+        routed = b.route_overrides(
+            {"sde": sde_cls, "solver": solver_cls, "score": score_cls}, overrides
+        )
         sde_obj = b.build("sde", sde, **routed["sde"])
         solver_obj = b.build("solver", solver, **routed["solver"])
         score_obj = b.bind_score(score, sde_obj, **routed["score"])
@@ -245,31 +339,47 @@ class Engine:
         data_shape = getattr(score_obj, "data_shape", None)
         if isinstance(shape, int):
             if data_shape is None:
-                raise DiffuseError("shape=int needs a score model that knows its data shape; "
-                                   "pass shape=(n, *dims)")
+                raise DiffuseError(
+                    "shape=int needs a score model that knows its data shape; pass shape=(n, *dims)"
+                )
             shape = (shape, *data_shape)
         shape = _check_shape(shape, data_shape, dtype)
         if hasattr(score_obj, "to"):
             score_obj = score_obj.to(device)
         score_name = score if isinstance(score, str) else score_cls.name
-        config = {"sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
-                  "solver": {"name": solver, "type": solver_cls.name,
-                             **solver_obj.config.model_dump()},
-                  "score": {"name": score_name, **score_obj.config.model_dump(mode="json")},
-                  "shape": list(shape), "seed": seed, "device": str(device),
-                  "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
-        job = SamplingJob(sde_obj, solver_obj, score_obj, shape, seed, device, dtype,
-                          shard_size, {"sde": sde, "solver": solver, "score": score_name},
-                          check_every)
+        config = {
+            "sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
+            "solver": {"name": solver, "type": solver_cls.name, **solver_obj.config.model_dump()},
+            "score": {"name": score_name, **score_obj.config.model_dump(mode="json")},
+            "shape": list(shape),
+            "seed": seed,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "shard_size": shard_size,
+        }
+        job = SamplingJob(
+            sde_obj,
+            solver_obj,
+            score_obj,
+            shape,
+            seed,
+            device,
+            dtype,
+            shard_size,
+            {"sde": sde, "solver": solver, "score": score_name},
+            check_every,
+        )
         observe = self.has_observers("diffuse_sampling_step")
         samples, nfe, setup_nfe, seconds = run_sampling(
-            job, dist=self.dist, progress=progress,
-            step_hook=self.pm.hook.diffuse_sampling_step if observe else None)
+            job,
+            dist=self.dist,
+            progress=progress,
+            step_hook=self.pm.hook.diffuse_sampling_step if observe else None,
+        )
         return SamplingResult(samples, nfe, seconds, config, sde_obj, score_obj, setup_nfe)
 
     # ---- likelihood ----------------------------------------------------------------------
-    def log_likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp",
-                       **overrides) -> Tensor:
+    def log_likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp", **overrides) -> Tensor:
         """``log p(x)`` in nats per sample, shape ``(n,)``, through the probability-flow
         ODE (:mod:`diffuse_engine.likelihood`). Keyword arguments: ``device``,
         ``progress``, likelihood settings (``rtol=``, ``divergence=``, ``probes=``,

@@ -22,12 +22,15 @@ import pytest
 
 def pytest_addoption(parser):
     group = parser.getgroup("diffuse", "diffuse-engine conformance checks")
-    group.addoption("--diffuse-n", type=int, default=None,
-                    help="samples per conformance check (default 20000)")
-    group.addoption("--diffuse-device", default=None,
-                    help="torch device for conformance checks (default cpu)")
-    group.addoption("--diffuse-seed", type=int, default=None,
-                    help="seed for conformance checks (default 0)")
+    group.addoption(
+        "--diffuse-n", type=int, default=None, help="samples per conformance check (default 20000)"
+    )
+    group.addoption(
+        "--diffuse-device", default=None, help="torch device for conformance checks (default cpu)"
+    )
+    group.addoption(
+        "--diffuse-seed", type=int, default=None, help="seed for conformance checks (default 0)"
+    )
 
 
 @pytest.fixture

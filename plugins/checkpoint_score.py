@@ -33,16 +33,19 @@ class CheckpointScore(ScoreModel):
 
     def bind_builder(self, builder) -> None:
         """Load the checkpoint through ``builder``'s catalogue (called when it builds us)."""
-        self.inner, ckpt = load_trained(builder, self.config.path, ema=self.config.ema,
-                                        sde=self.sde)
+        self.inner, ckpt = load_trained(
+            builder, self.config.path, ema=self.config.ema, sde=self.sde
+        )
         self.data_shape = self.inner.data_shape
         self.mixture = getattr(self.inner, "mixture", None)
         self.step = ckpt.step
 
     def _model(self):
         if self.inner is None:
-            raise DiffuseError("a checkpoint score model must be built by the engine "
-                               "(score='NAME' with [score.NAME] type = 'checkpoint')")
+            raise DiffuseError(
+                "a checkpoint score model must be built by the engine "
+                "(score='NAME' with [score.NAME] type = 'checkpoint')"
+            )
         return self.inner
 
     def to(self, device=None, dtype=None):

@@ -21,8 +21,9 @@ from diffuse_engine import LinearSDE, SDEConfig, hookimpl
 
 class CosineConfig(SDEConfig):
     s: float = Field(0.008, ge=0, le=1, description="offset that keeps beta(0) above zero")
-    end: float = Field(0.995, gt=0, lt=1,
-                       description="fraction of the quarter turn reached at T (clipping)")
+    end: float = Field(
+        0.995, gt=0, lt=1, description="fraction of the quarter turn reached at T (clipping)"
+    )
 
 
 class CosineVPSDE(LinearSDE):

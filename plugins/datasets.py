@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ class SwissRoll(Dataset):
 
     def sample(self, n, generator=None):
         from sklearn.datasets import make_swiss_roll
+
         x, _ = make_swiss_roll(n, noise=self.config.noise, random_state=_numpy_seed(generator))
         return torch.from_numpy(x[:, [0, 2]] / 5.0 * self.config.scale).float()
 
@@ -89,6 +90,7 @@ class Moons(Dataset):
 
     def sample(self, n, generator=None):
         from sklearn.datasets import make_moons
+
         x, _ = make_moons(n, noise=self.config.noise, random_state=_numpy_seed(generator))
         x = (x - np.array([0.5, 0.25])) * 1.5
         return torch.from_numpy(x * self.config.scale).float()
@@ -142,7 +144,8 @@ class GMMData(Dataset):
 # ---- 8x8 digits ---------------------------------------------------------------------------
 class DigitsConfig(ComponentConfig):
     split: Literal["train", "test", "all"] = Field(
-        "train", description="train: all but the held-out part; test: the held-out part")
+        "train", description="train: all but the held-out part; test: the held-out part"
+    )
     holdout: float = Field(0.2, ge=0, lt=1, description="held-out fraction (seeded split)")
     split_seed: int = Field(0, description="seed of the train/test split")
     centre: bool = Field(False, description="subtract the training-set mean image")
@@ -157,21 +160,29 @@ class Digits(_Finite):
 
     def _split(self):
         from sklearn.datasets import load_digits
+
         d = load_digits()
         x = torch.from_numpy(d.images).float() / 8.0 - 1.0  # pixel values 0..16 -> [-1, 1]
         y = torch.from_numpy(d.target).long()
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.split_seed))
+        perm = torch.randperm(
+            len(x), generator=torch.Generator().manual_seed(self.config.split_seed)
+        )
         n_test = int(round(self.config.holdout * len(x)))
         return (x[perm[n_test:]], y[perm[n_test:]]), (x[perm[:n_test]], y[perm[:n_test]])
 
     @cached_property
     def _arrays(self):
         (xtr, ytr), (xte, yte) = self._split()
-        x, y = {"train": (xtr, ytr), "test": (xte, yte),
-                "all": (torch.cat([xtr, xte]), torch.cat([ytr, yte]))}[self.config.split]
+        x, y = {
+            "train": (xtr, ytr),
+            "test": (xte, yte),
+            "all": (torch.cat([xtr, xte]), torch.cat([ytr, yte])),
+        }[self.config.split]
         if len(x) == 0:
-            raise DiffuseError("data digits: split 'test' is empty with holdout = 0; "
-                               "set holdout > 0 or use split 'train'")
+            raise DiffuseError(
+                "data digits: split 'test' is empty with holdout = 0; "
+                "set holdout > 0 or use split 'train'"
+            )
         self.mean_image = xtr.mean(0) if self.config.centre else torch.zeros(8, 8)
         x = x - self.mean_image
         return (x.reshape(len(x), 64) if self.config.flatten else x[:, None]), y
@@ -195,11 +206,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class FileConfig(ComponentConfig):
-    path: str = Field(..., description=".npy or .pt tensor file (first axis = samples), "
-                      "or a folder of images")
+    path: str = Field(
+        ..., description=".npy or .pt tensor file (first axis = samples), or a folder of images"
+    )
     channels: Literal[1, 3] = Field(1, description="images: 1 (grayscale) or 3 (RGB)")
-    scale: Optional[list[float]] = Field(
-        None, description="tensor files: map [lo, hi] to [-1, 1]; default: as stored")
+    scale: list[float] | None = Field(
+        None, description="tensor files: map [lo, hi] to [-1, 1]; default: as stored"
+    )
 
 
 class FileData(_Finite):
@@ -221,20 +234,26 @@ class FileData(_Finite):
             try:
                 x = torch.load(p, map_location="cpu", weights_only=True)
             except Exception as exc:  # torch raises many types for bad files
-                raise DiffuseError(f"data file {p}: cannot read as a tensor .pt file "
-                                   f"({type(exc).__name__})") from None
+                raise DiffuseError(
+                    f"data file {p}: cannot read as a tensor .pt file ({type(exc).__name__})"
+                ) from None
             if not isinstance(x, torch.Tensor):
-                raise DiffuseError(f"data file {p}: holds a {type(x).__name__}; "
-                                   "expected a single tensor")
+                raise DiffuseError(
+                    f"data file {p}: holds a {type(x).__name__}; expected a single tensor"
+                )
         elif not p.exists():
-            raise DiffuseError(f"data path {p} does not exist; give a .npy/.pt file or an "
-                               "image folder")
+            raise DiffuseError(
+                f"data path {p} does not exist; give a .npy/.pt file or an image folder"
+            )
         else:
-            raise DiffuseError(f"data file {p}: unsupported suffix {p.suffix!r}; allowed: "
-                               ".npy, .pt or a folder of images")
+            raise DiffuseError(
+                f"data file {p}: unsupported suffix {p.suffix!r}; allowed: "
+                ".npy, .pt or a folder of images"
+            )
         if x.dim() < 2 or x.shape[0] == 0 or x.is_complex() or x.dtype == torch.bool:
-            raise DiffuseError(f"data {p}: expected a (n, *dims) array with n >= 1, got "
-                               f"shape {tuple(x.shape)}")
+            raise DiffuseError(
+                f"data {p}: expected a (n, *dims) array with n >= 1, got shape {tuple(x.shape)}"
+            )
         x = x.float()
         if self.config.scale is not None and not p.is_dir():
             if len(self.config.scale) != 2 or self.config.scale[0] >= self.config.scale[1]:
@@ -247,6 +266,7 @@ class FileData(_Finite):
 
     def _images(self, folder: Path) -> torch.Tensor:
         from PIL import Image
+
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DiffuseError(f"data folder {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -259,9 +279,11 @@ class FileData(_Finite):
             except OSError as exc:
                 raise DiffuseError(f"data folder {folder}: cannot read {f.name} ({exc})") from None
             if arrays[-1].shape != arrays[0].shape:
-                raise DiffuseError(f"data folder {folder}: {f.name} is {arrays[-1].shape[:2]}, "
-                                   f"{files[0].name} is {arrays[0].shape[:2]}; all images must "
-                                   "have one size")
+                raise DiffuseError(
+                    f"data folder {folder}: {f.name} is {arrays[-1].shape[:2]}, "
+                    f"{files[0].name} is {arrays[0].shape[:2]}; all images must "
+                    "have one size"
+                )
         x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
         return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
 
@@ -269,4 +291,3 @@ class FileData(_Finite):
 @hookimpl
 def diffuse_register_datasets():
     return [SwissRoll, Moons, Checkerboard, GMMData, Digits, FileData]
-

@@ -49,8 +49,10 @@ class DDPMChain(VPFamilySDE):
     def _tables(self, t):
         key = (t.device, t.dtype)
         if key not in self._cache:
-            self._cache[key] = (self.log_alpha_bars.to(t.device, t.dtype),
-                                self._log_keep.to(t.device, t.dtype))
+            self._cache[key] = (
+                self.log_alpha_bars.to(t.device, t.dtype),
+                self._log_keep.to(t.device, t.dtype),
+            )
         return self._cache[key]
 
     def _interval(self, t):

@@ -39,12 +39,16 @@ from diffuse_engine.components.schedules import time_from_log_snr
 
 class DPMSolverConfig(KernelSolverConfig):
     order: int = Field(2, ge=1, le=3, description="solver order (1 = DDIM)")
-    method: Literal["singlestep", "multistep"] = Field("multistep", description="singlestep "
-                                                       "(intermediate points) or multistep")
-    prediction: Literal["data", "noise"] = Field("data", description="data: DPM-Solver++, "
-                                                 "noise: DPM-Solver")
-    lower_order_final: bool = Field(True, description="fewer than 15 steps: order k at the "
-                                    "k-th last step (stabilises few-step runs)")
+    method: Literal["singlestep", "multistep"] = Field(
+        "multistep", description="singlestep (intermediate points) or multistep"
+    )
+    prediction: Literal["data", "noise"] = Field(
+        "data", description="data: DPM-Solver++, noise: DPM-Solver"
+    )
+    lower_order_final: bool = Field(
+        True,
+        description="fewer than 15 steps: order k at the k-th last step (stabilises few-step runs)",
+    )
 
 
 #: as in the reference implementation, lower final orders only matter for short runs
@@ -105,7 +109,7 @@ class DPMSolver(KernelSolver):
                     x = x - (K * p2) * d1 - (K * p3) * d2
             if i + 1 < steps:
                 ms.append(self.predict(score, x, g.t[i + 1], g.a[i + 1], g.s[i + 1], pred))
-                del ms[:-c.order]
+                del ms[: -c.order]
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])
         return self.finish(score, sde, x, g.t[-1])

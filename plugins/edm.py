@@ -22,14 +22,15 @@ from pydantic import Field
 
 from diffuse_engine import hookimpl, noise_like
 from diffuse_engine.components.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
-from diffuse_engine.components.solver import MAX_STEPS
 from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_from_log_snr
+from diffuse_engine.components.solver import MAX_STEPS
 
 
 class EDMConfig(KernelSolverConfig):
     steps: int = Field(10, ge=1, le=MAX_STEPS, description="number of Heun steps from T to eps")
-    schedule: Schedule = Field("karras", description="time-step spacing (EDM: karras); "
-                               + SCHEDULE_HELP)
+    schedule: Schedule = Field(
+        "karras", description="time-step spacing (EDM: karras); " + SCHEDULE_HELP
+    )
     churn: float = Field(0.0, ge=0, description="S_churn: stochasticity (0: deterministic)")
     s_tmin: float = Field(0.0, ge=0, description="churn only where sigma >= s_tmin")
     s_tmax: float = Field(float("inf"), gt=0, description="churn only where sigma <= s_tmax")
@@ -50,14 +51,25 @@ class EDMHeun(KernelSolver):
         c = self.config
         g = self.grid(sde, score, x)
         steps = len(g) - 1
-        sig = [s / a for a, s in zip(g.a, g.s)]
+        sig = [s / a for a, s in zip(g.a, g.s, strict=True)]
         # churned noise levels and their times, once before the loop
         gamma_max = min(c.churn / steps, math.sqrt(2) - 1)
-        hat = [min(si * (1 + gamma_max), sig[0]) if c.churn > 0 and c.s_tmin <= si <= c.s_tmax
-               else si for si in sig[:-1]]
+        hat = [
+            min(si * (1 + gamma_max), sig[0]) if c.churn > 0 and c.s_tmin <= si <= c.s_tmax else si
+            for si in sig[:-1]
+        ]
         churned = [i for i in range(steps) if hat[i] > sig[i]]
-        hat_t = dict(zip(churned, time_from_log_snr(sde, [-math.log(hat[i]) for i in churned],
-                                                    g.t[-1], g.t[0]))) if churned else {}
+        hat_t = (
+            dict(
+                zip(
+                    churned,
+                    time_from_log_snr(sde, [-math.log(hat[i]) for i in churned], g.t[-1], g.t[0]),
+                    strict=True,
+                )
+            )
+            if churned
+            else {}
+        )
         hg = KernelGrid.on(sde, [hat_t[i] for i in churned]) if churned else None
         hat_k = {i: (hg.t[j], hg.a[j], hg.s[j], hg.s[j] / hg.a[j]) for j, i in enumerate(churned)}
         xh = x / g.a[0]

@@ -15,7 +15,7 @@ sigma_k^2 + s^2) I)`` and its score is exact. Mixture layouts:
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -32,9 +32,9 @@ class MixtureFields(ComponentConfig):
     std: float = Field(0.1, gt=0, description="smallest mode std (ring, random)")
     dim: int = Field(2, ge=1, description="dimension (random layout)")
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the random layout")
-    means: Optional[list[list[float]]] = Field(None, description="explicit means (K x d)")
-    stds: Optional[list[float]] = Field(None, description="explicit per-mode stds (K)")
-    weights: Optional[list[float]] = Field(None, description="explicit weights (K), normalised")
+    means: list[list[float]] | None = Field(None, description="explicit means (K x d)")
+    stds: list[float] | None = Field(None, description="explicit per-mode stds (K)")
+    weights: list[float] | None = Field(None, description="explicit weights (K), normalised")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -49,8 +49,9 @@ class MixtureFields(ComponentConfig):
             if any(s <= 0 for s in self.stds) or any(w <= 0 for w in self.weights or [1]):
                 raise ValueError("stds and weights must be > 0")
         elif self.means is not None or self.stds is not None or self.weights is not None:
-            raise ValueError(f"means/stds/weights are only used with layout 'explicit', "
-                             f"not {self.layout!r}")
+            raise ValueError(
+                f"means/stds/weights are only used with layout 'explicit', not {self.layout!r}"
+            )
         return self
 
 
@@ -70,7 +71,9 @@ def build_mixture(c: MixtureFields) -> GaussianMixture:
     else:
         K = c.modes
         w = torch.linspace(1, 3, K, dtype=f64) if K > 1 else torch.ones(1, dtype=f64)
-        stds = c.std * (torch.linspace(1, 1.75, K, dtype=f64) if K > 1 else torch.ones(1, dtype=f64))
+        stds = c.std * (
+            torch.linspace(1, 1.75, K, dtype=f64) if K > 1 else torch.ones(1, dtype=f64)
+        )
         if c.layout == "ring":
             ang = torch.arange(K, dtype=f64) * 2 * math.pi / K
             means = c.radius * torch.stack([ang.cos(), ang.sin()], 1)

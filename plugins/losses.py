@@ -31,7 +31,7 @@ Gaussian.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -39,8 +39,9 @@ from pydantic import Field
 from diffuse_engine import ComponentConfig, IncompatibleError, Loss, bcast, hookimpl
 
 
-def uniform_times(n: int, sde, eps: float, generator, like: torch.Tensor,
-                  law: str = "uniform") -> torch.Tensor:
+def uniform_times(
+    n: int, sde, eps: float, generator, like: torch.Tensor, law: str = "uniform"
+) -> torch.Tensor:
     """Training times in ``[eps, T]``, shape ``(n,)`` on ``like``'s device and dtype.
 
     ``uniform`` (the reference implementation's choice); ``log_uniform``: ``t = eps
@@ -70,9 +71,9 @@ def _reduce(v: torch.Tensor, mean: bool) -> torch.Tensor:
 
 
 class TimeLossConfig(ComponentConfig):
-    eps: Optional[float] = Field(None, gt=0, lt=1,
-                                 description="smallest training time; default: the SDE's "
-                                             "sampling eps")
+    eps: float | None = Field(
+        None, gt=0, lt=1, description="smallest training time; default: the SDE's sampling eps"
+    )
     reduce_mean: bool = Field(False, description="average (not sum) over data dimensions")
 
 
@@ -86,10 +87,12 @@ class _TimeLoss(Loss):
 
 # ---- denoising score matching ---------------------------------------------------------
 class DSMConfig(TimeLossConfig):
-    likelihood_weighting: bool = Field(False, description="weight by g(t)^2 (maximum "
-                                       "likelihood weighting) instead of std(t)^2")
+    likelihood_weighting: bool = Field(
+        False, description="weight by g(t)^2 (maximum likelihood weighting) instead of std(t)^2"
+    )
     time_sampling: Literal["uniform", "log_uniform", "mixed"] = Field(
-        "uniform", description="law of the training times t in [eps, T]")
+        "uniform", description="law of the training times t in [eps, T]"
+    )
 
 
 class DenoisingScoreMatching(_TimeLoss):
@@ -99,8 +102,7 @@ class DenoisingScoreMatching(_TimeLoss):
     Config = DSMConfig
 
     def __call__(self, model, x0, generator=None):
-        t = uniform_times(x0.shape[0], self.sde, self.eps, generator, x0,
-                          self.config.time_sampling)
+        t = uniform_times(x0.shape[0], self.sde, self.eps, generator, x0, self.config.time_sampling)
         z = normal_like(x0, generator)
         _, std = self.sde.marginal(t)
         xt = self.sde.perturb(x0, t, z)
@@ -115,8 +117,9 @@ class DenoisingScoreMatching(_TimeLoss):
 
 # ---- DDPM ------------------------------------------------------------------------------
 class DDPMLossConfig(ComponentConfig):
-    N: Optional[int] = Field(None, ge=2, description="chain length; default: the SDE's N "
-                                                     "(ddpm) or 1000")
+    N: int | None = Field(
+        None, ge=2, description="chain length; default: the SDE's N (ddpm) or 1000"
+    )
     reduce_mean: bool = Field(True, description="average (not sum) over data dimensions")
 
 
@@ -161,23 +164,28 @@ class SMLDLoss(Loss):
         if not torch.allclose(a, torch.ones_like(a)):
             raise IncompatibleError(
                 f"loss smld needs a variance-exploding SDE (kernel mean coefficient 1), but "
-                f"{sde.name!r} has {a.tolist()} at t = 0.5, 1; use sde ve, or loss dsm/ddpm")
+                f"{sde.name!r} has {a.tolist()} at t = 0.5, 1; use sde ve, or loss dsm/ddpm"
+            )
         # the VE SDE's sigma(t) is geometric in t, so uniform t gives the NCSN ladder
-        self.times = torch.linspace(sde.sampling_eps, sde.T, self.config.num_scales,
-                                    dtype=torch.float64)
+        self.times = torch.linspace(
+            sde.sampling_eps, sde.T, self.config.num_scales, dtype=torch.float64
+        )
         ladder = sde.marginal(self.times)[1]
         ratios = ladder[1:] / ladder[:-1]
         if not torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-6):
-            raise IncompatibleError(f"loss smld needs a geometric noise schedule; {sde.name!r}"
-                                    " has a non-geometric std(t); use loss dsm")
+            raise IncompatibleError(
+                f"loss smld needs a geometric noise schedule; {sde.name!r}"
+                " has a non-geometric std(t); use loss dsm"
+            )
         self._times = {}
 
     def __call__(self, model, x0, generator=None):
         key = (x0.device, x0.dtype)
         if key not in self._times:
             self._times[key] = self.times.to(x0.device, x0.dtype)
-        i = torch.randint(0, self.config.num_scales, (x0.shape[0],), generator=generator,
-                          device=x0.device)
+        i = torch.randint(
+            0, self.config.num_scales, (x0.shape[0],), generator=generator, device=x0.device
+        )
         t = self._times[key][i]
         _, sigma = self.sde.marginal(t)
         z = normal_like(x0, generator)
@@ -188,8 +196,11 @@ class SMLDLoss(Loss):
 
 # ---- score matching without a denoising target -------------------------------------------
 class ISMConfig(TimeLossConfig):
-    max_dim: int = Field(64, ge=1, description="refuse data with more dimensions (cost is "
-                                               "one backward pass per dimension)")
+    max_dim: int = Field(
+        64,
+        ge=1,
+        description="refuse data with more dimensions (cost is one backward pass per dimension)",
+    )
     weighting: Literal["std2", "none"] = Field("std2", description="per-time weight")
 
 
@@ -211,9 +222,11 @@ class ImplicitScoreMatching(_TimeLoss):
     def __call__(self, model, x0, generator=None):
         d = x0[0].numel()
         if d > self.config.max_dim:
-            raise IncompatibleError(f"loss ism computes the full Jacobian trace; data has "
-                                    f"{d} dimensions > max_dim {self.config.max_dim}; use loss "
-                                    "ssm (sliced) or raise max_dim")
+            raise IncompatibleError(
+                f"loss ism computes the full Jacobian trace; data has "
+                f"{d} dimensions > max_dim {self.config.max_dim}; use loss "
+                "ssm (sliced) or raise max_dim"
+            )
         xt, t, std = _noisy(self, x0, generator)
         s = model(xt, t)
         flat = s.reshape(s.shape[0], -1)
@@ -231,8 +244,9 @@ class ImplicitScoreMatching(_TimeLoss):
 
 class SSMConfig(TimeLossConfig):
     projections: int = Field(1, ge=1, description="random projections per sample")
-    distribution: Literal["gaussian", "rademacher"] = Field("gaussian",
-                                                            description="projection law")
+    distribution: Literal["gaussian", "rademacher"] = Field(
+        "gaussian", description="projection law"
+    )
     variance_reduction: bool = Field(True, description="SSM-VR: |s|^2/2 in closed form")
     weighting: Literal["std2", "none"] = Field("std2", description="per-time weight")
 
@@ -255,8 +269,11 @@ class SlicedScoreMatching(_TimeLoss):
             sv = (s * v).reshape(B, -1).sum(1)
             g = torch.autograd.grad(sv.sum(), xt, create_graph=True)[0]
             vjv = (g * v).reshape(B, -1).sum(1)
-            quad = 0.5 * s.reshape(B, -1).pow(2).sum(1) if self.config.variance_reduction \
+            quad = (
+                0.5 * s.reshape(B, -1).pow(2).sum(1)
+                if self.config.variance_reduction
                 else 0.5 * sv**2
+            )
             per = per + vjv + quad
         per = per / self.config.projections
         if self.config.reduce_mean:
@@ -268,5 +285,4 @@ class SlicedScoreMatching(_TimeLoss):
 
 @hookimpl
 def diffuse_register_losses():
-    return [DenoisingScoreMatching, DDPMLoss, SMLDLoss, ImplicitScoreMatching,
-            SlicedScoreMatching]
+    return [DenoisingScoreMatching, DDPMLoss, SMLDLoss, ImplicitScoreMatching, SlicedScoreMatching]

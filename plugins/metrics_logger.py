@@ -25,8 +25,7 @@ from typing import Any
 from diffuse_engine import hookimpl
 
 ENV_VAR = "DIFFUSE_LOG_METRICS"
-CSV_COLUMNS = ["time", "event", "command", "step", "total", "t", "loss", "name", "value",
-               "path"]
+CSV_COLUMNS = ["time", "event", "command", "step", "total", "t", "loss", "name", "value", "path"]
 
 
 class MetricsLogger:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +70,18 @@ def make_embedding(kind: str, dim: int, scale: float) -> nn.Module:
 
 # ---- the preconditioning wrapper ------------------------------------------------------------
 class NetworkConfig(ScoreConfig):
-    parameterisation: Parameterisation = Field("epsilon", description="what the network "
-                                               "predicts: score, epsilon or x0")
-    shape: Optional[list[int]] = Field(None, description="data shape (filled from the "
-                                       "dataset by training)")
-    scale_by_std: bool = Field(True, description="score parameterisation: divide the "
-                               "output by the kernel std (NCSN)")
-    input_scaling: bool = Field(True, description="scale inputs by 1/sqrt(a^2 "
-                                "sigma_data^2 + std^2)")
+    parameterisation: Parameterisation = Field(
+        "epsilon", description="what the network predicts: score, epsilon or x0"
+    )
+    shape: list[int] | None = Field(
+        None, description="data shape (filled from the dataset by training)"
+    )
+    scale_by_std: bool = Field(
+        True, description="score parameterisation: divide the output by the kernel std (NCSN)"
+    )
+    input_scaling: bool = Field(
+        True, description="scale inputs by 1/sqrt(a^2 sigma_data^2 + std^2)"
+    )
     sigma_data: float = Field(0.5, gt=0, description="data std assumed by the scalings")
     embedding: Literal["fourier", "sinusoidal"] = Field("fourier", description="time embedding")
     embedding_dim: int = Field(64, ge=2, description="time-embedding width (even)")
@@ -94,8 +98,10 @@ class NetworkScore(ScoreModel):
     def __init__(self, config=None, *, sde, **fields):
         super().__init__(config, sde=sde, **fields)
         if self.config.shape is None:
-            raise DiffuseError(f"score model {self.name!r} needs its data shape (shape = "
-                               "[2] or [1, 8, 8]); training sets it from the dataset")
+            raise DiffuseError(
+                f"score model {self.name!r} needs its data shape (shape = "
+                "[2] or [1, 8, 8]); training sets it from the dataset"
+            )
         self.data_shape = tuple(self.config.shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.init_seed)
@@ -124,24 +130,25 @@ class NetworkScore(ScoreModel):
     def check_sde(self, sde) -> None:
         """Refuse to sample with an SDE other than the one this model is bound to."""
         from diffuse_engine.components.checkpoint import check_same_sde, sde_spec
+
         check_same_sde(sde_spec(self.sde), sde, f"score model {self.name!r}")
 
     # ---- the nn.Module side -----------------------------------------------------------------
     def parameters(self):
         return self.net.parameters()
 
-    def to(self, device=None, dtype=None) -> "NetworkScore":
+    def to(self, device=None, dtype=None) -> NetworkScore:
         self.net.to(device=device, dtype=dtype)
         return self
 
-    def train(self, mode: bool = True) -> "NetworkScore":
+    def train(self, mode: bool = True) -> NetworkScore:
         self.net.train(mode)
         return self
 
-    def eval(self) -> "NetworkScore":
+    def eval(self) -> NetworkScore:
         return self.train(False)
 
-    def with_net(self, net: nn.Module) -> "NetworkScore":
+    def with_net(self, net: nn.Module) -> NetworkScore:
         """A shallow copy using ``net`` (e.g. the EMA weights) as its backbone."""
         other = copy.copy(self)
         other.net = net
@@ -166,16 +173,19 @@ class MLPNet(nn.Module):
         self.temb = nn.Sequential(nn.Linear(c.embedding_dim, c.hidden), nn.SiLU())
         self.inp = nn.Linear(dim, c.hidden)
         self.t_proj = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.depth))
-        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, c.hidden),
-                                                  nn.SiLU(), nn.Linear(c.hidden, c.hidden))
-                                    for _ in range(c.depth))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.SiLU(), nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.hidden)
+            )
+            for _ in range(c.depth)
+        )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, dim))
 
     def forward(self, x, t):
         shape = x.shape
         emb = self.temb(self.embed(t))
         h = self.inp(x.reshape(shape[0], -1))
-        for proj, block in zip(self.t_proj, self.blocks):
+        for proj, block in zip(self.t_proj, self.blocks, strict=True):
             h = h + block(h + proj(emb))
         return self.out(h).reshape(shape)
 
@@ -192,8 +202,7 @@ class MLPScore(NetworkScore):
 
 # ---- U-Net --------------------------------------------------------------------------------
 class UNetConfig(NetworkConfig):
-    embedding: Literal["fourier", "sinusoidal"] = Field("sinusoidal",
-                                                        description="time embedding")
+    embedding: Literal["fourier", "sinusoidal"] = Field("sinusoidal", description="time embedding")
     channels: int = Field(64, ge=8, description="channels at the first level")
     channel_mult: list[int] = Field([1, 2], min_length=1, description="per-level multipliers")
     res_blocks: int = Field(2, ge=1, description="residual blocks per level")
@@ -228,7 +237,11 @@ class SelfAttention(nn.Module):
 
     def __init__(self, c, groups):
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(c, groups), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm, self.qkv, self.proj = (
+            _norm(c, groups),
+            nn.Conv2d(c, 3 * c, 1),
+            nn.Conv2d(c, c, 1),
+        )
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -245,8 +258,9 @@ class UNet(nn.Module):
         cin, H = shape[0], shape[1]
         tdim = 4 * c.channels
         self.embed = make_embedding(c.embedding, c.embedding_dim, c.fourier_scale)
-        self.temb = nn.Sequential(nn.Linear(c.embedding_dim, tdim), nn.SiLU(),
-                                  nn.Linear(tdim, tdim), nn.SiLU())
+        self.temb = nn.Sequential(
+            nn.Linear(c.embedding_dim, tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU()
+        )
         self.inp = nn.Conv2d(cin, c.channels, 3, padding=1)
         self.down, chans, ch, res = nn.ModuleList(), [c.channels], c.channels, H
         for level, mult in enumerate(c.channel_mult):
@@ -261,21 +275,32 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 chans.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, tdim, c.groups, c.dropout),
-                                  SelfAttention(ch, c.groups),
-                                  ResBlock(ch, ch, tdim, c.groups, c.dropout)])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(ch, ch, tdim, c.groups, c.dropout),
+                SelfAttention(ch, c.groups),
+                ResBlock(ch, ch, tdim, c.groups, c.dropout),
+            ]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for _ in range(c.res_blocks + 1):
-                blk = nn.ModuleList([ResBlock(ch + chans.pop(), c.channels * mult, tdim,
-                                              c.groups, c.dropout)])
+                blk = nn.ModuleList(
+                    [ResBlock(ch + chans.pop(), c.channels * mult, tdim, c.groups, c.dropout)]
+                )
                 ch = c.channels * mult
                 if res in c.attention:
                     blk.append(SelfAttention(ch, c.groups))
                 self.up.append(blk)
             if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(ch, ch, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList(
+                        [
+                            nn.Upsample(scale_factor=2, mode="nearest"),
+                            nn.Conv2d(ch, ch, 3, padding=1),
+                        ]
+                    )
+                )
                 res *= 2
         self.out = nn.Sequential(_norm(ch, c.groups), nn.SiLU(), nn.Conv2d(ch, cin, 3, padding=1))
 
@@ -309,13 +334,17 @@ class UNetScore(NetworkScore):
 
     def build_net(self, shape):
         if len(shape) != 3:
-            raise DiffuseError(f"score model unet needs image data (channels, height, "
-                               f"width); got shape {list(shape)}; use the mlp for vectors")
+            raise DiffuseError(
+                f"score model unet needs image data (channels, height, "
+                f"width); got shape {list(shape)}; use the mlp for vectors"
+            )
         levels = len(self.config.channel_mult) - 1
         if shape[1] != shape[2] or shape[1] % (2**levels) or not 4 <= shape[1] <= 64:
-            raise DiffuseError(f"score model unet: images must be square, 4..64 pixels and "
-                               f"divisible by 2^{levels} (channel_mult has {levels + 1} "
-                               f"levels); got {shape[1]}x{shape[2]}")
+            raise DiffuseError(
+                f"score model unet: images must be square, 4..64 pixels and "
+                f"divisible by 2^{levels} (channel_mult has {levels + 1} "
+                f"levels); got {shape[1]}x{shape[2]}"
+            )
         return UNet(shape, self.config)
 
 

@@ -56,8 +56,7 @@ class ProbabilityFlowODE(Solver):
                 k2 = f(torch.add(x, k1, alpha=0.5 * h), 3 * i + 1)
                 k3 = f(torch.add(x, k2, alpha=0.5 * h), 3 * i + 1)
                 k4 = f(torch.add(x, k3, alpha=h), 3 * i + 2)
-                x = torch.add(x, torch.add(k1, k4).add_(torch.add(k2, k3), alpha=2.0),
-                              alpha=h / 6)
+                x = torch.add(x, torch.add(k1, k4).add_(torch.add(k2, k3), alpha=2.0), alpha=h / 6)
             if callback is not None:
                 callback(i + 1, steps, grid[i + 1])
         return self.finish(score, sde, x, grid[-1])

@@ -23,9 +23,12 @@ from diffuse_engine.components.solver import MAX_STEPS, uniform_schedule_only
 
 
 class AdaptiveODEConfig(SolverConfig):
-    steps: int = Field(100, ge=1, le=MAX_STEPS, description="progress-bar resolution only (adaptive)")
+    steps: int = Field(
+        100, ge=1, le=MAX_STEPS, description="progress-bar resolution only (adaptive)"
+    )
     method: Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"] = Field(
-        "dopri5", description="torchdiffeq adaptive method")
+        "dopri5", description="torchdiffeq adaptive method"
+    )
     rtol: float = Field(1e-5, gt=0, description="relative tolerance")
     atol: float = Field(1e-5, gt=0, description="absolute tolerance")
 
@@ -55,9 +58,16 @@ class AdaptiveProbabilityFlowODE(Solver):
 
         # progress only when someone listens (reading t syncs with the device)
         with torch.no_grad():
-            out = probability_flow_solve(score, sde, x, method=c.method, rtol=c.rtol,
-                                         atol=c.atol, eps=eps,
-                                         callback=report if callback is not None else None)
+            out = probability_flow_solve(
+                score,
+                sde,
+                x,
+                method=c.method,
+                rtol=c.rtol,
+                atol=c.atol,
+                eps=eps,
+                callback=report if callback is not None else None,
+            )
         if callback is not None:
             tick(c.steps)
         return self.finish(score, sde, out, eps)

@@ -18,9 +18,11 @@ from diffuse_engine import ComponentRef, Solver, SolverConfig, hookimpl
 
 class PCConfig(SolverConfig):
     predictor: Annotated[str, ComponentRef("predictor")] = Field(
-        "reverse_diffusion", description="predictor name")
+        "reverse_diffusion", description="predictor name"
+    )
     corrector: Annotated[str, ComponentRef("corrector")] = Field(
-        "langevin", description="corrector name")
+        "langevin", description="corrector name"
+    )
     snr: float = Field(0.16, gt=0, description="corrector signal-to-noise ratio")
     corrector_steps: int = Field(1, ge=0, description="corrector steps per time step")
 
@@ -41,8 +43,7 @@ class PCSampler(Solver):
         super().__init__(config, catalogue=catalogue, **fields)
         c = self.config
         self.predictor = catalogue.get("predictor", c.predictor)()
-        self.corrector = catalogue.get("corrector", c.corrector)(
-            snr=c.snr, steps=c.corrector_steps)
+        self.corrector = catalogue.get("corrector", c.corrector)(snr=c.snr, steps=c.corrector_steps)
 
     def check(self, sde):
         self.predictor.check(sde)

@@ -39,7 +39,7 @@ class ReverseDiffusion(Predictor):
         """For a linear drift, ``f = A x``: the step is ``(1 - A) x + G^2 s + G z`` with
         ``(A, G)`` per step from :meth:`SDE.linear_discretization`."""
         lin = sde.linear_discretization(grid)
-        return None if lin is None else list(zip(*lin))
+        return None if lin is None else list(zip(*lin, strict=True))
 
     def planned_step(self, x, t, coefficients, score, generator):
         A, G = coefficients

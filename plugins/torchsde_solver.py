@@ -50,8 +50,9 @@ from diffuse_engine.components.solver import uniform_schedule_only
 
 
 class TorchSDEConfig(SolverConfig):
-    method: Literal["euler", "milstein", "srk", "reversible_heun", "heun", "midpoint",
-                    "euler_heun"] = Field("srk", description="torchsde method")
+    method: Literal[
+        "euler", "milstein", "srk", "reversible_heun", "heun", "midpoint", "euler_heun"
+    ] = Field("srk", description="torchsde method")
     adaptive: bool = Field(False, description="adaptive step size (step doubling)")
     rtol: float = Field(1e-3, gt=0, description="relative tolerance (adaptive)")
     atol: float = Field(1e-3, gt=0, description="absolute tolerance (adaptive)")
@@ -59,8 +60,9 @@ class TorchSDEConfig(SolverConfig):
 
     @model_validator(mode="after")
     def _no_schedule(self):
-        return uniform_schedule_only(self, "torchsde steps uniformly in t (dt = (T - eps) "
-                                     "/ steps) or adaptively")
+        return uniform_schedule_only(
+            self, "torchsde steps uniformly in t (dt = (T - eps) / steps) or adaptively"
+        )
 
 
 class TorchSDESolver(Solver):
@@ -76,9 +78,20 @@ class TorchSDESolver(Solver):
         entropy = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         eps = self.eps(sde)
         with torch.no_grad():
-            out = reverse_sde_solve(score, sde, x, method=c.method, steps=c.steps, eps=eps,
-                                    adaptive=c.adaptive, rtol=c.rtol, atol=c.atol,
-                                    dt_min=c.dt_min, entropy=entropy, callback=callback)
+            out = reverse_sde_solve(
+                score,
+                sde,
+                x,
+                method=c.method,
+                steps=c.steps,
+                eps=eps,
+                adaptive=c.adaptive,
+                rtol=c.rtol,
+                atol=c.atol,
+                dt_min=c.dt_min,
+                entropy=entropy,
+                callback=callback,
+            )
         return self.finish(score, sde, out, eps)
 
 

@@ -79,23 +79,24 @@ class UniPC(KernelSolver):
                 order = min(order, steps - i)
             plan.append((order, _coefficients(g.lam, i, order, data, c.variant)))
         ms = [self.predict(score, x, g.t[0], g.a[0], g.s[0], pred)]  # newest last
-        for i, (order, (hh, h_phi_1, B_h, rks, rhos_p, rhos_c)) in enumerate(plan):
-            ratio, K = ((g.s[i + 1] / g.s[i], g.a[i + 1]) if data
-                        else (g.a[i + 1] / g.a[i], g.s[i + 1]))
+        for i, (order, (_h, h_phi_1, B_h, rks, rhos_p, rhos_c)) in enumerate(plan):
+            ratio, K = (
+                (g.s[i + 1] / g.s[i], g.a[i + 1]) if data else (g.a[i + 1] / g.a[i], g.s[i + 1])
+            )
             m0 = ms[-1]
             d1s = [(ms[-1 - k] - m0) / rks[k - 1] for k in range(1, order)]
             x_lin = x * ratio - (K * h_phi_1) * m0
             x_new = x_lin
-            for rho, d in zip(rhos_p, d1s):
+            for rho, d in zip(rhos_p, d1s, strict=True):
                 x_new = x_new - (K * B_h * rho) * d
             if i + 1 < steps:  # corrector, with the evaluation the next step reuses
                 m_t = self.predict(score, x_new, g.t[i + 1], g.a[i + 1], g.s[i + 1], pred)
                 corr = (m_t - m0) * (K * B_h * rhos_c[-1])
-                for rho, d in zip(rhos_c[:-1], d1s):
+                for rho, d in zip(rhos_c[:-1], d1s, strict=True):
                     corr = corr + (K * B_h * rho) * d
                 x_new = x_lin - corr
                 ms.append(m_t)
-                del ms[:-c.order]
+                del ms[: -c.order]
             x = x_new
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])

@@ -13,7 +13,7 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from diffuse_engine import SDE, SDEConfig, bcast, hookimpl
+from diffuse_engine import SDE, SDEConfig, hookimpl
 
 
 class VEConfig(SDEConfig):

@@ -66,7 +66,7 @@ def current_block(text: str) -> str | None:
     if BEGIN not in text or END not in text:
         return None
     start = text.index(BEGIN)
-    return text[start:text.index(END, start) + len(END)]
+    return text[start : text.index(END, start) + len(END)]
 
 
 def main(argv: list[str]) -> int:
@@ -80,8 +80,9 @@ def main(argv: list[str]) -> int:
         print(f"{DOC}: hook reference up to date")
         return 0
     if "--check" in argv:
-        print(f"{DOC}: hook reference is stale; run python scripts/gen_hook_docs.py",
-              file=sys.stderr)
+        print(
+            f"{DOC}: hook reference is stale; run python scripts/gen_hook_docs.py", file=sys.stderr
+        )
         return 1
     DOC.write_text(text.replace(block, fresh))
     print(f"{DOC}: hook reference regenerated")

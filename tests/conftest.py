@@ -58,8 +58,13 @@ def assert_recovers(samples, mixture: GaussianMixture, z: float = 5.0) -> dict:
 def running(args: list[str]):
     """A child process that takes Ctrl-C like a terminal would (pytest-xdist workers ignore
     SIGINT and children inherit that), killed on the way out whatever happened."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         yield proc
     finally:

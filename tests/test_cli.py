@@ -23,8 +23,24 @@ def app():
 
 def test_run_writes_a_complete_run_folder(app, tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["run", "--sde", "vp", "--solver", "pc", "--steps", "50",
-                              "-n", "500", "--out", str(out), "--set", "corrector=none"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            "--sde",
+            "vp",
+            "--solver",
+            "pc",
+            "--steps",
+            "50",
+            "-n",
+            "500",
+            "--out",
+            str(out),
+            "--set",
+            "corrector=none",
+        ],
+    )
     assert res.exit_code == 0, res.output
     for f in ("samples.pt", "samples.png", "metrics.json", "config.json", "status.json"):
         assert (out / f).exists(), f
@@ -49,20 +65,27 @@ def test_existing_output_needs_overwrite(app, tmp_path):
 
 def test_npz_format_and_dry_run(app, tmp_path):
     out = tmp_path / "r"
-    assert runner.invoke(app, ["run", "--steps", "5", "-n", "50", "--out", str(out), "-q",
-                               "--format", "npz"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["run", "--steps", "5", "-n", "50", "--out", str(out), "-q", "--format", "npz"]
+        ).exit_code
+        == 0
+    )
     assert (out / "samples.npz").exists()
     res = runner.invoke(app, ["run", "--dry-run", "--sde", "ve", "--set", "snr=0.2"])
     assert res.exit_code == 0
     assert '"sigma_max": 50.0' in res.output and '"snr": 0.2' in res.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["run", "--sde", "nope"], "no sde entry named 'nope'"),
-    (["run", "--set", "snr=-1"], "snr: Input should be greater than 0"),
-    (["run", "--set", "bogus=1"], "override 'bogus': no chosen entry has that field"),
-    (["run", "--device", "tpu9"], "device"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--sde", "nope"], "no sde entry named 'nope'"),
+        (["run", "--set", "snr=-1"], "snr: Input should be greater than 0"),
+        (["run", "--set", "bogus=1"], "override 'bogus': no chosen entry has that field"),
+        (["run", "--device", "tpu9"], "device"),
+    ],
+)
 def test_errors_are_one_line_and_exit_2(app, args, message):
     res = runner.invoke(app, args)
     assert res.exit_code == 2
@@ -91,11 +114,23 @@ def test_real_subprocess_from_outside_the_repo(tmp_path):
     """`diffuse run` works from any directory, finding the registry inside the package."""
     exe = Path(sys.executable).with_name("diffuse")
     env = {**os.environ, "COLUMNS": "120"}
-    proc = subprocess.run([str(exe), "run", "--steps", "20", "-n", "300", "--out", "out"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [str(exe), "run", "--steps", "20", "-n", "300", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "samples.png").exists()
-    proc = subprocess.run([sys.executable, "-m", "diffuse_engine", "run", "--sde", "bad"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffuse_engine", "run", "--sde", "bad"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no sde entry named 'bad'" in proc.stderr

@@ -10,12 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffuse_engine import (DiffuseError, Engine, Solver, UnknownComponentError, bcast,
-                            module_plugin)
+from diffuse_engine import DiffuseError, Engine, Solver, UnknownComponentError, bcast, module_plugin
 from diffuse_engine.cli import build_app
-from diffuse_engine.testbed.conformance import (auto_mc_steps, check_sde, check_solver,
-                                        kernel_vs_sde, run_checks)
-
+from diffuse_engine.testbed.conformance import (
+    auto_mc_steps,
+    check_sde,
+    check_solver,
+    kernel_vs_sde,
+    run_checks,
+)
 from diffuse_plugins.vp import VPSDE
 
 # Small sample sizes keep this file fast; every statistical bound is 5 standard errors
@@ -58,8 +61,10 @@ class GlobalRNGSolver(Solver):
 
 @pytest.fixture(scope="module")
 def engine():
-    plugin = module_plugin(diffuse_register_sdes=lambda: [StdTooLarge, CPUTensorDrift],
-                           diffuse_register_solvers=lambda: [GlobalRNGSolver])
+    plugin = module_plugin(
+        diffuse_register_sdes=lambda: [StdTooLarge, CPUTensorDrift],
+        diffuse_register_solvers=lambda: [GlobalRNGSolver],
+    )
     return Engine(plugins=[plugin], autoload=False)
 
 
@@ -126,18 +131,34 @@ def test_cli_check_prints_the_table_and_sets_the_exit_code(tmp_path):
 
 def test_pytest_plugin_fixture_in_a_plugin_authors_suite(tmp_path):
     """The pytest11 entry point gives any test suite the ``diffuse_check`` fixture."""
-    (tmp_path / "test_author.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_author.py").write_text(
+        textwrap.dedent("""
         def test_ode_conforms(diffuse_check):
             report = diffuse_check("ode", steps=30, n=1000)
             assert report.passed
 
         def test_too_few_steps_fails(diffuse_check):
             diffuse_check("ancestral", steps=2, n=1000)
-    """))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:xdist", str(tmp_path / "test_author.py")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    """)
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            str(tmp_path / "test_author.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     out = proc.stdout + proc.stderr
     assert "1 failed, 1 passed" in out, out
     assert "conformance checks failed" in out and "sample quality" in out

@@ -59,8 +59,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("method,steps,tol", [("reversible_heun", 100, 1e-6),
-                                              ("euler", 200, 5e-2)])
+@pytest.mark.parametrize("method,steps,tol", [("reversible_heun", 100, 1e-6), ("euler", 200, 5e-2)])
 def test_sde_adjoint_matches_backprop(engine, method, steps, tol):
     sde, net, x_T, w = setup(engine)
     kw = dict(method=method, steps=steps, entropy=7)
@@ -75,8 +74,9 @@ def test_ode_adjoint_matches_backprop(engine):
     sde, net, x_T, w = setup(engine)
     kw = dict(method="dopri5", rtol=1e-8, atol=1e-8)
     g_bp, x_bp = grads(net, x_T, w, lambda: probability_flow_solve(net, sde, x_T, **kw))
-    g_adj, x_adj = grads(net, x_T, w,
-                         lambda: probability_flow_solve(net, sde, x_T, adjoint=True, **kw))
+    g_adj, x_adj = grads(
+        net, x_T, w, lambda: probability_flow_solve(net, sde, x_T, adjoint=True, **kw)
+    )
     assert torch.allclose(x_bp, x_adj)
     assert rel(g_adj, g_bp) <= 1e-5, rel(g_adj, g_bp)
 
@@ -86,8 +86,7 @@ def test_ode_gradient_matches_closed_form(engine):
     (x_T - a_T mu) per coordinate with std_t^2 = a_t^2 sigma^2 + s_t^2, so
     d x_0 / d x_T = std_eps / std_T exactly; the adjoint gradient must match it."""
     sde, net, x_T, w = setup(engine, n=8)
-    out = probability_flow_solve(net, sde, x_T, method="dopri5", rtol=1e-9, atol=1e-9,
-                                 adjoint=True)
+    out = probability_flow_solve(net, sde, x_T, method="dopri5", rtol=1e-9, atol=1e-9, adjoint=True)
     (out * w).sum().backward()
     t = torch.tensor([sde.sampling_eps, 1.0], dtype=torch.float64)
     a, s = sde.marginal(t)

@@ -24,18 +24,46 @@ import pytest
 import torch
 
 from diffuse_engine import Engine
-from diffuse_engine.core.distributed import (DistContext, DistributedError, ShardedBatches,
-                                        shard_seed, shard_sizes, split_nproc,
-                                        torchrun_args)
+from diffuse_engine.core.distributed import (
+    DistContext,
+    DistributedError,
+    ShardedBatches,
+    shard_seed,
+    shard_sizes,
+    split_nproc,
+    torchrun_args,
+)
 
 WORLD = 2
-SAMPLE = dict(score="gmm", sde="vp", solver="pc", shape=(50, 2), seed=3, steps=20,
-              shard_size=7)  # 8 shards, the last of 1 sample: uneven over 2 ranks
+SAMPLE = dict(
+    score="gmm", sde="vp", solver="pc", shape=(50, 2), seed=3, steps=20, shard_size=7
+)  # 8 shards, the last of 1 sample: uneven over 2 ranks
 # a fitted schedule: rank 0's grid is used on every rank
-SAMPLE_GITS = dict(score="gmm", sde="vp", solver="dpm_solver_pp", shape=(50, 2), seed=3,
-                   steps=6, schedule="gits", pilot=64, fine=30, shard_size=7)
-TRAIN = dict(steps=16, batch_size=32, warmup=4, log_every=4, checkpoint_every=8,
-             plot_n=64, plot_steps=5, hidden=32, depth=1, threads=1, seed=5)
+SAMPLE_GITS = dict(
+    score="gmm",
+    sde="vp",
+    solver="dpm_solver_pp",
+    shape=(50, 2),
+    seed=3,
+    steps=6,
+    schedule="gits",
+    pilot=64,
+    fine=30,
+    shard_size=7,
+)
+TRAIN = dict(
+    steps=16,
+    batch_size=32,
+    warmup=4,
+    log_every=4,
+    checkpoint_every=8,
+    plot_n=64,
+    plot_steps=5,
+    hidden=32,
+    depth=1,
+    threads=1,
+    seed=5,
+)
 
 
 def _free_port() -> int:
@@ -53,14 +81,19 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         engine = Engine(autoload=False, distributed=True)
         got = {"samples": engine.sample(**SAMPLE), "gits": engine.sample(**SAMPLE_GITS)}
         full = engine.training(out=os.path.join(folder, "full"), **TRAIN)
-        got.update(losses=torch.tensor(full.losses), checkpoints=len(full.checkpoints),
-                   weights={k: v.clone() for k, v in full.raw.net.state_dict().items()},
-                   ema={k: v.clone() for k, v in full.model.net.state_dict().items()})
+        got.update(
+            losses=torch.tensor(full.losses),
+            checkpoints=len(full.checkpoints),
+            weights={k: v.clone() for k, v in full.raw.net.state_dict().items()},
+            ema={k: v.clone() for k, v in full.model.net.state_dict().items()},
+        )
         part = os.path.join(folder, "part")
         engine.training(out=part, **{**TRAIN, "steps": 8})
         resumed = engine.training(out=part, resume=True, steps=16)
-        got.update(resumed_losses=torch.tensor(resumed.losses),
-                   resumed_weights=dict(resumed.raw.net.state_dict()))
+        got.update(
+            resumed_losses=torch.tensor(resumed.losses),
+            resumed_weights=dict(resumed.raw.net.state_dict()),
+        )
         torch.save(got, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -69,8 +102,9 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.spawn(_worker, args=(WORLD, _free_port(), str(folder)),
-                                nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(
+        _worker, args=(WORLD, _free_port(), str(folder)), nprocs=WORLD, join=True
+    )
     return folder, [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -141,9 +175,10 @@ def test_each_shard_is_a_plain_run_seeded_by_its_shard_seed(engine):
     assert sizes == [7] * 7 + [1]
     start = 0
     for j, n in enumerate(sizes):
-        alone = engine.sample(**{**SAMPLE, "shape": (n, 2), "seed": shard_seed(3, j),
-                                 "shard_size": 10_000})
-        assert torch.equal(full[start:start + n], alone), j
+        alone = engine.sample(
+            **{**SAMPLE, "shape": (n, 2), "seed": shard_seed(3, j), "shard_size": 10_000}
+        )
+        assert torch.equal(full[start : start + n], alone), j
         start += n
     assert shard_seed(3, 0) == 3 and len({shard_seed(3, j) for j in range(100)}) == 100
 
@@ -163,6 +198,7 @@ def test_bad_distributed_settings_are_one_line_errors():
     with pytest.raises(DistributedError, match="CUDA_VISIBLE_DEVICES"):
         DistContext(0, 2).device("cuda:1")
     from torch.distributed.run import parse_args
+
     ns = parse_args(torchrun_args(2, ["train", "--steps", "3"]))
     assert ns.nproc_per_node == "2" and ns.standalone and ns.module
     assert ns.training_script == "diffuse_engine"
@@ -171,6 +207,7 @@ def test_bad_distributed_settings_are_one_line_errors():
 
 def test_bad_shard_size_is_a_one_line_error(engine):
     from diffuse_engine import DiffuseError
+
     for bad in (0, -1, 2.5, "10"):
         with pytest.raises(DiffuseError, match="shard_size"):
             engine.sample(**{**SAMPLE, "shard_size": bad})
@@ -179,6 +216,7 @@ def test_bad_shard_size_is_a_one_line_error(engine):
 # ---- the command line ----------------------------------------------------------------------------
 def test_bad_nproc_is_one_line_and_exit_2(capsys):
     from diffuse_engine.cli import main
+
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--nproc", "x", "--checkpoint", "nowhere"])
     assert exc.value.code == 2
@@ -194,6 +232,7 @@ def test_nproc_that_bypassed_main_is_refused_not_ignored():
     from typer.testing import CliRunner
 
     from diffuse_engine.cli import build_app
+
     result = CliRunner().invoke(build_app(), ["train", "--nproc", "2", "--steps", "1"])
     assert result.exit_code == 2 and "torchrun" in result.output
 
@@ -205,14 +244,37 @@ def test_cli_nproc_2_trains_and_writes_the_single_process_samples(tmp_path):
     import sys
 
     def diffuse(*args):
-        subprocess.run([sys.executable, "-m", "diffuse_engine", *args], cwd=tmp_path,
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "diffuse_engine", *args],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
 
-    diffuse("train", "--nproc", "2", "--steps", "6", "--batch-size", "16", "--out", "t",
-            "-q", "--set", "hidden=16", "--set", "depth=1", "--set", "plot_n=16",
-            "--set", "plot_steps=2")
-    assert json.loads((tmp_path / "t" / "config.json").read_text())["config"]["train"][
-        "shards"] == 2
+    diffuse(
+        "train",
+        "--nproc",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--out",
+        "t",
+        "-q",
+        "--set",
+        "hidden=16",
+        "--set",
+        "depth=1",
+        "--set",
+        "plot_n=16",
+        "--set",
+        "plot_steps=2",
+    )
+    assert (
+        json.loads((tmp_path / "t" / "config.json").read_text())["config"]["train"]["shards"] == 2
+    )
     n = 10_500  # two shards of the default 10 000, so both ranks work
     diffuse("sample", "--nproc", "2", "-c", "t", "--n", str(n), "--steps", "3", "-o", "s2", "-q")
     diffuse("sample", "-c", "t", "--n", str(n), "--steps", "3", "-o", "s1", "-q")

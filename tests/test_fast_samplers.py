@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
+from conftest import assert_recovers
 from typer.testing import CliRunner
 
-from diffuse_engine import IncompatibleError, RegistryError, SDE, hookimpl, module_plugin
+from diffuse_engine import SDE, IncompatibleError, RegistryError, module_plugin
 from diffuse_engine.components.schedules import SCHEDULES, log_snr, time_grid
-
-from conftest import assert_recovers
 
 SDES = ("vp", "ve", "subvp", "ddpm")
 
@@ -36,7 +36,7 @@ def test_schedule_grid_shape(engine, sde, schedule):
     grid = time_grid(s, 17, s.sampling_eps, schedule)
     assert len(grid) == 18
     assert grid[0] == s.T and grid[-1] == pytest.approx(s.sampling_eps, rel=1e-12)
-    assert all(a > b for a, b in zip(grid, grid[1:]))
+    assert all(a > b for a, b in pairwise(grid))
 
 
 @pytest.mark.parametrize("sde", SDES)
@@ -44,12 +44,12 @@ def test_logsnr_and_karras_spacing(engine, sde):
     s = engine.build("sde", sde)
     eps = s.sampling_eps
     lam = log_snr(s, time_grid(s, 12, eps, "logsnr"))
-    steps = [b - a for a, b in zip(lam, lam[1:])]
+    steps = [b - a for a, b in pairwise(lam)]
     # bisection to float64 resolution: spacing uniform to round-off of lambda
     assert max(steps) - min(steps) < 1e-8
     rho = 7.0
     sig = [math.exp(-v / rho) for v in log_snr(s, time_grid(s, 12, eps, "karras", rho))]
-    d = [b - a for a, b in zip(sig, sig[1:])]
+    d = [b - a for a, b in pairwise(sig)]
     assert max(d) - min(d) < 1e-8 * abs(sig[0])
 
 
@@ -66,8 +66,7 @@ def test_unknown_schedule_names_the_choices(engine):
 
 
 def test_schedule_applies_to_pc_and_ode(engine):
-    x = engine.sample(score="gmm", sde="ve", solver="ode", shape=64, steps=20,
-                      schedule="karras")
+    x = engine.sample(score="gmm", sde="ve", solver="ode", shape=64, steps=20, schedule="karras")
     assert torch.isfinite(x).all()
 
 
@@ -84,11 +83,10 @@ def test_kernel_solvers_refuse_an_sde_without_a_kernel():
             return torch.ones_like(t)
 
     from diffuse_engine import Engine
-    eng = Engine(plugins=[module_plugin(diffuse_register_sdes=lambda: [NoKernel])],
-                 autoload=False)
+
+    eng = Engine(plugins=[module_plugin(diffuse_register_sdes=lambda: [NoKernel])], autoload=False)
     with pytest.raises(IncompatibleError, match="nokernel"):
-        eng.sample(score=lambda x, t: -x, sde="nokernel", solver="dpm_solver_pp",
-                   shape=(4, 2))
+        eng.sample(score=lambda x, t: -x, sde="nokernel", solver="dpm_solver_pp", shape=(4, 2))
 
 
 # ---------------------------------------------------------------------------------
@@ -112,8 +110,9 @@ def _gaussian_error(engine, solver, sde, steps, **kw) -> float:
     ts = torch.tensor([s.T, obj.eps(s)], dtype=torch.float64)
     a, sd = s.marginal(ts)
     sig = sd / a
-    exact = a[1] * (MU + torch.sqrt(S0**2 + sig[1] ** 2) / torch.sqrt(S0**2 + sig[0] ** 2)
-                    * (x_T / a[0] - MU))
+    exact = a[1] * (
+        MU + torch.sqrt(S0**2 + sig[1] ** 2) / torch.sqrt(S0**2 + sig[0] ** 2) * (x_T / a[0] - MU)
+    )
     return float((out - exact).abs().max())
 
 
@@ -122,7 +121,9 @@ def _slope(errors, steps) -> float:
     xs = [math.log(n) for n in steps]
     ys = [-math.log(e) for e in errors]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
 
 
 # (solver entry, overrides, expected order). UniC raises UniP-p to order p + 1.
@@ -133,8 +134,11 @@ ORDER_CASES = [
     ("dpm_solver", {"order": 2, "method": "multistep", "prediction": "data"}, 2),
     # multistep 3 warms up with orders 1 and 2 as the reference implementation does;
     # the first step's O(h^2) local error then bounds the global order by 2
-    ("dpm_solver", {"order": 3, "method": "multistep", "prediction": "noise",
-                    "lower_order_final": False}, 2),
+    (
+        "dpm_solver",
+        {"order": 3, "method": "multistep", "prediction": "noise", "lower_order_final": False},
+        2,
+    ),
     ("dpm_solver", {"order": 3, "method": "singlestep", "prediction": "data"}, 3),
     ("edm", {}, 2),
     ("unipc", {"order": 2, "lower_order_final": False}, 3),
@@ -142,8 +146,9 @@ ORDER_CASES = [
 
 
 @pytest.mark.parametrize("sde", ("vp", "ve", "subvp", "ddpm"))
-@pytest.mark.parametrize("solver,kw,order", ORDER_CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(ORDER_CASES)])
+@pytest.mark.parametrize(
+    "solver,kw,order", ORDER_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(ORDER_CASES)]
+)
 def test_convergence_order(engine, sde, solver, kw, order):
     steps = [40, 80, 160]
     errors = [_gaussian_error(engine, solver, sde, n, schedule="logsnr", **kw) for n in steps]
@@ -178,7 +183,7 @@ def summary_bounds(mixture, n: int, allowance: dict[str, float]) -> dict[str, fl
 # (entry, overrides): each at 50 score evaluations or fewer on the VP ring
 RECOVERY_CASES = [
     ("ddim", {"steps": 49}),
-    ("dpm_solver", {"steps": 16}),                          # singlestep 3: 49 NFE
+    ("dpm_solver", {"steps": 16}),  # singlestep 3: 49 NFE
     ("dpm_solver_pp", {"steps": 49}),
     ("dpm_solver_pp", {"steps": 49, "order": 3, "schedule": "logsnr"}),
     ("edm", {"steps": 24}),
@@ -186,8 +191,9 @@ RECOVERY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("solver,kw", RECOVERY_CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(RECOVERY_CASES)])
+@pytest.mark.parametrize(
+    "solver,kw", RECOVERY_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RECOVERY_CASES)]
+)
 def test_recovers_the_ring(engine, solver, kw):
     n = 20000
     r = engine.sampling(score="gmm", sde="vp", solver=solver, shape=n, seed=1, **kw)
@@ -203,8 +209,9 @@ def test_recovers_the_ring(engine, solver, kw):
 @pytest.mark.parametrize("sde", ("ve", "subvp", "ddpm"))
 def test_recovers_the_ring_on_every_sde(engine, sde):
     n = 10000
-    r = engine.sampling(score="gmm", sde=sde, solver="dpm_solver_pp", shape=n, seed=2,
-                        steps=39, schedule="logsnr")
+    r = engine.sampling(
+        score="gmm", sde=sde, solver="dpm_solver_pp", shape=n, seed=2, steps=39, schedule="logsnr"
+    )
     assert_recovers(r.samples, r.score.mixture)
 
 
@@ -219,21 +226,33 @@ def test_ddim_eta_one_is_stochastic_and_recovers(engine):
 
 def test_edm_churn_recovers(engine):
     n = 10000
-    r = engine.sampling(score="gmm", sde="vp", solver="edm", shape=n, seed=4, steps=24,
-                        churn=10.0, s_tmin=0.05, s_tmax=50.0)
+    r = engine.sampling(
+        score="gmm",
+        sde="vp",
+        solver="edm",
+        shape=n,
+        seed=4,
+        steps=24,
+        churn=10.0,
+        s_tmin=0.05,
+        s_tmax=50.0,
+    )
     assert r.nfe == 2 * 24 + 1
     assert_recovers(r.samples, r.score.mixture)
 
 
-@pytest.mark.parametrize("solver,kw,nfe", [
-    ("ddim", {"steps": 7}, 8),
-    # singlestep below 15 steps ends with orders 2, 1 (lower_order_final)
-    ("dpm_solver", {"steps": 4, "order": 3, "method": "singlestep"}, 3 + 3 + 2 + 1 + 1),
-    ("dpm_solver", {"steps": 4, "order": 2, "method": "singlestep", "denoise": False}, 7),
-    ("dpm_solver_pp", {"steps": 7}, 8),
-    ("edm", {"steps": 5}, 11),
-    ("unipc", {"steps": 7, "denoise": False}, 7),
-])
+@pytest.mark.parametrize(
+    "solver,kw,nfe",
+    [
+        ("ddim", {"steps": 7}, 8),
+        # singlestep below 15 steps ends with orders 2, 1 (lower_order_final)
+        ("dpm_solver", {"steps": 4, "order": 3, "method": "singlestep"}, 3 + 3 + 2 + 1 + 1),
+        ("dpm_solver", {"steps": 4, "order": 2, "method": "singlestep", "denoise": False}, 7),
+        ("dpm_solver_pp", {"steps": 7}, 8),
+        ("edm", {"steps": 5}, 11),
+        ("unipc", {"steps": 7, "denoise": False}, 7),
+    ],
+)
 def test_score_evaluations(engine, solver, kw, nfe):
     assert engine.sampling(score="gmm", sde="vp", solver=solver, shape=2, **kw).nfe == nfe
 
@@ -243,6 +262,7 @@ def test_score_evaluations(engine, solver, kw, nfe):
 # ---------------------------------------------------------------------------------
 def test_steps_for_budget(engine):
     from diffuse_engine.testbed.bench import steps_for_budget
+
     assert steps_for_budget(engine, "gmm", "vp", "dpm_solver_pp", 20, {}) == 19
     assert steps_for_budget(engine, "gmm", "vp", "edm", 20, {}) == 9
     assert steps_for_budget(engine, "gmm", "vp", "dpm_solver", 20, {}) == 7  # 18 + denoise
@@ -251,11 +271,34 @@ def test_steps_for_budget(engine):
 
 def test_bench_cli_small_run(tmp_path):
     from diffuse_engine.cli import build_app
-    args = ["bench", "--solvers", "dpm_solver_pp,pc", "--schedules", "logsnr", "--nfe", "10",
-            "--problems", "gmm", "--n", "300", "--n-ref", "50", "--overhead-steps", "3",
-            "--overhead-batch", "16", "--overhead-repeats", "1",
-            "--results", str(tmp_path / "r.jsonl"), "--report", str(tmp_path / "b.md"),
-            "--img-dir", str(tmp_path / "img")]
+
+    args = [
+        "bench",
+        "--solvers",
+        "dpm_solver_pp,pc",
+        "--schedules",
+        "logsnr",
+        "--nfe",
+        "10",
+        "--problems",
+        "gmm",
+        "--n",
+        "300",
+        "--n-ref",
+        "50",
+        "--overhead-steps",
+        "3",
+        "--overhead-batch",
+        "16",
+        "--overhead-repeats",
+        "1",
+        "--results",
+        str(tmp_path / "r.jsonl"),
+        "--report",
+        str(tmp_path / "b.md"),
+        "--img-dir",
+        str(tmp_path / "img"),
+    ]
     res = CliRunner().invoke(build_app(with_plugin_commands=False), args)
     assert res.exit_code == 0, res.output
     text = (tmp_path / "b.md").read_text()
@@ -263,15 +306,21 @@ def test_bench_cli_small_run(tmp_path):
     assert (tmp_path / "img" / "sampling-quality-gmm-vp.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--schedules", "cosine"], "unknown cosine; choices: uniform"),
-    (["--solvers", "nope"], "nope"),
-    (["--nfe", "ten"], "--nfe"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--schedules", "cosine"], "unknown cosine; choices: uniform"),
+        (["--solvers", "nope"], "nope"),
+        (["--nfe", "ten"], "--nfe"),
+    ],
+)
 def test_bench_cli_bad_input(tmp_path, args, needle):
     from diffuse_engine.cli import build_app
-    res = CliRunner().invoke(build_app(with_plugin_commands=False),
-                             ["bench", *args, "--results", str(tmp_path / "r.jsonl")])
+
+    res = CliRunner().invoke(
+        build_app(with_plugin_commands=False),
+        ["bench", *args, "--results", str(tmp_path / "r.jsonl")],
+    )
     assert res.exit_code == 2
     assert needle in res.output
     assert not (tmp_path / "r.jsonl").exists()
@@ -287,6 +336,7 @@ def test_issue_target_at_20_evaluations(engine, seed):
     r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=50000, seed=seed)
     assert r.nfe == 20
     from diffuse_engine import mode_statistics
+
     st = mode_statistics(r.samples, r.score.mixture)
     assert st["weight_tv"] <= 0.01 and st["std_error"] <= 0.02 and st["centre_error"] <= 0.05, st
 
@@ -297,13 +347,28 @@ def test_solvers_choosing_their_own_times_refuse_a_schedule(engine, solver):
         engine.sample(score="gmm", sde="vp", solver=solver, shape=4, schedule="logsnr")
 
 
-@pytest.mark.parametrize("order,steps,lof,nfe", [
-    (3, 7, True, 3 * 5 + 2 + 1), (3, 7, False, 21), (2, 5, True, 2 * 4 + 1),
-    (3, 2, True, 2 + 1), (3, 16, True, 48)])  # from 15 steps on every step keeps its order
+@pytest.mark.parametrize(
+    "order,steps,lof,nfe",
+    [
+        (3, 7, True, 3 * 5 + 2 + 1),
+        (3, 7, False, 21),
+        (2, 5, True, 2 * 4 + 1),
+        (3, 2, True, 2 + 1),
+        (3, 16, True, 48),
+    ],
+)  # from 15 steps on every step keeps its order
 def test_singlestep_lower_order_final_evaluations(engine, order, steps, lof, nfe):
-    r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver", shape=8, steps=steps,
-                        order=order, method="singlestep", lower_order_final=lof,
-                        denoise=False)
+    r = engine.sampling(
+        score="gmm",
+        sde="vp",
+        solver="dpm_solver",
+        shape=8,
+        steps=steps,
+        order=order,
+        method="singlestep",
+        lower_order_final=lof,
+        denoise=False,
+    )
     assert r.nfe == nfe
 
 
@@ -312,10 +377,21 @@ def test_singlestep_lower_order_final_helps_at_twenty_evaluations(engine):
     10 steps ending in order 1 against 9 of order 2 (19 evaluations). Measured std error
     0.016 against 0.069; the sampling noise at this n is about 0.008."""
     from diffuse_engine import mode_statistics
+
     errs = []
     for steps, lof in ((9, False), (10, True)):
-        r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver", shape=50_000,
-                            steps=steps, order=2, method="singlestep", prediction="noise",
-                            schedule="quadratic", lower_order_final=lof, denoise=True)
+        r = engine.sampling(
+            score="gmm",
+            sde="vp",
+            solver="dpm_solver",
+            shape=50_000,
+            steps=steps,
+            order=2,
+            method="singlestep",
+            prediction="noise",
+            schedule="quadratic",
+            lower_order_final=lof,
+            denoise=True,
+        )
         errs.append(mode_statistics(r.samples, r.score.mixture)["std_error"])
     assert errs[1] < 0.03 < errs[0], errs

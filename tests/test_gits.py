@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -26,11 +27,13 @@ def test_cheapest_path_matches_brute_force():
     M, steps = 9, 4
     C = torch.rand(M + 1, M + 1, generator=g, dtype=torch.float64)
     C[torch.ones_like(C, dtype=torch.bool).tril()] = math.inf
-    best = min((sum(float(C[p, q]) for p, q in zip((0, *mid), (*mid, M))), (0, *mid, M))
-               for mid in itertools.combinations(range(1, M), steps - 1))
+    best = min(
+        (sum(float(C[p, q]) for p, q in zip((0, *mid), (*mid, M), strict=True)), (0, *mid, M))
+        for mid in itertools.combinations(range(1, M), steps - 1)
+    )
     path = cheapest_path(C, steps)
     assert tuple(path) == best[1]
-    assert sum(float(C[p, q]) for p, q in zip(path, path[1:])) == pytest.approx(best[0])
+    assert sum(float(C[p, q]) for p, q in pairwise(path)) == pytest.approx(best[0])
 
 
 @pytest.mark.parametrize("sde", ("vp", "ve", "subvp"))
@@ -52,13 +55,15 @@ def test_teacher_follows_the_exact_gaussian_flow(engine, sde):
         xs, _ = teacher_trajectory(score, s, x_T, times)
         a, sd = s.marginal(torch.tensor(times, dtype=torch.float64))
         sig = sd / a
-        exact = a[n] * (mu + torch.sqrt(s0**2 + sig[n] ** 2) / torch.sqrt(s0**2 + sig[0] ** 2)
-                        * (x_T / a[0] - mu))
+        exact = a[n] * (
+            mu
+            + torch.sqrt(s0**2 + sig[n] ** 2) / torch.sqrt(s0**2 + sig[0] ** 2) * (x_T / a[0] - mu)
+        )
         errors.append(float((xs[n] - exact).abs().max() / exact.abs().max()))
     # DPM-Solver++(2S) is second order: halving the log-SNR step quarters the error
     # (a wrong coefficient leaves first order, a ratio near 2); at the default fine grid
     # of 100 intervals it is well below the coarse steps' errors it is compared with
-    for coarse, finer in zip(errors, errors[1:]):
+    for coarse, finer in pairwise(errors):
         assert 3.5 < coarse / finer < 4.5, errors
     assert errors[-1] < 5e-4, errors
 
@@ -67,25 +72,40 @@ def test_fitted_grid_is_reproducible_and_spans_the_interval(engine):
     sde = engine.build("sde", "vp")
     score = engine.build("score", "gmm", sde=sde)
     like = torch.empty(1, 2)
-    grids = [engine.build("solver", "dpm_solver_pp", steps=8, schedule="gits", fine=40,
-                          pilot=128).time_grid(sde, score, like) for _ in range(2)]
+    grids = [
+        engine.build(
+            "solver", "dpm_solver_pp", steps=8, schedule="gits", fine=40, pilot=128
+        ).time_grid(sde, score, like)
+        for _ in range(2)
+    ]
     assert grids[0] == grids[1]
     g = grids[0]
     eps = engine.build("solver", "dpm_solver_pp").eps(sde)
     assert len(g) == 9 and g[0] == sde.T and g[-1] == eps
-    assert all(a > b for a, b in zip(g, g[1:]))
+    assert all(a > b for a, b in pairwise(g))
 
 
 def test_fit_happens_once_per_run_and_is_counted_apart(engine):
     fine = 30
-    r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=300, seed=0,
-                        steps=6, schedule="gits", fine=fine, pilot=64, shard_size=100,
-                        denoise=False)
+    r = engine.sampling(
+        score="gmm",
+        sde="vp",
+        solver="dpm_solver_pp",
+        shape=300,
+        seed=0,
+        steps=6,
+        schedule="gits",
+        fine=fine,
+        pilot=64,
+        shard_size=100,
+        denoise=False,
+    )
     # three shards share the fit: each shard's count is its 6 steps alone
     assert r.nfe == 6
     assert r.setup_nfe == 4 * fine + 1
-    plain = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=30, seed=0,
-                            steps=6, schedule="logsnr")
+    plain = engine.sampling(
+        score="gmm", sde="vp", solver="dpm_solver_pp", shape=30, seed=0, steps=6, schedule="logsnr"
+    )
     assert plain.setup_nfe == 0
 
 
@@ -94,8 +114,7 @@ def test_gits_needs_the_score_and_few_steps(engine):
     with pytest.raises(IncompatibleError, match="gits"):
         engine.build("solver", "ddim", steps=5, schedule="gits").time_grid(sde)
     with pytest.raises(DiffuseError, match="at most 250 steps.*logsnr"):
-        engine.sample(score="gmm", sde="vp", solver="ddim", shape=4, steps=300,
-                      schedule="gits")
+        engine.sample(score="gmm", sde="vp", solver="ddim", shape=4, steps=300, schedule="gits")
 
 
 def test_ten_evaluations_meet_the_issue_target_on_the_ring(engine):
@@ -103,8 +122,17 @@ def test_ten_evaluations_meet_the_issue_target_on_the_ring(engine):
     2-D ring at n = 50k. The statistical floor of the std error at this n is about
     0.01 (1 / sqrt(2 n_k) per coordinate with n_k >= 3k in the lightest mode), so 0.05
     is 4 floors above it; the log-SNR schedule measures about 0.07 here and fails."""
-    r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=50_000, seed=0,
-                        steps=10, eps=1e-3, denoise=False, schedule="gits")
+    r = engine.sampling(
+        score="gmm",
+        sde="vp",
+        solver="dpm_solver_pp",
+        shape=50_000,
+        seed=0,
+        steps=10,
+        eps=1e-3,
+        denoise=False,
+        schedule="gits",
+    )
     assert r.nfe == 10
     st = mode_statistics(r.samples, r.score.mixture)
     assert st["std_error"] <= 0.05, st["std_error"]
@@ -114,13 +142,14 @@ def test_ten_evaluations_meet_the_issue_target_on_the_ring(engine):
 
 def test_step_costs_do_not_depend_on_chunking():
     from diffuse_engine.components.gits import step_costs
+
     g = torch.Generator().manual_seed(2)
     M, n = 6, 5
     xs = [torch.randn(n, 3, generator=g) for _ in range(M + 1)]
     ds = [torch.randn(n, 3, generator=g) for _ in range(M + 1)]
     a = [0.1 + 0.15 * k for k in range(M + 1)]
     s = [1.0 - 0.1 * k for k in range(M + 1)]
-    lam = [math.log(p / q) for p, q in zip(a, s)]
+    lam = [math.log(p / q) for p, q in zip(a, s, strict=True)]
     whole, one_by_one = step_costs(xs, ds, a, s, lam), step_costs(xs, ds, a, s, lam, 1)
     assert torch.equal(whole.isinf(), one_by_one.isinf())
     finite = whole.isfinite()

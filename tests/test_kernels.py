@@ -115,4 +115,6 @@ def test_prior_matches_kernel_at_T(engine, name):
     assert math.isclose(float(s), sde.prior_std, rel_tol=1e-2)
     z = torch.zeros(3, 2, dtype=torch.float64)
     expected = -math.log(2 * math.pi * sde.prior_std**2)
-    torch.testing.assert_close(sde.prior_log_prob(z), torch.full((3,), expected, dtype=torch.float64))
+    torch.testing.assert_close(
+        sde.prior_log_prob(z), torch.full((3,), expected, dtype=torch.float64)
+    )

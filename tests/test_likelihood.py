@@ -65,8 +65,9 @@ def test_hutchinson_agrees_with_exact_divergence_on_average(engine):
     n = 300
     x, _ = points_and_exact(engine, "gmm", "vp", n, seed=1)
     ex = engine.log_likelihood(x, score="gmm", sde="vp", divergence="exact")
-    hu = engine.log_likelihood(x, score="gmm", sde="vp", divergence="hutchinson",
-                               probe="gaussian", probes=2)
+    hu = engine.log_likelihood(
+        x, score="gmm", sde="vp", divergence="hutchinson", probe="gaussian", probes=2
+    )
     diff = (hu - ex).double()
     assert float(diff.abs().max()) > 0  # it is an estimate, not the exact trace
     assert abs(float(diff.mean())) <= 5 * float(diff.std()) / math.sqrt(n)
@@ -82,8 +83,9 @@ def test_dequantised_bits_per_dim_closed_form(engine):
     r = engine.likelihood(x, score=lambda y, t: -y, sde="vp", dequantize=True)
     y, log_bin = dequantize(x, 256, (-1.0, 1.0), torch.Generator().manual_seed(0))
     assert torch.all((y - x).abs() <= 2 / 256 + 1e-6)  # inside the value's bin
-    expected = (-0.5 * d * math.log(2 * math.pi) - 0.5 * y.flatten(1).pow(2).sum(1)
-                + d * math.log(2 / 256))
+    expected = (
+        -0.5 * d * math.log(2 * math.pi) - 0.5 * y.flatten(1).pow(2).sum(1) + d * math.log(2 / 256)
+    )
     assert torch.allclose(r.log_likelihood, expected, atol=1e-4)
     assert torch.allclose(r.bits_per_dim, -expected / (d * math.log(2)), atol=1e-5)
     assert float(bits_per_dim(torch.tensor(-d * math.log(2.0)), d)) == pytest.approx(1.0)
@@ -104,8 +106,9 @@ def test_cli_likelihood_prints_mean_stderr_bits(tmp_path):
 
     from diffuse_engine.cli import build_app
 
-    res = CliRunner().invoke(build_app(), ["likelihood", "--score", "gmm", "--sde", "vp",
-                                           "--n", "100", "--quiet"])
+    res = CliRunner().invoke(
+        build_app(), ["likelihood", "--score", "gmm", "--sde", "vp", "--n", "100", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     for label in ("mean log-likelihood", "standard error", "bits/dim", "exact mean"):
         assert label in res.output
@@ -120,14 +123,49 @@ def test_cli_likelihood_of_a_trained_checkpoint_on_a_dataset(engine, tmp_path):
 
     from diffuse_engine.cli import build_app
 
-    engine.training(steps=5, batch_size=32, out=tmp_path / "tr", overwrite=True,
-                    plot_steps=1, plot_n=16, threads=1)
-    res = CliRunner().invoke(build_app(), ["likelihood", "--checkpoint", str(tmp_path / "tr"),
-                                           "--sde", "vp", "--data", "gmm", "--n", "20",
-                                           "--json", "--quiet", "--set", "rtol=1e-3",
-                                           "--set", "atol=1e-3"])
+    engine.training(
+        steps=5,
+        batch_size=32,
+        out=tmp_path / "tr",
+        overwrite=True,
+        plot_steps=1,
+        plot_n=16,
+        threads=1,
+    )
+    res = CliRunner().invoke(
+        build_app(),
+        [
+            "likelihood",
+            "--checkpoint",
+            str(tmp_path / "tr"),
+            "--sde",
+            "vp",
+            "--data",
+            "gmm",
+            "--n",
+            "20",
+            "--json",
+            "--quiet",
+            "--set",
+            "rtol=1e-3",
+            "--set",
+            "atol=1e-3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert '"bits_per_dim"' in res.output and '"n": 20' in res.output
-    bad = CliRunner().invoke(build_app(), ["likelihood", "--checkpoint", str(tmp_path / "tr"),
-                                           "--sde", "ve", "--data", "gmm", "--n", "5"])
+    bad = CliRunner().invoke(
+        build_app(),
+        [
+            "likelihood",
+            "--checkpoint",
+            str(tmp_path / "tr"),
+            "--sde",
+            "ve",
+            "--data",
+            "gmm",
+            "--n",
+            "5",
+        ],
+    )
     assert bad.exit_code == 2 and "trained with sde" in bad.output

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-from diffuse_engine import Engine, LinearSDE, NumericalError, NumericKernel, SDE, module_plugin
+from diffuse_engine import SDE, Engine, LinearSDE, NumericalError, NumericKernel, module_plugin
 from diffuse_engine.testbed.conformance import quality_checks
-
 from diffuse_plugins.subvp import SubVPSDE
-from diffuse_plugins.ve import VEConfig, VESDE
-from diffuse_plugins.vp import BetaConfig, VPSDE
+from diffuse_plugins.ve import VESDE, VEConfig
+from diffuse_plugins.vp import VPSDE, BetaConfig
 
 
 class LinearVP(LinearSDE):
@@ -63,8 +62,12 @@ CASES = [(LinearVP, VPSDE), (LinearSubVP, SubVPSDE), (LinearVE, VESDE)]
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_numeric_kernel_matches_closed_form(linear, closed, dtype):
     # times from the smallest sampling eps (1e-5, VE) up to T, dense and log-spaced
-    t = torch.cat([torch.logspace(-5, 0, 300, dtype=torch.float64),
-                   torch.linspace(1e-5, 1, 997, dtype=torch.float64)]).to(dtype)
+    t = torch.cat(
+        [
+            torch.logspace(-5, 0, 300, dtype=torch.float64),
+            torch.linspace(1e-5, 1, 997, dtype=torch.float64),
+        ]
+    ).to(dtype)
     a, s = linear().marginal(t)
     a_ref, s_ref = closed().marginal(t.double())
     assert a.dtype == dtype and s.dtype == dtype
@@ -79,7 +82,7 @@ def test_kernel_numeric_registry_option_matches_closed_form(name):
     closed = engine.build("sde", name)
     numeric = engine.build("sde", name, kernel="numeric")
     t = torch.linspace(1e-5, 1, 513, dtype=torch.float64)
-    for ref, got in zip(closed.marginal(t), numeric.marginal(t)):
+    for ref, got in zip(closed.marginal(t), numeric.marginal(t), strict=True):
         assert ((got - ref) / ref).abs().max() < 1e-5
     assert numeric.config.kernel == "numeric"
 
@@ -120,7 +123,7 @@ def test_numeric_kernel_refuses_a_nonlinear_sde():
         name = "nonlinear"
 
         def drift(self, x, t):
-            return -x**3
+            return -(x**3)
 
         def diffusion(self, t):
             return torch.ones_like(t)
@@ -137,15 +140,17 @@ def test_a_plugin_sde_from_f_and_g_registers_and_builds():
     assert abs(float(a) - math.exp(-0.5 * (0.1 + 0.5 * 9.9))) < 1e-9
 
 
-@pytest.mark.parametrize("solver, overrides", [
-    ("pc", {"steps": 400}),
-    ("ode", {"steps": 100}),
-])
+@pytest.mark.parametrize(
+    "solver, overrides",
+    [
+        ("pc", {"steps": 400}),
+        ("ode", {"steps": 100}),
+    ],
+)
 def test_cosine_schedule_end_to_end_recovers_the_mixture(solver, overrides):
     # 8000 samples: the per-mode bounds are 5 standard errors at this n (see quality_checks)
     engine = Engine(autoload=False)
-    res = engine.sampling(score="gmm", sde="cosine", solver=solver, shape=8000, seed=0,
-                          **overrides)
+    res = engine.sampling(score="gmm", sde="cosine", solver=solver, shape=8000, seed=0, **overrides)
     checks = quality_checks(res.samples, res.score.mixture, z=5.0)
     assert all(c.passed for c in checks), [(c.check, c.measured) for c in checks]
 

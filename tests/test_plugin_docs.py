@@ -21,8 +21,9 @@ DOC = ROOT / "docs" / "plugins.md"
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_hook_docs",
-                                                  ROOT / "scripts" / "gen_hook_docs.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_hook_docs", ROOT / "scripts" / "gen_hook_docs.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -32,8 +33,9 @@ def test_hook_reference_is_in_sync_with_the_hookspecs():
     gen = load_generator()
     block = gen.current_block(DOC.read_text())
     assert block is not None, "docs/plugins.md lost its hook reference markers"
-    assert block == gen.render(), ("docs/plugins.md hook reference is stale: run "
-                                   "`python scripts/gen_hook_docs.py`")
+    assert block == gen.render(), (
+        "docs/plugins.md hook reference is stale: run `python scripts/gen_hook_docs.py`"
+    )
 
 
 def test_every_hook_is_documented():
@@ -46,13 +48,15 @@ def test_every_hook_is_documented():
 
 
 def test_the_ten_minute_plugin_in_the_docs_runs():
-    code = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-                if "class OrnsteinUhlenbeck" in b)
+    code = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+        if "class OrnsteinUhlenbeck" in b
+    )
     mod = types.ModuleType("my_plugin")
     exec(compile(code, "docs/plugins.md", "exec"), mod.__dict__)
     engine = Engine(plugins=[mod], autoload=False)
-    x = engine.sample(score="gmm", sde="my_ou", solver="my_euler", shape=(256, 2), seed=0,
-                      steps=50)
+    x = engine.sample(score="gmm", sde="my_ou", solver="my_euler", shape=(256, 2), seed=0, steps=50)
     assert x.shape == (256, 2) and torch.isfinite(x).all()
     # its kernel came from f and g alone: the OU closed form
     a, s = engine.build("sde", "my_ou").marginal(torch.tensor([0.3], dtype=torch.float64))
@@ -61,6 +65,7 @@ def test_the_ten_minute_plugin_in_the_docs_runs():
 
 def test_plugins_verbose_shows_versions_hooks_and_schemas(monkeypatch):
     from diffuse_engine.cli import common
+
     monkeypatch.setattr(common.console, "width", 250)  # rich fixes its width at creation
     result = CliRunner().invoke(build_app(with_plugin_commands=False), ["plugins", "--verbose"])
     assert result.exit_code == 0, result.output
@@ -74,8 +79,9 @@ def test_plugins_verbose_shows_versions_hooks_and_schemas(monkeypatch):
 
 def test_schema_rows_describe_types_defaults_and_choices():
     engine = Engine(autoload=False)
-    rows = {r[0]: r for r in config_rows(engine.catalogue.get("sde", "cosine").Config,
-                                         engine.catalogue)}
+    rows = {
+        r[0]: r for r in config_rows(engine.catalogue.get("sde", "cosine").Config, engine.catalogue)
+    }
     assert rows["end"][1:4] == ("float", "0.995", "> 0, < 1")
     assert rows["kernel"][1] == "str | None"
     assert "a kernel: numeric" in rows["kernel"][3] and "none" in rows["kernel"][3]

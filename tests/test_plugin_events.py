@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from itertools import pairwise
 
 import pytest
 from typer.testing import CliRunner
@@ -39,8 +40,9 @@ def spy_engine(*plugins):
 def test_no_observer_means_no_per_step_hook_and_no_callback(no_logger):
     engine = spy_engine()
     calls = []
-    undo = engine.pm.add_hookcall_monitoring(lambda name, impls, kw: calls.append(name),
-                                             lambda *a: None)
+    undo = engine.pm.add_hookcall_monitoring(
+        lambda name, impls, kw: calls.append(name), lambda *a: None
+    )
     try:
         assert not engine.has_observers("diffuse_sampling_step")
         CallbackSpy.seen.clear()
@@ -54,13 +56,14 @@ def test_no_observer_means_no_per_step_hook_and_no_callback(no_logger):
 
 def test_a_plugin_observer_receives_every_step(no_logger):
     steps = []
-    observer = module_plugin(diffuse_sampling_step=lambda step, total, t:
-                             steps.append((step, total, t)))
+    observer = module_plugin(
+        diffuse_sampling_step=lambda step, total, t: steps.append((step, total, t))
+    )
     engine = Engine(plugins=[observer], autoload=False)
     engine.sample(score="gmm", sde="vp", solver="ode", shape=(4, 2), seed=0, steps=6)
     assert [s for s, _, _ in steps] == list(range(1, 7))
     assert all(total == 6 and isinstance(t, float) for _, total, t in steps)
-    assert all(b[2] < a[2] for a, b in zip(steps, steps[1:]))  # time runs backwards
+    assert all(b[2] < a[2] for a, b in pairwise(steps))  # time runs backwards
 
 
 def test_metrics_logger_jsonl_from_the_environment(monkeypatch, tmp_path):
@@ -80,9 +83,23 @@ def test_metrics_logger_jsonl_from_the_environment(monkeypatch, tmp_path):
 def test_cli_log_metrics_writes_a_csv_of_the_whole_run(no_logger, tmp_path):
     path = tmp_path / "m.csv"
     out = tmp_path / "run"
-    result = CliRunner().invoke(build_app(with_plugin_commands=False),
-                                ["--log-metrics", str(path), "run", "--solver", "ode",
-                                 "--steps", "5", "-n", "300", "--quiet", "--out", str(out)])
+    result = CliRunner().invoke(
+        build_app(with_plugin_commands=False),
+        [
+            "--log-metrics",
+            str(path),
+            "run",
+            "--solver",
+            "ode",
+            "--steps",
+            "5",
+            "-n",
+            "300",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(path.open()))
     events = [r["event"] for r in rows]
@@ -95,10 +112,31 @@ def test_cli_log_metrics_writes_a_csv_of_the_whole_run(no_logger, tmp_path):
 
 def test_log_metrics_option_is_accepted_after_the_command(no_logger, tmp_path):
     from diffuse_engine.cli import main
+
     path = tmp_path / "m.jsonl"
     with pytest.raises(SystemExit) as exc:
-        main(["run", "--solver", "ode", "--steps", "3", "-n", "100", "--quiet",
-              "--out", str(tmp_path / "r"), "--log-metrics", str(path)])
+        main(
+            [
+                "run",
+                "--solver",
+                "ode",
+                "--steps",
+                "3",
+                "-n",
+                "100",
+                "--quiet",
+                "--out",
+                str(tmp_path / "r"),
+                "--log-metrics",
+                str(path),
+            ]
+        )
     assert exc.value.code == 0
-    assert sum(1 for line in path.read_text().splitlines()
-               if json.loads(line)["event"] == "sampling_step") == 3
+    assert (
+        sum(
+            1
+            for line in path.read_text().splitlines()
+            if json.loads(line)["event"] == "sampling_step"
+        )
+        == 3
+    )

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffuse_engine.testbed.conformance import quality_checks
 from diffuse_engine import Engine
+from diffuse_engine.testbed.conformance import quality_checks
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffuse-plugin-example"
 
@@ -38,26 +38,43 @@ def make_layered_env(root: Path) -> Path:
     venv.create(env, with_pip=False)
     py = _python(env)
     purelib = subprocess.check_output(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        text=True).strip()
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
     lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
     Path(purelib, "_diffuse_test_parent.pth").write_text(lines)
     return py
 
 
 def run(py: Path, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DIFFUSE_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DIFFUSE_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")
+    }
     env["OMP_NUM_THREADS"] = "1"
     env["COLUMNS"] = "250"  # rich tables: no truncated names
-    return subprocess.run([str(py), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [str(py), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def pip(py: Path, *args: str, cwd: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), *args,
-                           "--disable-pip-version-check", "-q"],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            *args,
+            "--disable-pip-version-check",
+            "-q",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -94,27 +111,75 @@ def test_example_plugin_install_use_and_uninstall(tmp_path):
 
     # its SDE and its solver through `diffuse run`, scored against the exact mixture
     run_dir = tmp_path / "run"
-    proc = run(py, "-m", "diffuse_engine", "run", "--sde", "example_ou", "--solver",
-               "example_ddim", "--steps", "100", "-n", "4000", "--quiet", "--out",
-               str(run_dir), cwd=tmp_path)
+    proc = run(
+        py,
+        "-m",
+        "diffuse_engine",
+        "run",
+        "--sde",
+        "example_ou",
+        "--solver",
+        "example_ddim",
+        "--steps",
+        "100",
+        "-n",
+        "4000",
+        "--quiet",
+        "--out",
+        str(run_dir),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     samples = torch.load(run_dir / "samples.pt")
     assert samples.shape == (4000, 2)
-    mixture = Engine(autoload=False).build("score", "gmm", sde=Engine(autoload=False)
-                                           .build("sde", "vp")).mixture
+    mixture = (
+        Engine(autoload=False)
+        .build("score", "gmm", sde=Engine(autoload=False).build("sde", "vp"))
+        .mixture
+    )
     checks = quality_checks(samples, mixture, z=5.0)  # 5 standard errors at n = 4000
     assert all(c.passed for c in checks), [(c.check, c.measured) for c in checks]
 
     # its network trains on its SDE (numeric kernel) and the checkpoint samples with its
     # solver: training and sampling of a plugin model need nothing from the engine's code
     ckpt = tmp_path / "train"
-    proc = run(py, "-m", "diffuse_engine", "train", "--data", "gmm", "--sde", "example_ou",
-               "--model", "example_mlp", "--steps", "20", "--quiet", "--out", str(ckpt),
-               cwd=tmp_path)
+    proc = run(
+        py,
+        "-m",
+        "diffuse_engine",
+        "train",
+        "--data",
+        "gmm",
+        "--sde",
+        "example_ou",
+        "--model",
+        "example_mlp",
+        "--steps",
+        "20",
+        "--quiet",
+        "--out",
+        str(ckpt),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run(py, "-m", "diffuse_engine", "sample", "--checkpoint", str(ckpt), "--solver",
-               "example_ddim", "--steps", "10", "-n", "64", "--quiet", "--out",
-               str(tmp_path / "sampled"), cwd=tmp_path)
+    proc = run(
+        py,
+        "-m",
+        "diffuse_engine",
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        "--solver",
+        "example_ddim",
+        "--steps",
+        "10",
+        "-n",
+        "64",
+        "--quiet",
+        "--out",
+        str(tmp_path / "sampled"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     # uninstall: the engine is back to its built-ins, and says what is missing
@@ -122,8 +187,7 @@ def test_example_plugin_install_use_and_uninstall(tmp_path):
     proc = run(py, "-m", "diffuse_engine", "plugins", cwd=tmp_path)
     assert proc.returncode == 0 and "diffuse-plugin-example" not in proc.stdout
     assert "example_ou" not in proc.stdout
-    proc = run(py, "-m", "diffuse_engine", "run", "--sde", "example_ou", "--dry-run",
-               cwd=tmp_path)
+    proc = run(py, "-m", "diffuse_engine", "run", "--sde", "example_ou", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "unknown sde 'example_ou'" in proc.stderr or "example_ou" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -135,7 +199,18 @@ def test_example_plugin_install_use_and_uninstall(tmp_path):
 def test_example_plugins_own_suite_passes_with_the_pytest_fixture(tmp_path):
     """The example's tests use the engine's pytest11 fixture ``diffuse_check``."""
     py = install_example(tmp_path)
-    proc = run(py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-               str(tmp_path / "src" / "tests"), cwd=tmp_path / "src", timeout=900)
+    proc = run(
+        py,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        str(tmp_path / "src" / "tests"),
+        cwd=tmp_path / "src",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "4 passed" in proc.stdout

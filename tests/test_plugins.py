@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffuse_engine import (SDE, Engine, PluginError, UnknownComponentError, hookimpl,
-                            module_plugin)
+from diffuse_engine import SDE, Engine, PluginError, UnknownComponentError, hookimpl, module_plugin
 from diffuse_engine.core.plugins import ENTRY_POINT_GROUP
 
 
@@ -45,9 +44,13 @@ def test_core_never_imports_builtins_by_name():
     import re
 
     import diffuse_engine
+
     root = pathlib.Path(diffuse_engine.__file__).parent
-    offenders = [p for p in root.rglob("*.py")
-                 if re.search(r"^\s*(from|import)\s+diffuse_plugins", p.read_text(), re.M)]
+    offenders = [
+        p
+        for p in root.rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+diffuse_plugins", p.read_text(), re.M)
+    ]
     assert offenders == []
 
 
@@ -132,6 +135,7 @@ def test_engines_do_not_share_state():
 
 def test_every_hookspec_is_documented():
     from diffuse_engine import hookspecs
+
     names = [n for n in dir(hookspecs) if n.startswith("diffuse_")]
     assert len(names) >= 10
     for n in names:

@@ -22,14 +22,19 @@ def test_default_registry_has_paper_defaults(engine):
     assert (ve.sigma_min, ve.sigma_max) == (0.01, 50.0)
     assert (ddpm.N, ddpm.beta_1, ddpm.beta_N) == (1000, 1e-4, 0.02)
     _, pc = engine.resolve("solver", "pc")
-    assert (pc.predictor, pc.corrector, pc.snr, pc.steps) == ("reverse_diffusion", "langevin", 0.16, 1000)
+    assert (pc.predictor, pc.corrector, pc.snr, pc.steps) == (
+        "reverse_diffusion",
+        "langevin",
+        0.16,
+        1000,
+    )
 
 
 def test_user_file_merges_field_by_field(tmp_path):
     p = write(tmp_path, '[sde.vp]\nbeta_max = 10.0\n\n[sde.fast]\ntype = "vp"\nbeta_min = 0.2\n')
     e = Engine(registry=p, autoload=False)
     assert e.resolve("sde", "vp")[1].beta_max == 10.0
-    assert e.resolve("sde", "vp")[1].beta_min == 0.1          # kept from the default
+    assert e.resolve("sde", "vp")[1].beta_min == 0.1  # kept from the default
     assert e.resolve("sde", "fast")[1].beta_min == 0.2
 
 
@@ -53,20 +58,42 @@ def test_implementation_name_without_entry_gets_defaults(engine):
     assert cls.name == "subvp"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ('[sde.vp]\nbeta_min = 30.0\n', r"my.toml: \[sde.vp\] .*beta_min \(30.0\) must be < beta_max"),
-    ('[sde.vp]\nbeta_min = -1\n', r"my.toml: \[sde.vp\] beta_min: Input should be greater than 0 \(got -1\)"),
-    ('[sde.vp]\nbeta = 1\n', r"my.toml: \[sde.vp\] beta: unknown field; allowed: beta_max, beta_min, kernel"),
-    ('[sde.vp]\nbeta_min = "a lot"\n', r"\[sde.vp\] beta_min: Input should be a valid number"),
-    ('[sde.x]\ntype = "vq"\n', r"my.toml: \[sde.x\] type: unknown sde 'vq'; choices: .*ddpm.*subvp.*ve.*vp"),
-    ('[sdee.x]\ntype = "vp"\n', r"my.toml: \[sdee\] unknown table; allowed kinds: sde"),
-    ('[solver.pc]\nsteps = 0\n', r"\[solver.pc\] steps: Input should be greater than or equal to 1"),
-    ('[solver.pc]\npredictor = "leapfrog"\n', r"\[solver.pc\] predictor: unknown predictor 'leapfrog'; choices: ancestral, euler_maruyama"),
-    ('[sde.ve]\nsigma_min = 0\n', r"\[sde.ve\] sigma_min: Input should be greater than 0"),
-    ('[run.default]\nsde = "nope"\n', r"\[run.default\] sde: no sde entry named 'nope'"),
-    ('[sde.vp\nbeta = 1\n', r"my.toml: invalid TOML: .*line 1"),
-    ('sde = 3\n', r"\[sde\] must hold named entries"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (
+            "[sde.vp]\nbeta_min = 30.0\n",
+            r"my.toml: \[sde.vp\] .*beta_min \(30.0\) must be < beta_max",
+        ),
+        (
+            "[sde.vp]\nbeta_min = -1\n",
+            r"my.toml: \[sde.vp\] beta_min: Input should be greater than 0 \(got -1\)",
+        ),
+        (
+            "[sde.vp]\nbeta = 1\n",
+            r"my.toml: \[sde.vp\] beta: unknown field; allowed: beta_max, beta_min, kernel",
+        ),
+        ('[sde.vp]\nbeta_min = "a lot"\n', r"\[sde.vp\] beta_min: Input should be a valid number"),
+        (
+            '[sde.x]\ntype = "vq"\n',
+            r"my.toml: \[sde.x\] type: unknown sde 'vq'; choices: .*ddpm.*subvp.*ve.*vp",
+        ),
+        ('[sdee.x]\ntype = "vp"\n', r"my.toml: \[sdee\] unknown table; allowed kinds: sde"),
+        (
+            "[solver.pc]\nsteps = 0\n",
+            r"\[solver.pc\] steps: Input should be greater than or equal to 1",
+        ),
+        (
+            '[solver.pc]\npredictor = "leapfrog"\n',
+            r"\[solver.pc\] predictor: unknown predictor 'leapfrog'; "
+            r"choices: ancestral, euler_maruyama",
+        ),
+        ("[sde.ve]\nsigma_min = 0\n", r"\[sde.ve\] sigma_min: Input should be greater than 0"),
+        ('[run.default]\nsde = "nope"\n', r"\[run.default\] sde: no sde entry named 'nope'"),
+        ("[sde.vp\nbeta = 1\n", r"my.toml: invalid TOML: .*line 1"),
+        ("sde = 3\n", r"\[sde\] must hold named entries"),
+    ],
+)
 def test_registry_errors_name_file_table_field_and_choices(tmp_path, text, expected):
     p = write(tmp_path, text)
     with pytest.raises(RegistryError, match=expected) as exc:
@@ -75,9 +102,15 @@ def test_registry_errors_name_file_table_field_and_choices(tmp_path, text, expec
 
 
 def test_override_errors(engine):
-    with pytest.raises(RegistryError, match=r"override 'stepz': no chosen entry has that field; allowed: .*solver.steps"):
+    with pytest.raises(
+        RegistryError,
+        match=r"override 'stepz': no chosen entry has that field; allowed: .*solver.steps",
+    ):
         engine.sample(score="gmm", shape=4, stepz=3)
-    with pytest.raises(RegistryError, match=r"solver.steps: Input should be greater than or equal to 1|steps: Input should be"):
+    with pytest.raises(
+        RegistryError,
+        match=r"solver.steps: Input should be greater than or equal to 1|steps: Input should be",
+    ):
         engine.sample(score="gmm", shape=4, steps=0)
 
 
@@ -94,7 +127,9 @@ def test_engine_sets_skip_calls_without_the_field_but_catch_typos():
     """An engine-wide set applies to each call that has the field (``hidden`` to a
     network, not to the exact gmm score); a field no installed component has is a typo."""
     e = Engine(autoload=False, sets=["hidden=32"])
-    assert e.sampling(score="gmm", shape=4, steps=2).nfe == 5  # PC: 2 x (corrector + predictor) + denoise
+    assert (
+        e.sampling(score="gmm", shape=4, steps=2).nfe == 5
+    )  # PC: 2 x (corrector + predictor) + denoise
     e = Engine(autoload=False, sets=["stpes=7"])
     with pytest.raises(RegistryError, match="override 'stpes': no chosen entry"):
         e.sampling(score="gmm", shape=4, steps=2)

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import running
 from typer.testing import CliRunner
 
 from diffuse_engine import DiffuseError, Engine, RegistryError
 from diffuse_engine.cli import build_app
-
-from conftest import running
 
 runner = CliRunner()
 
@@ -55,17 +54,19 @@ def test_crafted_checkpoint_cannot_run_code(tmp_path):
     from diffuse_engine.components.checkpoint import Checkpoint, CheckpointError
 
     data, marker = live_payload(tmp_path)
-    raw = tmp_path / "raw" / "checkpoint.safetensors"          # bare pickle bytes
+    raw = tmp_path / "raw" / "checkpoint.safetensors"  # bare pickle bytes
     raw.parent.mkdir()
     raw.write_bytes(data)
-    zipped = tmp_path / "zip" / "checkpoint.safetensors"       # torch.save's zip format
+    zipped = tmp_path / "zip" / "checkpoint.safetensors"  # torch.save's zip format
     zipped.parent.mkdir()
     torch.save({"model": Payload(marker), "w": torch.zeros(2)}, zipped)
     for path in (raw, zipped, raw.parent, zipped.parent):
         with pytest.raises(CheckpointError, match="not a diffuse-engine checkpoint"):
             Checkpoint.load(path)
-        res = runner.invoke(build_app(), ["sample", "--checkpoint", str(path), "-n", "4",
-                                          "--out", str(tmp_path / "s")])
+        res = runner.invoke(
+            build_app(),
+            ["sample", "--checkpoint", str(path), "-n", "4", "--out", str(tmp_path / "s")],
+        )
         assert res.exit_code == 2 and res.stderr.startswith("error: checkpoint"), res.output
         assert "Traceback" not in res.output
     assert not marker.exists()
@@ -116,8 +117,10 @@ def evil_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(pkg))
     monkeypatch.setenv("PYTHONPATH", str(pkg))
     reg = tmp_path / "reg.toml"
-    reg.write_text(f'[sde.loud]\ntype = "{name}:LoudVP"\nbeta_max = 10.0\n\n'
-                   f'[score.nan]\ntype = "{name}:NaNScore"\n')
+    reg.write_text(
+        f'[sde.loud]\ntype = "{name}:LoudVP"\nbeta_max = 10.0\n\n'
+        f'[score.nan]\ntype = "{name}:NaNScore"\n'
+    )
     yield reg, marker, name
     sys.modules.pop(name, None)
 
@@ -139,20 +142,38 @@ def test_registry_import_path_with_opt_in(evil_module, tmp_path):
     assert marker.exists()
     assert engine.build("sde", "loud").config.beta_max == 10.0
     # the CLI flag, anywhere on the line; the imported score's NaN is located (t < 0.5)
-    res = runner.invoke(build_app(), ["--allow-imports", "run", "--registry", str(reg),
-                                      "--score", "nan", "-n", "8", "--steps", "10", "-q",
-                                      "--out", str(tmp_path / "o")])
+    res = runner.invoke(
+        build_app(),
+        [
+            "--allow-imports",
+            "run",
+            "--registry",
+            str(reg),
+            "--score",
+            "nan",
+            "-n",
+            "8",
+            "--steps",
+            "10",
+            "-q",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "NaN/Inf first appeared at step 7 of 10" in res.stderr, res.stderr
     assert "the score model 'nan'" in res.stderr
 
 
-@pytest.mark.parametrize("type_name,needle", [
-    ("os:system", "is not a sde implementation"),
-    ("no_such_module_xyz:A", "cannot import 'no_such_module_xyz'"),
-    ("a b:c", "not an import path"),
-    ("json:nothing_here", "has no attribute 'nothing_here'"),
-])
+@pytest.mark.parametrize(
+    "type_name,needle",
+    [
+        ("os:system", "is not a sde implementation"),
+        ("no_such_module_xyz:A", "cannot import 'no_such_module_xyz'"),
+        ("a b:c", "not an import path"),
+        ("json:nothing_here", "has no attribute 'nothing_here'"),
+    ],
+)
 def test_bad_import_paths_are_clean_errors(tmp_path, type_name, needle):
     reg = tmp_path / "reg.toml"
     reg.write_text(f'[sde.x]\ntype = "{type_name}"\n')
@@ -162,8 +183,21 @@ def test_bad_import_paths_are_clean_errors(tmp_path, type_name, needle):
 
 # ---- run folders ----------------------------------------------------------------------
 def test_failed_run_is_marked_incomplete_and_never_renamed(tmp_path):
-    res = runner.invoke(build_app(), ["run", "-n", "64", "--steps", "20", "-q", "--out",
-                                      str(tmp_path / "o"), "--set", "snr=1e30"])
+    res = runner.invoke(
+        build_app(),
+        [
+            "run",
+            "-n",
+            "64",
+            "--steps",
+            "20",
+            "-q",
+            "--out",
+            str(tmp_path / "o"),
+            "--set",
+            "snr=1e30",
+        ],
+    )
     assert res.exit_code == 2
     assert f"incomplete output left in {tmp_path / 'o.partial'}" in res.stderr
     status = json.loads((tmp_path / "o.partial" / "status.json").read_text())
@@ -189,19 +223,27 @@ def test_live_partial_folder_of_another_run_is_not_deleted(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         import socket
-        (partial / "status.json").write_text(json.dumps(
-            {"complete": False, "pid": sleeper.pid, "host": socket.gethostname()}))
-        res = runner.invoke(build_app(), ["run", "-n", "8", "--steps", "2", "-q",
-                                          "--out", str(out)])
-        assert res.exit_code == 2 and f"being written by another run (pid {sleeper.pid})" \
-            in res.stderr, res.output
+
+        (partial / "status.json").write_text(
+            json.dumps({"complete": False, "pid": sleeper.pid, "host": socket.gethostname()})
+        )
+        res = runner.invoke(
+            build_app(), ["run", "-n", "8", "--steps", "2", "-q", "--out", str(out)]
+        )
+        assert (
+            res.exit_code == 2 and f"being written by another run (pid {sleeper.pid})" in res.stderr
+        ), res.output
         assert partial.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
     # once that process is gone the stale folder is replaced
-    assert runner.invoke(build_app(), ["run", "-n", "8", "--steps", "2", "-q",
-                                       "--out", str(out)]).exit_code == 0
+    assert (
+        runner.invoke(
+            build_app(), ["run", "-n", "8", "--steps", "2", "-q", "--out", str(out)]
+        ).exit_code
+        == 0
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -213,20 +255,36 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig,said", [(signal.SIGINT, "interrupted"),
-                                      (signal.SIGTERM, "interrupted: SIGTERM")])
+@pytest.mark.parametrize(
+    "sig,said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted: SIGTERM")]
+)
 def test_ctrl_c_of_a_real_run_says_so_and_keeps_it_partial(tmp_path, sig, said):
     out = tmp_path / "o"
     # long enough (10^6 steps) that only SIGINT ends it
-    with running([sys.executable, "-m", "diffuse_engine", "run", "-n", "2000",
-                  "--steps", "1000000", "-q", "--out", str(out)]) as proc:
+    with running(
+        [
+            sys.executable,
+            "-m",
+            "diffuse_engine",
+            "run",
+            "-n",
+            "2000",
+            "--steps",
+            "1000000",
+            "-q",
+            "--out",
+            str(out),
+        ]
+    ) as proc:
         _wait_for(out.with_name("o.partial") / "status.json", proc)
         time.sleep(0.5)  # into the sampling loop
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines() == [f"run stopped: incomplete output left in {out}.partial",
-                                        said], err
+    assert err.strip().splitlines() == [
+        f"run stopped: incomplete output left in {out}.partial",
+        said,
+    ], err
     status = json.loads((tmp_path / "o.partial" / "status.json").read_text())
     assert status == {**status, "complete": False, "error": "interrupted"}
     assert not out.exists()
@@ -234,16 +292,38 @@ def test_ctrl_c_of_a_real_run_says_so_and_keeps_it_partial(tmp_path, sig, said):
 
 def test_train_reads_allow_imports_but_trains_installed_code_only(evil_module, tmp_path):
     reg, marker, name = evil_module
-    args = ["train", "--registry", str(reg), "--sde", "loud", "--steps", "2", "-q",
-            "--batch-size", "16", "--threads", "1", "--set", "hidden=8", "--set", "depth=1",
-            "--set", "plot_n=8", "--set", "plot_steps=2", "--out", str(tmp_path / "t")]
+    args = [
+        "train",
+        "--registry",
+        str(reg),
+        "--sde",
+        "loud",
+        "--steps",
+        "2",
+        "-q",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--set",
+        "hidden=8",
+        "--set",
+        "depth=1",
+        "--set",
+        "plot_n=8",
+        "--set",
+        "plot_steps=2",
+        "--out",
+        str(tmp_path / "t"),
+    ]
     res = runner.invoke(build_app(), args)
     assert res.exit_code == 2 and "--allow-imports" in res.stderr, res.output
     assert not marker.exists()
     # with the flag the file is read, but checkpoints name installed code only
     res = runner.invoke(build_app(), ["--allow-imports", *args])
-    assert res.exit_code == 2 and "install it as a plugin to train with it" in res.stderr, \
+    assert res.exit_code == 2 and "install it as a plugin to train with it" in res.stderr, (
         res.output
+    )
     assert marker.exists()
 
 
@@ -251,8 +331,9 @@ def test_train_reads_allow_imports_but_trains_installed_code_only(evil_module, t
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    Engine(autoload=False).training(out=out, steps=2, batch_size=16, hidden=8, depth=1,
-                                    plot_n=8, plot_steps=2, threads=1)
+    Engine(autoload=False).training(
+        out=out, steps=2, batch_size=16, hidden=8, depth=1, plot_n=8, plot_steps=2, threads=1
+    )
     return out / "checkpoint.safetensors"
 
 
@@ -263,14 +344,18 @@ def _drop(d, *keys):
 
 
 META_MISTAKES = {
-    "type is an import path": (lambda m: m["config"]["sde"].update(type="os:system"),
-                               "unknown sde 'os:system'"),
+    "type is an import path": (
+        lambda m: m["config"]["sde"].update(type="os:system"),
+        "unknown sde 'os:system'",
+    ),
     "type missing": (lambda m: _drop(m, "config", "sde", "type"), "no valid sde recorded"),
     "score missing": (lambda m: _drop(m, "config", "score"), "no valid score recorded"),
     "config not a table": (lambda m: m.update(config=5), "no training settings recorded"),
     "step not a count": (lambda m: m.update(step="abc"), "step 'abc' is not a count"),
-    "field of the wrong type": (lambda m: m["config"]["sde"].update(beta_max="x"),
-                                "recorded sde 'vp' beta_max: Input should be a valid number"),
+    "field of the wrong type": (
+        lambda m: m["config"]["sde"].update(beta_max="x"),
+        "recorded sde 'vp' beta_max: Input should be a valid number",
+    ),
 }
 
 
@@ -278,6 +363,7 @@ META_MISTAKES = {
 def test_crafted_checkpoint_metadata_is_a_clean_error(good_checkpoint, tmp_path, mistake):
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     with safe_open(good_checkpoint, "pt") as f:
         meta = json.loads(f.metadata()["diffuse"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -285,8 +371,21 @@ def test_crafted_checkpoint_metadata_is_a_clean_error(good_checkpoint, tmp_path,
     edit(meta)
     bad = tmp_path / "checkpoint.safetensors"
     save_file(tensors, bad, metadata={"diffuse": json.dumps(meta)})
-    res = runner.invoke(build_app(), ["sample", "--checkpoint", str(bad), "-n", "4",
-                                      "--steps", "2", "-q", "--out", str(tmp_path / "s")])
+    res = runner.invoke(
+        build_app(),
+        [
+            "sample",
+            "--checkpoint",
+            str(bad),
+            "-n",
+            "4",
+            "--steps",
+            "2",
+            "-q",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert res.exit_code == 2, (res.output, res.exception)
     assert res.stderr.startswith("error: ") and needle in res.stderr, res.stderr
     assert not (tmp_path / "s").exists()

@@ -19,8 +19,13 @@ from hypothesis import strategies as st
 from diffuse_engine import DiffuseError, Engine
 from diffuse_engine.core.registry import COMPONENT_TABLES, RUN_TABLE
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +58,21 @@ scalars = st.one_of(
     st.integers(min_value=-3, max_value=5000),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0.0, -1.0, 1e-300, 1e300, 0.5, 2.0]),
-    st.sampled_from(TYPES + ENTRY_NAMES + ["none", "euler", "explicit", "cpu", "cuda:7",
-                                           "a.b:C", "os:system"]),
+    st.sampled_from(
+        TYPES + ENTRY_NAMES + ["none", "euler", "explicit", "cpu", "cuda:7", "a.b:C", "os:system"]
+    ),
     junk,
     st.dates(min_value=dt.date(1, 1, 1)),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(junk, inner, max_size=3)), max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(junk, inner, max_size=3)),
+    max_leaves=8,
+)
 entries = st.dictionaries(field_names, values, max_size=5)
-registries = st.dictionaries(kinds, st.one_of(
-    st.dictionaries(names, entries, max_size=3), values), max_size=3)
+registries = st.dictionaries(
+    kinds, st.one_of(st.dictionaries(names, entries, max_size=3), values), max_size=3
+)
 
 
 def _check(build):
@@ -89,18 +99,42 @@ def test_any_registry_file_is_valid_or_a_clean_error(engine, tmp_path_factory, d
             for name in built.registry.names(kind):
                 built.resolve(kind, name)
         for name in built.registry.names(RUN_TABLE):
-            _check(lambda: built.plan_run(name))
+            _check(lambda name=name: built.plan_run(name))
 
 
 @FUZZ
-@given(text=st.one_of(
-    st.text(max_size=80),
-    st.builds(lambda k, n, f, v: f"[{k}.{n}]\n{f} = {v}\n",
-              st.sampled_from(KINDS), st.sampled_from(ENTRY_NAMES), st.sampled_from(FIELDS),
-              st.sampled_from(["1", "-1", "1e999", "nan", "inf", '"x"', "[1, [2]]", "{a=1}",
-                               "1979-05-27", "true", '"a:b"', "0x10", "99999999999999999999",
-                               "", "= =", "[", '"unterminated'])),
-))
+@given(
+    text=st.one_of(
+        st.text(max_size=80),
+        st.builds(
+            lambda k, n, f, v: f"[{k}.{n}]\n{f} = {v}\n",
+            st.sampled_from(KINDS),
+            st.sampled_from(ENTRY_NAMES),
+            st.sampled_from(FIELDS),
+            st.sampled_from(
+                [
+                    "1",
+                    "-1",
+                    "1e999",
+                    "nan",
+                    "inf",
+                    '"x"',
+                    "[1, [2]]",
+                    "{a=1}",
+                    "1979-05-27",
+                    "true",
+                    '"a:b"',
+                    "0x10",
+                    "99999999999999999999",
+                    "",
+                    "= =",
+                    "[",
+                    '"unterminated',
+                ]
+            ),
+        ),
+    )
+)
 def test_any_registry_text_is_valid_or_a_clean_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("fuzz") / "reg.toml"
     path.write_text(text)
@@ -119,14 +153,20 @@ def _entry_fields(kind, entry):
 
 
 # real KIND.NAME.FIELD keys (type among them), so values reach the validators
-qualified = [f"{k}.{n}.{f}" for k, table in DEFAULT.items() for n, e in table.items()
-             for f in _entry_fields(k, e)]
+qualified = [
+    f"{k}.{n}.{f}"
+    for k, table in DEFAULT.items()
+    for n, e in table.items()
+    for f in _entry_fields(k, e)
+]
 
 
 def _inline(value) -> str:
     """``value`` as the TOML text a user would type after ``=``."""
     text = tomli_w.dumps({"v": value})
     return text[4:].strip() if text.startswith("v = ") else text
+
+
 set_keys = st.one_of(
     field_names,
     st.sampled_from(qualified),
@@ -136,19 +176,44 @@ set_keys = st.one_of(
 )
 set_values = st.one_of(
     st.text(max_size=20),
-    st.sampled_from(["1", "-1", "0", "1e999", "-inf", "nan", "true", '"vp"', "[1, 2]", "[[1, 2]]",
-                     "{a = 1}", "1979-05-27T07:32:00Z", "99999999999999999999", '"os:system"',
-                     "ancestral", "none", "'explicit'"]),
+    st.sampled_from(
+        [
+            "1",
+            "-1",
+            "0",
+            "1e999",
+            "-inf",
+            "nan",
+            "true",
+            '"vp"',
+            "[1, 2]",
+            "[[1, 2]]",
+            "{a = 1}",
+            "1979-05-27T07:32:00Z",
+            "99999999999999999999",
+            '"os:system"',
+            "ancestral",
+            "none",
+            "'explicit'",
+        ]
+    ),
     values.map(_inline),
 )
 
 
 @FUZZ
-@given(items=st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", set_keys, set_values),
-                                st.text(max_size=30)), min_size=1, max_size=3))
+@given(
+    items=st.lists(
+        st.one_of(st.builds(lambda k, v: f"{k}={v}", set_keys, set_values), st.text(max_size=30)),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_any_set_values_plan_or_fail_cleanly(items):
     """``--set`` strings reach the engine and the planner of ``diffuse run``."""
+
     def build():
         engine = Engine(sets=items, autoload=False)
         return engine.plan_run("default")
+
     _check(build)

@@ -53,28 +53,45 @@ REGISTRY_MISTAKES = {
     # class of mistake: (file text, what the one line must name)
     "malformed TOML": ('[sde.vp]\ntype = "vp"\nbeta_min = \n', ["invalid TOML", "line 3"]),
     "unknown kind": ('[sdee.vp]\ntype = "vp"\n', ["[sdee] unknown table", "allowed kinds: sde"]),
-    "unknown field": ('[sde.vp]\ntype = "vp"\nbeta_mni = 0.2\n',
-                      ["[sde.vp] beta_mni: unknown field", "allowed: beta_max, beta_min"]),
-    "wrong type": ('[sde.vp]\ntype = "vp"\nbeta_min = "small"\n',
-                   ["[sde.vp] beta_min", "valid number", "'small'"]),
-    "out of range": ('[solver.pc]\ntype = "pc"\nsteps = 0\n',
-                     ["[solver.pc] steps", "greater than or equal to 1", "got 0"]),
-    "inconsistent fields": ('[sde.vp]\ntype = "vp"\nbeta_min = 30.0\n',
-                            ["[sde.vp]", "beta_min (30.0) must be < beta_max (20.0)"]),
-    "infinite value": ('[sde.vp]\ntype = "vp"\nbeta_max = inf\n',
-                       ["[sde.vp] beta_max", "finite number"]),
-    "unknown implementation": ('[sde.mine]\ntype = "vpp"\n',
-                               ["[sde.mine] type: unknown sde 'vpp'", "choices:", "vp"]),
-    "type not a string": ('[sde.mine]\ntype = ["vp"]\n',
-                          ["[sde.mine] type: must be a string", "choices:"]),
-    "missing type": ('[sde.mine]\nbeta_min = 0.2\n', ["[sde.mine] type: missing", "choices:"]),
-    "kind is not a table of entries": ('sde = 3\n', ["[sde] must hold named entries"]),
-    "unknown component reference": ('[solver.pc]\ntype = "pc"\npredictor = "magic"\n',
-                                    ["[solver.pc] predictor", "unknown predictor 'magic'",
-                                     "choices:"]),
-    "preset naming a missing entry": ('[run.mine]\nsde = "nope"\n',
-                                      ["[run.mine] sde", "no sde entry named 'nope'"]),
-    "preset field out of range": ('[run.mine]\nn = -3\n', ["[run.mine] n", "got -3"]),
+    "unknown field": (
+        '[sde.vp]\ntype = "vp"\nbeta_mni = 0.2\n',
+        ["[sde.vp] beta_mni: unknown field", "allowed: beta_max, beta_min"],
+    ),
+    "wrong type": (
+        '[sde.vp]\ntype = "vp"\nbeta_min = "small"\n',
+        ["[sde.vp] beta_min", "valid number", "'small'"],
+    ),
+    "out of range": (
+        '[solver.pc]\ntype = "pc"\nsteps = 0\n',
+        ["[solver.pc] steps", "greater than or equal to 1", "got 0"],
+    ),
+    "inconsistent fields": (
+        '[sde.vp]\ntype = "vp"\nbeta_min = 30.0\n',
+        ["[sde.vp]", "beta_min (30.0) must be < beta_max (20.0)"],
+    ),
+    "infinite value": (
+        '[sde.vp]\ntype = "vp"\nbeta_max = inf\n',
+        ["[sde.vp] beta_max", "finite number"],
+    ),
+    "unknown implementation": (
+        '[sde.mine]\ntype = "vpp"\n',
+        ["[sde.mine] type: unknown sde 'vpp'", "choices:", "vp"],
+    ),
+    "type not a string": (
+        '[sde.mine]\ntype = ["vp"]\n',
+        ["[sde.mine] type: must be a string", "choices:"],
+    ),
+    "missing type": ("[sde.mine]\nbeta_min = 0.2\n", ["[sde.mine] type: missing", "choices:"]),
+    "kind is not a table of entries": ("sde = 3\n", ["[sde] must hold named entries"]),
+    "unknown component reference": (
+        '[solver.pc]\ntype = "pc"\npredictor = "magic"\n',
+        ["[solver.pc] predictor", "unknown predictor 'magic'", "choices:"],
+    ),
+    "preset naming a missing entry": (
+        '[run.mine]\nsde = "nope"\n',
+        ["[run.mine] sde", "no sde entry named 'nope'"],
+    ),
+    "preset field out of range": ("[run.mine]\nn = -3\n", ["[run.mine] n", "got -3"]),
 }
 
 
@@ -102,17 +119,23 @@ def test_registry_mistakes_raise_registry_error_in_python(tmp_path):
 SET_MISTAKES = {
     "no equals sign": (["--set", "steps"], ["expected KEY=VALUE"]),
     "empty key": (["--set", "=3"], ["expected KEY=VALUE"]),
-    "unknown field": (["--set", "stepz=3"], ["no chosen entry has that field",
-                                             "allowed:", "solver.steps"]),
+    "unknown field": (
+        ["--set", "stepz=3"],
+        ["no chosen entry has that field", "allowed:", "solver.steps"],
+    ),
     "wrong type": (["--set", "steps=many"], ["[solver.pc] steps", "valid integer", "'many'"]),
     "out of range": (["--set", "snr=-1"], ["[solver.pc] snr", "greater than 0"]),
     "not a finite number": (["--set", "snr=nan"], ["snr"]),
     "kind not in this call": (["--set", "loss.foo=1"], ["'loss' is not part of this call"]),
-    "qualified, unknown field": (["--set", "sde.vp.betamax=3"],
-                                 ["--set sde.vp.betamax", "unknown field"]),
+    "qualified, unknown field": (
+        ["--set", "sde.vp.betamax=3"],
+        ["--set sde.vp.betamax", "unknown field"],
+    ),
     "qualified, unknown kind": (["--set", "sdf.vp.beta_max=3"], ["[sdf] unknown table"]),
-    "qualified, non-string type": (["--set", "sde.vp.type=[1]"],
-                                   ["--set sde.vp.type", "must be a string"]),
+    "qualified, non-string type": (
+        ["--set", "sde.vp.type=[1]"],
+        ["--set sde.vp.type", "must be a string"],
+    ),
 }
 
 
@@ -142,8 +165,9 @@ OPTION_MISTAKES = {
 @pytest.mark.parametrize("mistake", sorted(OPTION_MISTAKES))
 def test_run_option_mistake_is_one_line(app, tmp_path, mistake):
     args, needles = OPTION_MISTAKES[mistake]
-    res = runner.invoke(app, ["run", "-n", "10", "--steps", "2", "-q",
-                              "--out", str(tmp_path / "o"), *args])
+    res = runner.invoke(
+        app, ["run", "-n", "10", "--steps", "2", "-q", "--out", str(tmp_path / "o"), *args]
+    )
     one_line_error(res, *needles)
     assert not (tmp_path / "o").exists()
 
@@ -163,20 +187,25 @@ def test_out_is_a_file_or_cannot_be_created(app, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("mine")
     base = ["run", "-n", "10", "--steps", "2", "-q"]
-    one_line_error(runner.invoke(app, base + ["--out", str(afile), "--overwrite"]),
-                   "exists and is not a folder")
+    one_line_error(
+        runner.invoke(app, base + ["--out", str(afile), "--overwrite"]),
+        "exists and is not a folder",
+    )
     assert afile.read_text() == "mine"
-    one_line_error(runner.invoke(app, base + ["--out", str(afile / "sub")]),
-                   "cannot create run folder")
+    one_line_error(
+        runner.invoke(app, base + ["--out", str(afile / "sub")]), "cannot create run folder"
+    )
 
 
 def test_engine_rejects_bad_device_and_seed():
     engine = Engine(autoload=False)
-    for kwargs, needle in ((dict(device="tpu"), "unknown device"),
-                           (dict(device="cuda:99"), "cuda:99"),
-                           (dict(seed=-1), "seed must be in"),
-                           (dict(seed=1.5), "seed must be an integer"),
-                           (dict(check_every=-2), "check_every")):
+    for kwargs, needle in (
+        (dict(device="tpu"), "unknown device"),
+        (dict(device="cuda:99"), "cuda:99"),
+        (dict(seed=-1), "seed must be in"),
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(check_every=-2), "check_every"),
+    ):
         with pytest.raises(DiffuseError, match=needle):
             engine.sample(shape=(4, 2), steps=2, **kwargs)
 
@@ -203,6 +232,7 @@ def test_score_model_breaking_the_contract(mistake):
 def test_score_on_the_wrong_device():
     def meta_score(x, t):
         return torch.empty_like(x, device="meta")
+
     with pytest.raises(DiffuseError, match="on meta; expected .* on cpu"):
         Engine(autoload=False).sample(score=meta_score, shape=(4, 2), steps=2)
 
@@ -216,21 +246,32 @@ def _save_npy(path, arr):
 DATA_MISTAKES = {
     "one-dimensional array": (lambda p: _save_npy(p / "a.npy", np.zeros(5)), "shape (5,)"),
     "empty array": (lambda p: _save_npy(p / "a.npy", np.zeros((0, 2))), "n >= 1"),
-    "complex dtype": (lambda p: _save_npy(p / "a.npy", np.zeros((4, 2), np.complex64)),
-                      "expected a (n, *dims) array"),
-    "boolean dtype": (lambda p: _save_npy(p / "a.npy", np.zeros((4, 2), bool)),
-                      "expected a (n, *dims) array"),
+    "complex dtype": (
+        lambda p: _save_npy(p / "a.npy", np.zeros((4, 2), np.complex64)),
+        "expected a (n, *dims) array",
+    ),
+    "boolean dtype": (
+        lambda p: _save_npy(p / "a.npy", np.zeros((4, 2), bool)),
+        "expected a (n, *dims) array",
+    ),
     "object array (needs pickle)": (
         lambda p: _save_npy(p / "a.npy", np.array([{"a": 1}, None], dtype=object)),
-        "cannot read as .npy"),
+        "cannot read as .npy",
+    ),
     "NaN values": (lambda p: _save_npy(p / "a.npy", np.full((4, 2), np.nan)), "NaN or Inf"),
-    "not a tensor in .pt": (lambda p: (torch.save({"x": torch.zeros(3, 2)}, p / "a.pt"),
-                                       p / "a.pt")[1], "expected a single tensor"),
-    "unsupported suffix": (lambda p: (p / "a.csv").write_text("1,2\n") and p / "a.csv",
-                           "unsupported suffix '.csv'"),
+    "not a tensor in .pt": (
+        lambda p: (torch.save({"x": torch.zeros(3, 2)}, p / "a.pt"), p / "a.pt")[1],
+        "expected a single tensor",
+    ),
+    "unsupported suffix": (
+        lambda p: (p / "a.csv").write_text("1,2\n") and p / "a.csv",
+        "unsupported suffix '.csv'",
+    ),
     "missing path": (lambda p: p / "missing.npy", "missing.npy"),
-    "corrupt file": (lambda p: (p / "a.npy").write_bytes(b"not numpy") and p / "a.npy",
-                     "cannot read as .npy"),
+    "corrupt file": (
+        lambda p: (p / "a.npy").write_bytes(b"not numpy") and p / "a.npy",
+        "cannot read as .npy",
+    ),
 }
 
 
@@ -248,8 +289,13 @@ def test_data_file_mistake(tmp_path, mistake):
 
 # ---- the real console script --------------------------------------------------------------
 def _diffuse(*args, cwd=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "diffuse_engine", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "diffuse_engine", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_subprocess_bad_registry_file_exits_2_with_one_line(tmp_path):
@@ -261,8 +307,13 @@ def test_subprocess_bad_registry_file_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in res.stderr + res.stdout
 
 
-@pytest.mark.parametrize("args,needle", [(["run", "-n", "many"], "Invalid value for '--n'"),
-                                         (["run", "--bogus"], "No such option: --bogus")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "-n", "many"], "Invalid value for '--n'"),
+        (["run", "--bogus"], "No such option: --bogus"),
+    ],
+)
 def test_subprocess_option_errors_are_one_line(args, needle):
     """Through the console script, click's usage errors are one line too (exit 2)."""
     res = _diffuse(*args)
@@ -278,28 +329,38 @@ def test_subprocess_debug_shows_the_traceback(tmp_path):
 
 
 def test_train_device_from_settings_is_checked(app, tmp_path):
-    res = runner.invoke(app, ["train", "--steps", "1", "-q", "--out", str(tmp_path / "t"),
-                              "--set", "device=tpu"])
+    res = runner.invoke(
+        app, ["train", "--steps", "1", "-q", "--out", str(tmp_path / "t"), "--set", "device=tpu"]
+    )
     one_line_error(res, "unknown device 'tpu'")
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(shape=(-5, 2)), "n >= 1"),
-    (dict(shape=(0, 2)), "n >= 1"),
-    (dict(shape=(4,)), "(n, *dims)"),
-    (dict(shape="ab"), "of integers"),
-    (dict(shape=(4, 3)), "this score model's data are (2,)"),
-    (dict(shape=(4, 2, 1)), "this score model's data are (2,)"),
-    (dict(shape=(4, 2), dtype=torch.int64), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(shape=(-5, 2)), "n >= 1"),
+        (dict(shape=(0, 2)), "n >= 1"),
+        (dict(shape=(4,)), "(n, *dims)"),
+        (dict(shape="ab"), "of integers"),
+        (dict(shape=(4, 3)), "this score model's data are (2,)"),
+        (dict(shape=(4, 2, 1)), "this score model's data are (2,)"),
+        (dict(shape=(4, 2), dtype=torch.int64), "floating-point"),
+    ],
+)
 def test_engine_rejects_bad_shapes_and_dtypes(kwargs, needle):
     with pytest.raises(DiffuseError) as info:
         Engine(autoload=False).sample(steps=2, **kwargs)
     assert needle in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("args", [["run", "-n", "many"], ["likelihood", "--seed", str(2**70)],
-                                  ["sample", "--checkpoint", "x", "--steps", "1.5"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "-n", "many"],
+        ["likelihood", "--seed", str(2**70)],
+        ["sample", "--checkpoint", "x", "--steps", "1.5"],
+    ],
+)
 def test_option_type_errors_are_usage_errors(app, args):
     """Values of the wrong type for an option: typer's usage message, exit 2, no traceback."""
     res = runner.invoke(app, args)

@@ -15,22 +15,46 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import running
 from pydantic import Field
 from typer.testing import CliRunner
 
 from diffuse_engine import ComponentConfig, Dataset, Engine, NumericalError, module_plugin
-from diffuse_engine.components.checkpoint import Checkpoint
 from diffuse_engine.cli import build_app
-
-from conftest import running
+from diffuse_engine.components.checkpoint import Checkpoint
 
 # a tiny model and short steps: the point is the fault handling, not the fit
-SETTINGS = dict(batch_size=64, checkpoint_every=10, log_every=10, warmup=5, plot_n=64,
-                plot_steps=10, hidden=32, depth=1, threads=1)
-CLI_SETTINGS = ["--batch-size", "64", "--threads", "1", "-q",
-                *[a for k in ("checkpoint_every", "log_every", "warmup", "plot_n",
-                              "plot_steps", "hidden", "depth")
-                  for a in ("--set", f"{k}={SETTINGS[k]}")]]
+SETTINGS = dict(
+    batch_size=64,
+    checkpoint_every=10,
+    log_every=10,
+    warmup=5,
+    plot_n=64,
+    plot_steps=10,
+    hidden=32,
+    depth=1,
+    threads=1,
+)
+CLI_SETTINGS = [
+    "--batch-size",
+    "64",
+    "--threads",
+    "1",
+    "-q",
+    *[
+        a
+        for k in (
+            "checkpoint_every",
+            "log_every",
+            "warmup",
+            "plot_n",
+            "plot_steps",
+            "hidden",
+            "depth",
+        )
+        for a in ("--set", f"{k}={SETTINGS[k]}")
+    ],
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,8 +77,9 @@ def status(out: Path) -> dict:
 
 
 def resume(out: Path, steps: int) -> None:
-    res = CliRunner().invoke(build_app(), ["train", "--resume", "--out", str(out),
-                                           "--steps", str(steps), "-q"])
+    res = CliRunner().invoke(
+        build_app(), ["train", "--resume", "--out", str(out), "--steps", str(steps), "-q"]
+    )
     assert res.exit_code == 0, res.output
     assert status(out)["complete"] is True and status(out)["step"] == steps
 
@@ -82,8 +107,9 @@ class NaNAfter(Dataset):
 
 
 def test_nan_in_training_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    engine = Engine(autoload=False, plugins=[module_plugin(
-        diffuse_register_datasets=lambda: [NaNAfter])])
+    engine = Engine(
+        autoload=False, plugins=[module_plugin(diffuse_register_datasets=lambda: [NaNAfter])]
+    )
     out = tmp_path / "run"
     with pytest.raises(NumericalError) as info:
         engine.training(data="nan_after", out=out, steps=100, **SETTINGS)
@@ -133,8 +159,20 @@ def test_sigkill_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(textwrap.dedent(HANG_ON_REPLACE))
     out, marker = tmp_path / "run", tmp_path / "writing"
-    with running([sys.executable, str(script), str(marker), "3", "train",
-                  "--steps", "40", "--out", str(out), *CLI_SETTINGS]) as proc:
+    with running(
+        [
+            sys.executable,
+            str(script),
+            str(marker),
+            "3",
+            "train",
+            "--steps",
+            "40",
+            "--out",
+            str(out),
+            *CLI_SETTINGS,
+        ]
+    ) as proc:
         _wait_for(marker, proc)
         tmp_file = Path(marker.read_text())
         assert tmp_file.stat().st_size > 0  # the third checkpoint: written, not renamed
@@ -150,8 +188,19 @@ def test_sigkill_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path):
 # ---- Ctrl-C ------------------------------------------------------------------------------
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    with running([sys.executable, "-m", "diffuse_engine", "train",
-                  "--steps", "1000000", "--out", str(out), *CLI_SETTINGS]) as proc:
+    with running(
+        [
+            sys.executable,
+            "-m",
+            "diffuse_engine",
+            "train",
+            "--steps",
+            "1000000",
+            "--out",
+            str(out),
+            *CLI_SETTINGS,
+        ]
+    ) as proc:
         _wait_for(out / "checkpoint.safetensors", proc)  # training is under way
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -159,8 +208,10 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     st = status(out)
     step = st["step"]
     assert st["complete"] is False and st["interrupted"] is True and step >= 10
-    assert err.strip() == (f"interrupted: SIGINT at step {step}: checkpoint saved in {out}; "
-                           f"continue with diffuse train --resume --out {out}"), err
+    assert err.strip() == (
+        f"interrupted: SIGINT at step {step}: checkpoint saved in {out}; "
+        f"continue with diffuse train --resume --out {out}"
+    ), err
     assert "Traceback" not in err
     assert Checkpoint.load(out).step == step  # saved at the interrupt, not the last period
     resume(out, step + 5)
@@ -170,6 +221,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_first_signal_is_a_request_second_interrupts():
     """StopOnSignal's logic with SIGUSR1 (SIGINT is ignored inside pytest-xdist workers)."""
     from diffuse_engine.output.interrupts import StopOnSignal
+
     before = signal.getsignal(signal.SIGUSR1)
     with StopOnSignal(signals=(signal.SIGUSR1,)) as stop:
         signal.raise_signal(signal.SIGUSR1)

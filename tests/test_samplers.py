@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_recovers
 
 N = 10000
@@ -31,8 +30,16 @@ def mixture_of(engine, sde):
 @pytest.mark.parametrize("sde", SDES)
 @pytest.mark.parametrize("predictor,corrector", PC)
 def test_pc_recovers_mixture(engine, sde, predictor, corrector):
-    x = engine.sample(score="gmm", sde=sde, solver="pc", shape=N, seed=0, steps=1000,
-                      predictor=predictor, corrector=corrector)
+    x = engine.sample(
+        score="gmm",
+        sde=sde,
+        solver="pc",
+        shape=N,
+        seed=0,
+        steps=1000,
+        predictor=predictor,
+        corrector=corrector,
+    )
     assert x.shape == (N, 2)
     assert_recovers(x, mixture_of(engine, sde))
 
@@ -40,8 +47,9 @@ def test_pc_recovers_mixture(engine, sde, predictor, corrector):
 @pytest.mark.parametrize("sde", SDES)
 @pytest.mark.parametrize("method,steps", ODE)
 def test_ode_recovers_mixture(engine, sde, method, steps):
-    r = engine.sampling(score="gmm", sde=sde, solver="ode", shape=N, seed=0, steps=steps,
-                        method=method)
+    r = engine.sampling(
+        score="gmm", sde=sde, solver="ode", shape=N, seed=0, steps=steps, method=method
+    )
     assert r.nfe == 1000 + 1  # plus the final denoising step
     assert_recovers(r.samples, mixture_of(engine, sde))
 
@@ -57,8 +65,15 @@ def test_langevin_corrector_alone_samples_the_mixture_at_small_t(engine):
     errors (sqrt(2 / n) relative).
     """
     sde = engine.build("sde", "vp")
-    model = engine.build("score", "gmm", sde=sde, layout="explicit",
-                         means=[[-0.6, 0.0], [0.6, 0.0]], stds=[0.4, 0.5], weights=[0.3, 0.7])
+    model = engine.build(
+        "score",
+        "gmm",
+        sde=sde,
+        layout="explicit",
+        means=[[-0.6, 0.0], [0.6, 0.0]],
+        stds=[0.4, 0.5],
+        weights=[0.3, 0.7],
+    )
     corrector = engine.catalogue.get("corrector", "langevin")(snr=0.16, steps=3000)
     n = 4000
     gen = torch.Generator().manual_seed(3)
@@ -69,7 +84,9 @@ def test_langevin_corrector_alone_samples_the_mixture_at_small_t(engine):
     mix = model.mixture
     var = a**2 * mix.stds**2 + s**2
     xs = x[:, 0].sort().values
-    cdf = (mix.weights * 0.5 * (1 + torch.erf((xs[:, None] - a * mix.means[:, 0]) / (2 * var).sqrt()))).sum(1)
+    cdf = (
+        mix.weights * 0.5 * (1 + torch.erf((xs[:, None] - a * mix.means[:, 0]) / (2 * var).sqrt()))
+    ).sum(1)
     ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
     ks = float(torch.maximum((ecdf - cdf).abs(), (ecdf - 1 / n - cdf).abs()).max())
     assert ks <= 1.95 / n**0.5, ks
@@ -86,11 +103,20 @@ def test_sampling_is_reproducible_and_seed_dependent(engine):
 
 
 def test_nfe_counts_predictor_corrector_and_denoise(engine):
-    r = engine.sampling(score="gmm", sde="ve", solver="pc", shape=8, seed=0, steps=10,
-                        corrector_steps=2)
+    r = engine.sampling(
+        score="gmm", sde="ve", solver="pc", shape=8, seed=0, steps=10, corrector_steps=2
+    )
     assert r.nfe == 10 * (1 + 2) + 1
-    r = engine.sampling(score="gmm", sde="ve", solver="pc", shape=8, seed=0, steps=10,
-                        corrector="none", denoise=False)
+    r = engine.sampling(
+        score="gmm",
+        sde="ve",
+        solver="pc",
+        shape=8,
+        seed=0,
+        steps=10,
+        corrector="none",
+        denoise=False,
+    )
     assert r.nfe == 10
 
 
@@ -102,7 +128,14 @@ def test_callable_score_with_epsilon_parameterisation(engine):
         a, s = sde.marginal(t)
         return (s / (a**2 + s**2))[:, None] * x
 
-    x = engine.sample(score=eps_net, sde="vp", solver="ode", shape=(20000, 2), seed=0,
-                      steps=100, parameterisation="epsilon")
+    x = engine.sample(
+        score=eps_net,
+        sde="vp",
+        solver="ode",
+        shape=(20000, 2),
+        seed=0,
+        steps=100,
+        parameterisation="epsilon",
+    )
     # the data law is N(0, I): sample variance within 5 standard errors sqrt(2/n)
     assert float((x.var(0) - 1).abs().max()) <= 5 * (2 / 20000) ** 0.5

@@ -42,8 +42,15 @@ def test_linear_coefficients_match_the_sde(engine, sde_name):
 
 
 @pytest.mark.parametrize("sde_name", SDES)
-@pytest.mark.parametrize("solver,kw", [("ode", {"method": "rk4"}), ("ode", {"method": "heun"}),
-                                       ("ode", {"method": "euler"}), ("pc", {})])
+@pytest.mark.parametrize(
+    "solver,kw",
+    [
+        ("ode", {"method": "rk4"}),
+        ("ode", {"method": "heun"}),
+        ("ode", {"method": "euler"}),
+        ("pc", {}),
+    ],
+)
 def test_fast_path_makes_the_same_updates(engine, sde_name, solver, kw):
     score = engine.build("score", "gmm", sde=engine.build("sde", sde_name))
     out = []
@@ -67,7 +74,7 @@ def test_a_nonlinear_drift_has_no_float_coefficients():
         name = "cubic"
 
         def drift(self, x, t):
-            return -x**3
+            return -(x**3)
 
         def diffusion(self, t):
             return torch.ones_like(t)

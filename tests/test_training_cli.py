@@ -14,8 +14,23 @@ from diffuse_engine.cli import build_app
 runner = CliRunner()
 
 
-TINY = ["--set", "hidden=32", "--set", "depth=1", "--set", "plot_n=64", "--set",
-        "plot_steps=5", "--set", "log_every=5", "--threads", "1", "--batch-size", "64", "-q"]
+TINY = [
+    "--set",
+    "hidden=32",
+    "--set",
+    "depth=1",
+    "--set",
+    "plot_n=64",
+    "--set",
+    "plot_steps=5",
+    "--set",
+    "log_every=5",
+    "--threads",
+    "1",
+    "--batch-size",
+    "64",
+    "-q",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,38 +41,73 @@ def app():
 @pytest.fixture(scope="module")
 def trained(app, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "ring"
-    res = runner.invoke(app, ["train", "--data", "gmm", "--sde", "vp", "--model", "mlp",
-                              "--steps", "10", "--out", str(out), *TINY])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            "gmm",
+            "--sde",
+            "vp",
+            "--model",
+            "mlp",
+            "--steps",
+            "10",
+            "--out",
+            str(out),
+            *TINY,
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
 
 def test_train_then_resume(app, trained):
     assert json.loads((trained / "status.json").read_text())["complete"] is True
-    res = runner.invoke(app, ["train", "--out", str(trained), "--resume", "--steps", "15",
-                              "--threads", "1", "-q"])
+    res = runner.invoke(
+        app, ["train", "--out", str(trained), "--resume", "--steps", "15", "--threads", "1", "-q"]
+    )
     assert res.exit_code == 0, res.output
     assert (trained / "losses.csv").read_text().count("\n") == 16
 
 
 def test_sample_writes_samples_plot_and_exact_metrics(app, trained, tmp_path):
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sample", "--checkpoint", str(trained), "--solver", "pc",
-                              "--n", "200", "--steps", "10", "--out", str(out),
-                              "--format", "npz"])
+    res = runner.invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            str(trained),
+            "--solver",
+            "pc",
+            "--n",
+            "200",
+            "--steps",
+            "10",
+            "--out",
+            str(out),
+            "--format",
+            "npz",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert {"samples.npz", "samples.png", "metrics.json", "config.json"} <= \
-        {p.name for p in out.iterdir()}
+    assert {"samples.npz", "samples.png", "metrics.json", "config.json"} <= {
+        p.name for p in out.iterdir()
+    }
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["nfe"] == 21 and len(metrics["modes"]["weight"]) == 8
 
 
-@pytest.mark.parametrize("args,words", [
-    (["sample", "--checkpoint", "/nonexistent/ck.safetensors"], "no such file"),
-    (["train", "--model", "gmm", "--steps", "1"], "not trainable"),
-    (["train", "--loss", "smld", "--steps", "1"], "variance-exploding"),
-    (["train", "--set", "lr=-1"], "lr"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["sample", "--checkpoint", "/nonexistent/ck.safetensors"], "no such file"),
+        (["train", "--model", "gmm", "--steps", "1"], "not trainable"),
+        (["train", "--loss", "smld", "--steps", "1"], "variance-exploding"),
+        (["train", "--set", "lr=-1"], "lr"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(app, tmp_path, args, words):
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "x")])
     assert res.exit_code == 2, res.output
@@ -71,11 +121,31 @@ def test_train_refuses_existing_folder(app, trained):
 
 def test_run_trains_first_when_the_score_needs_it(app, tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["run", "--score", "mlp", "--n", "300", "--steps", "10",
-                              "--out", str(out), "-q",
-                              "--set", "train.default.steps=5", "--set", "train.default.threads=1",
-                              "--set", "train.default.plot_n=32", "--set",
-                              "train.default.plot_steps=3", "--set", "score.mlp.hidden=16"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            "--score",
+            "mlp",
+            "--n",
+            "300",
+            "--steps",
+            "10",
+            "--out",
+            str(out),
+            "-q",
+            "--set",
+            "train.default.steps=5",
+            "--set",
+            "train.default.threads=1",
+            "--set",
+            "train.default.plot_n=32",
+            "--set",
+            "train.default.plot_steps=3",
+            "--set",
+            "score.mlp.hidden=16",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (out / "train" / "checkpoint.safetensors").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -102,8 +172,7 @@ def test_x0_preconditioner_with_zero_network_is_the_gaussian_score():
     engine = Engine(autoload=False)
     for sde_name in ("vp", "ve", "subvp"):
         sde = engine.build("sde", sde_name)
-        m = engine.build("score", "mlp", sde=sde, shape=[2], parameterisation="x0",
-                         sigma_data=0.7)
+        m = engine.build("score", "mlp", sde=sde, shape=[2], parameterisation="x0", sigma_data=0.7)
         for p in m.net.out.parameters():
             torch.nn.init.zeros_(p)
         g = torch.Generator().manual_seed(0)
@@ -121,6 +190,7 @@ def test_x0_preconditioner_with_zero_network_is_the_gaussian_score():
 
 def test_network_needs_a_shape():
     from diffuse_engine import DiffuseError
+
     engine = Engine(autoload=False)
     with pytest.raises(DiffuseError, match="needs its data shape"):
         engine.build("score", "mlp", sde=engine.build("sde", "vp"))

@@ -74,6 +74,7 @@ def test_file_npy_pt_and_images(engine, tmp_path):
         assert torch.allclose(d.data, torch.from_numpy(arr))
         assert d.sample(7, gen()).shape == (7, 3)
     from PIL import Image
+
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
@@ -85,12 +86,14 @@ def test_file_npy_pt_and_images(engine, tmp_path):
 
 def test_file_errors_are_one_line(engine, tmp_path):
     (tmp_path / "x.txt").write_text("1 2 3")
-    for path, words in [(tmp_path / "missing.npy", "cannot read"),
-                        (tmp_path / "x.txt", "unsupported suffix"),
-                        (tmp_path / "nothing", "does not exist")]:
+    for path, words in [
+        (tmp_path / "missing.npy", "cannot read"),
+        (tmp_path / "x.txt", "unsupported suffix"),
+        (tmp_path / "nothing", "does not exist"),
+    ]:
         with pytest.raises(DiffuseError, match=words) as info:
-            engine.build("data", "file", path=str(path)).data
+            _ = engine.build("data", "file", path=str(path)).data
         assert "\n" not in str(info.value)
     torch.save({"a": torch.zeros(2)}, tmp_path / "d.pt")
     with pytest.raises(DiffuseError, match="expected a single tensor"):
-        engine.build("data", "file", path=str(tmp_path / "d.pt")).data
+        _ = engine.build("data", "file", path=str(tmp_path / "d.pt")).data

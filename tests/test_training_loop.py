@@ -12,8 +12,18 @@ import torch
 from diffuse_engine import DiffuseError, Engine, IncompatibleError
 from diffuse_engine.components.checkpoint import Checkpoint, CheckpointError
 
-TINY = dict(steps=40, batch_size=64, checkpoint_every=20, log_every=10, warmup=5,
-            plot_n=64, plot_steps=10, hidden=32, depth=1, threads=1)
+TINY = dict(
+    steps=40,
+    batch_size=64,
+    checkpoint_every=20,
+    log_every=10,
+    warmup=5,
+    plot_n=64,
+    plot_steps=10,
+    hidden=32,
+    depth=1,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,9 @@ def full_run(engine, tmp_path_factory):
 def test_training_writes_a_complete_folder(full_run):
     out = full_run.out
     assert json.loads((out / "status.json").read_text())["complete"] is True
-    assert {"checkpoint.safetensors", "config.json", "losses.csv", "samples.png"} <= \
-        {p.name for p in out.iterdir()}
+    assert {"checkpoint.safetensors", "config.json", "losses.csv", "samples.png"} <= {
+        p.name for p in out.iterdir()
+    }
     assert len(full_run.losses) == 40 and all(map(lambda v: v == v, full_run.losses))
     assert (out / "losses.csv").read_text().count("\n") == 41
     cfg = json.loads((out / "config.json").read_text())["config"]
@@ -46,8 +57,11 @@ def test_resume_gives_the_same_losses(engine, full_run, tmp_path):
     resumed = engine.training(out=out, resume=True, steps=40, threads=1)
     assert resumed.step == 40
     assert resumed.losses == full_run.losses  # bit-identical on CPU
-    for a, b in zip(resumed.model.net.state_dict().values(),
-                    full_run.model.net.state_dict().values()):
+    for a, b in zip(
+        resumed.model.net.state_dict().values(),
+        full_run.model.net.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b)
 
 
@@ -64,13 +78,14 @@ def test_checkpoint_round_trip_without_pickle(engine, full_run):
     path = full_run.out / "checkpoint.safetensors"
     # a safetensors file: 8-byte header length, then a JSON header; no pickle opcodes
     raw = path.read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert "diffuse" in header["__metadata__"]
     ck = Checkpoint.load(path)
     assert ck.step == 40 and ck.config == full_run.config
     assert torch.equal(ck.losses, torch.tensor(full_run.losses, dtype=torch.float64))
     assert set(ck.rng) == {"data", "noise", "torch_cpu"} and ck.optim["state"]
     from diffuse_engine.training import load_trained
+
     model, _ = load_trained(engine, full_run.out)
     x, t = torch.randn(16, 2), torch.rand(16) * 0.9 + 0.05
     with torch.no_grad():
@@ -83,8 +98,7 @@ def test_checkpoint_is_a_registry_score_model(full_run, tmp_path):
     reg.write_text(f'[score.mine]\ntype = "checkpoint"\npath = "{full_run.out}"\n')
     engine = Engine(registry=reg, autoload=False)
     x = engine.sample(score="mine", sde="vp", solver="pc", shape=64, seed=3, steps=20)
-    y = engine.sample(score=full_run.model, sde="vp", solver="pc", shape=(64, 2), seed=3,
-                      steps=20)
+    y = engine.sample(score=full_run.model, sde="vp", solver="pc", shape=(64, 2), seed=3, steps=20)
     assert torch.equal(x, y)
     with pytest.raises(IncompatibleError, match="trained with sde"):
         engine.sample(score="mine", sde="ve", solver="pc", shape=8, steps=5)

@@ -31,8 +31,9 @@ class GaussianScore(ScoreModel):
 
     def forward(self, x, t):
         a, s = self.sde.marginal(t)
-        mix = GaussianMixture(self.mu[None], self.log_sigma.exp()[None],
-                              torch.ones(1, dtype=torch.float64))
+        mix = GaussianMixture(
+            self.mu[None], self.log_sigma.exp()[None], torch.ones(1, dtype=torch.float64)
+        )
         return mix.score(x, a, s)
 
 
@@ -51,8 +52,7 @@ CASES = [
     ("smld", "ve", {"num_scales": 100}),
     ("ism", "vp", {}),
     ("ssm", "vp", {}),
-    ("ssm", "ve", {"distribution": "rademacher", "variance_reduction": False,
-                   "projections": 2}),
+    ("ssm", "ve", {"distribution": "rademacher", "variance_reduction": False, "projections": 2}),
 ]
 
 
@@ -73,15 +73,17 @@ def gradient_z(engine, loss_name, sde_name, fields, mu, seed=0):
     return G.mean(0) / se
 
 
-@pytest.mark.parametrize("loss_name,sde_name,fields", CASES,
-                         ids=[f"{a}-{b}-{i}" for i, (a, b, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "loss_name,sde_name,fields", CASES, ids=[f"{a}-{b}-{i}" for i, (a, b, _) in enumerate(CASES)]
+)
 def test_gradient_vanishes_at_exact_score(engine, loss_name, sde_name, fields):
     z = gradient_z(engine, loss_name, sde_name, fields, MU)
     # three t-statistics with 19 degrees of freedom: |t| > 4.5 has probability < 1e-3 each
     assert z.abs().max() < 4.5, f"biased gradient at the true score: z = {z.tolist()}"
     # power: a mean off by one sigma must give a clearly positive d loss / d mu_0
-    z_off = gradient_z(engine, loss_name, sde_name, fields, MU + torch.tensor([SIGMA, 0.0],
-                                                                             dtype=torch.float64))
+    z_off = gradient_z(
+        engine, loss_name, sde_name, fields, MU + torch.tensor([SIGMA, 0.0], dtype=torch.float64)
+    )
     assert z_off[0] > 6, f"gradient does not see a wrong mean: z = {z_off.tolist()}"
 
 

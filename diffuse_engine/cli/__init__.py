@@ -9,36 +9,63 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 
+from diffuse_engine.cli import (
+    bench_cmd,
+    check_cmd,
+    common,
+    likelihood_cmd,
+    plugins_cmd,
+    registry_cmd,
+    run_cmd,
+    sample_cmd,
+    train_cmd,
+)
 from diffuse_engine.core.plugins import make_plugin_manager
-from diffuse_engine.cli import (common, likelihood_cmd, plugins_cmd, registry_cmd, run_cmd,
-                                sample_cmd, train_cmd)
-from diffuse_engine.cli import check_cmd
-from diffuse_engine.cli import bench_cmd
 
 #: modules contributing built-in commands, in help order
-COMMAND_MODULES = [run_cmd, train_cmd, sample_cmd, likelihood_cmd, plugins_cmd, registry_cmd,
-                   check_cmd, bench_cmd]
+COMMAND_MODULES = [
+    run_cmd,
+    train_cmd,
+    sample_cmd,
+    likelihood_cmd,
+    plugins_cmd,
+    registry_cmd,
+    check_cmd,
+    bench_cmd,
+]
 
 
 def build_app(with_plugin_commands: bool = True) -> typer.Typer:
     """The typer application with built-in and (optionally) plugin commands."""
-    app = typer.Typer(name="diffuse", no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_enable=False,
-                      help="Score-based generative modelling with SDEs, built from plugins.")
+    app = typer.Typer(
+        name="diffuse",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        help="Score-based generative modelling with SDEs, built from plugins.",
+    )
 
     @app.callback()
-    def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-              allow_imports: bool = typer.Option(
-                  False, "--allow-imports", help="let registry files name "
-                  "type = \"package.module:Class\" (runs that code: trusted files only)"),
-              log_metrics: Optional[str] = typer.Option(
-                  None, "--log-metrics", metavar="PATH", help="append every run event "
-                  "(steps, losses, final metrics) to PATH, .csv or JSON lines; sets "
-                  "DIFFUSE_LOG_METRICS for the engine")):
+    def _root(
+        debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+        allow_imports: bool = typer.Option(
+            False,
+            "--allow-imports",
+            help="let registry files name "
+            'type = "package.module:Class" (runs that code: trusted files only)',
+        ),
+        log_metrics: str | None = typer.Option(
+            None,
+            "--log-metrics",
+            metavar="PATH",
+            help="append every run event "
+            "(steps, losses, final metrics) to PATH, .csv or JSON lines; sets "
+            "DIFFUSE_LOG_METRICS for the engine",
+        ),
+    ):
         common.STATE.debug = debug
         common.STATE.allow_imports = allow_imports
         if log_metrics:  # the metrics-logger plugin reads it when the engine is built
@@ -59,13 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``diffuse`` console script and ``python -m diffuse_engine``."""
     args = list(sys.argv[1:] if argv is None else argv)
     from diffuse_engine.core.allocator import keep_freed_memory
+
     keep_freed_memory()  # CPU sampling page-faulted ~40 % of its time (allocator.py)
     for flag in ("--allow-imports", "--debug"):  # global options, accepted anywhere
         if flag in args:
             args = [flag] + [a for a in args if a != flag]
     if "--log-metrics" in args[:-1]:  # a global option with a value, also anywhere
         i = args.index("--log-metrics")
-        args = args[i:i + 2] + args[:i] + args[i + 2:]
+        args = args[i : i + 2] + args[:i] + args[i + 2 :]
     args = _distributed(args)
     try:
         status = build_app()(args=args, prog_name="diffuse", standalone_mode=False)
@@ -82,15 +110,28 @@ def main(argv: list[str] | None = None) -> None:
 def _distributed(args: list[str]) -> list[str]:
     """``--nproc N`` (N > 1) reruns the command under torchrun and exits with its status;
     in a torchrun worker other than rank 0, stdout is silenced (rank 0 reports)."""
-    from diffuse_engine.core.distributed import DistributedError, launch, launched_by_torchrun, split_nproc
+    from diffuse_engine.core.distributed import (
+        DistributedError,
+        launch,
+        launched_by_torchrun,
+        split_nproc,
+    )
+
     try:
         nproc, args = split_nproc(args)
         if nproc is not None and nproc > 1:
-            command = next((a for i, a in enumerate(args) if not a.startswith("-")
-                            and (i == 0 or args[i - 1] != "--log-metrics")), None)
+            command = next(
+                (
+                    a
+                    for i, a in enumerate(args)
+                    if not a.startswith("-") and (i == 0 or args[i - 1] != "--log-metrics")
+                ),
+                None,
+            )
             if command not in ("train", "sample", "run"):
-                raise DistributedError(f"--nproc works with diffuse train, sample and run, "
-                                       f"not {command!r}")
+                raise DistributedError(
+                    f"--nproc works with diffuse train, sample and run, not {command!r}"
+                )
             raise SystemExit(launch(nproc, args))
     except DistributedError as exc:
         common.err(f"error: {exc}")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from diffuse_engine.cli.common import console, handle_errors, make_engine
-
 
 #: as diffuse_engine.testbed.bench.DEFAULT_SOLVERS (not imported here so --help stays fast)
 DEFAULT_SOLVERS = "pc,ancestral,ode,ddim,dpm_solver,dpm_solver_pp,dpm_solver_pp3,edm,unipc"
@@ -22,11 +20,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def bench(
-        solvers: str = typer.Option(DEFAULT_SOLVERS,
-                                    help="comma-separated solver entries"),
-        schedules: str = typer.Option("uniform,quadratic,logsnr,karras,gits",
-                                      help="comma-separated schedules: uniform, quadratic, "
-                                      "logsnr, karras, gits"),
+        solvers: str = typer.Option(DEFAULT_SOLVERS, help="comma-separated solver entries"),
+        schedules: str = typer.Option(
+            "uniform,quadratic,logsnr,karras,gits",
+            help="comma-separated schedules: uniform, quadratic, logsnr, karras, gits",
+        ),
         nfe: str = typer.Option("5,10,20,50,100,1000", help="score-evaluation budgets"),
         problems: str = typer.Option("gmm,gmm64", help="exact-GMM score entries"),
         sde: str = typer.Option("vp", help="SDE entry"),
@@ -34,10 +32,13 @@ def register(app: typer.Typer) -> None:
         n_ref: int = typer.Option(5000, help="samples compared with the dopri5 reference"),
         seed: int = typer.Option(0, help="random seed"),
         device: str = typer.Option("cpu", help="torch device"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest "
-                                              "on a busy machine)"),
-        results: Path = typer.Option(Path("docs/benchmarks.jsonl"), help="JSON-lines results "
-                                     "(appended; finished cells are skipped)"),
+        threads: int | None = typer.Option(
+            None, help="torch CPU threads (1 is fastest on a busy machine)"
+        ),
+        results: Path = typer.Option(
+            Path("docs/benchmarks.jsonl"),
+            help="JSON-lines results (appended; finished cells are skipped)",
+        ),
         report: Path = typer.Option(Path("docs/benchmarks.md"), help="markdown report"),
         img_dir: Path = typer.Option(Path("docs/img"), help="folder for the plots"),
         fresh: bool = typer.Option(False, help="ignore earlier results in --results"),
@@ -53,9 +54,9 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from diffuse_engine.testbed import bench as B
-        from diffuse_engine.core.errors import DiffuseError
         from diffuse_engine.components.schedules import ALL_SCHEDULES
+        from diffuse_engine.core.errors import DiffuseError
+        from diffuse_engine.testbed import bench as B
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -64,35 +65,48 @@ def register(app: typer.Typer) -> None:
         try:
             budgets = _csv(nfe, int)
         except ValueError:
-            raise DiffuseError(f"--nfe {nfe!r}: expected comma-separated integers, "
-                               "e.g. 10,20,50") from None
+            raise DiffuseError(
+                f"--nfe {nfe!r}: expected comma-separated integers, e.g. 10,20,50"
+            ) from None
         bad = [s for s in schedule_list if s not in ALL_SCHEDULES]
         if bad:
-            raise DiffuseError(f"--schedules: unknown {', '.join(bad)}; choices: "
-                               + ", ".join(ALL_SCHEDULES))
+            raise DiffuseError(
+                f"--schedules: unknown {', '.join(bad)}; choices: " + ", ".join(ALL_SCHEDULES)
+            )
         if any(b < 1 for b in budgets) or n < 1:
             raise DiffuseError("--nfe budgets and --n must be positive integers")
         for s in solver_list:  # unknown names fail here, before any sampling
             engine.resolve("solver", B.resolve_variant(s)[0])
         for p in _csv(problems):
             engine.resolve("score", p)
-        cases = [B.Case(p, sde, s, sch, b, n, seed) for p in _csv(problems)
-                 for s in solver_list for sch in schedule_list for b in budgets]
+        cases = [
+            B.Case(p, sde, s, sch, b, n, seed)
+            for p in _csv(problems)
+            for s in solver_list
+            for sch in schedule_list
+            for b in budgets
+        ]
         log = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
         records = B.load_results(results) if not fresh else {}
         if quality:
-            records = B.sweep(engine, cases, results, device=device, resume=not fresh,
-                              n_ref=n_ref, log=log)
+            records = B.sweep(
+                engine, cases, results, device=device, resume=not fresh, n_ref=n_ref, log=log
+            )
         rows = []
         over_path = results.with_name(results.stem + "-overhead.json")
         if overhead:
-            rows = B.overhead(engine, ("pc", "ode"), steps=overhead_steps,
-                              batch=overhead_batch, repeats=overhead_repeats, device=device,
-                              log=log)
+            rows = B.overhead(
+                engine,
+                ("pc", "ode"),
+                steps=overhead_steps,
+                batch=overhead_batch,
+                repeats=overhead_repeats,
+                device=device,
+                log=log,
+            )
             over_path.parent.mkdir(parents=True, exist_ok=True)
             over_path.write_text(json.dumps(rows, indent=1))
         elif over_path.exists():
             rows = json.loads(over_path.read_text())
         md = B.write_report(records, rows, report, img_dir)
         log(f"wrote {md}")
-

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -50,29 +51,46 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-RegistryOpt = typer.Option(None, "--registry", "-r", help="extra registry file(s), merged "
-                           "over the default", exists=False)
-NprocOpt = typer.Option(None, "--nproc", min=1, help="processes on this machine: reruns the "
-                        "command under torchrun (DDP; gloo on CPU, nccl on GPU); for several "
-                        "nodes run torchrun -m diffuse_engine yourself (README)")
-SetOpt = typer.Option(None, "--set", "-s", help="KEY=VALUE override: FIELD, KIND.FIELD or "
-                      "KIND.NAME.FIELD (repeatable)")
+RegistryOpt = typer.Option(
+    None, "--registry", "-r", help="extra registry file(s), merged over the default", exists=False
+)
+NprocOpt = typer.Option(
+    None,
+    "--nproc",
+    min=1,
+    help="processes on this machine: reruns the "
+    "command under torchrun (DDP; gloo on CPU, nccl on GPU); for several "
+    "nodes run torchrun -m diffuse_engine yourself (README)",
+)
+SetOpt = typer.Option(
+    None,
+    "--set",
+    "-s",
+    help="KEY=VALUE override: FIELD, KIND.FIELD or KIND.NAME.FIELD (repeatable)",
+)
 
 
-def refuse_nproc_here(nproc: Optional[int]) -> None:
+def refuse_nproc_here(nproc: int | None) -> None:
     """``--nproc N`` is taken off the command line by ``main()`` (which relaunches under
     torchrun); reaching a command means it bypassed ``main()``, so say so, not ignore it."""
     if nproc is not None and nproc > 1:
-        raise DiffuseError("--nproc is handled by the diffuse command itself (diffuse_engine."
-                           "cli.main); here, run torchrun -m diffuse_engine ... instead")
+        raise DiffuseError(
+            "--nproc is handled by the diffuse command itself (diffuse_engine."
+            "cli.main); here, run torchrun -m diffuse_engine ... instead"
+        )
 
 
-def make_engine(registry: Optional[list[Path]] = None, sets: Optional[list[str]] = None):
+def make_engine(registry: list[Path] | None = None, sets: list[str] | None = None):
     """An Engine from CLI options (imported lazily so `--help` stays fast)."""
     from diffuse_engine.core.distributed import launched_by_torchrun
     from diffuse_engine.engine import Engine
-    return Engine(registry=registry or [], sets=sets or [], allow_imports=STATE.allow_imports,
-                  distributed=launched_by_torchrun())  # a torchrun worker: all ranks work
+
+    return Engine(
+        registry=registry or [],
+        sets=sets or [],
+        allow_imports=STATE.allow_imports,
+        distributed=launched_by_torchrun(),
+    )  # a torchrun worker: all ranks work
 
 
 def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> None:

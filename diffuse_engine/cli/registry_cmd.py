@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import tomli_w
 import typer
@@ -12,13 +11,14 @@ from diffuse_engine.cli.common import RegistryOpt, SetOpt, console, handle_error
 
 
 def register(app: typer.Typer) -> None:
-    registry_app = typer.Typer(help="Show the merged registry or check a registry file.",
-                               no_args_is_help=True)
+    registry_app = typer.Typer(
+        help="Show the merged registry or check a registry file.", no_args_is_help=True
+    )
     app.add_typer(registry_app, name="registry")
 
     @registry_app.command("show")
     @handle_errors
-    def show(registry: Optional[list[Path]] = RegistryOpt, set_: Optional[list[str]] = SetOpt):
+    def show(registry: list[Path] | None = RegistryOpt, set_: list[str] | None = SetOpt):
         """Print the default registry merged with --registry files and --set values."""
         engine = make_engine(registry, set_)
         console.print(tomli_w.dumps(engine.registry.as_dict()), markup=False, highlight=False)
@@ -29,5 +29,8 @@ def register(app: typer.Typer) -> None:
         """Validate FILE merged over the default registry; exit 2 with the first error."""
         engine = make_engine([file])
         n = sum(len(t) for t in engine.registry.entries.values())
-        console.print(f"{file}: ok ({n} entries after merging with the default)",
-                      markup=False, highlight=False)
+        console.print(
+            f"{file}: ok ({n} entries after merging with the default)",
+            markup=False,
+            highlight=False,
+        )

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
+from diffuse_engine.cli.common import (
+    RegistryOpt,
+    SetOpt,
+    console,
+    err,
+    handle_errors,
+    make_engine,
+    print_table,
+)
 from diffuse_engine.core.errors import DiffuseError
-from diffuse_engine.cli.common import (RegistryOpt, SetOpt, console, err, handle_errors, make_engine,
-                     print_table)
 
 
 def register(app: typer.Typer) -> None:
@@ -18,17 +24,18 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def run(
         preset: str = typer.Option("default", "--preset", "-p", help="[run.NAME] preset"),
-        sde: Optional[str] = typer.Option(None, help="SDE entry, e.g. vp, subvp, ve, ddpm"),
-        solver: Optional[str] = typer.Option(None, help="solver entry, e.g. pc, ode"),
-        score: Optional[str] = typer.Option(None, help="score-model entry, e.g. gmm"),
-        steps: Optional[int] = typer.Option(None, help="solver steps"),
-        n: Optional[int] = typer.Option(None, "--n", "-n", help="number of samples"),
-        seed: Optional[int] = typer.Option(None, help="random seed"),
-        device: Optional[str] = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder "
-                                           "(default runs/PRESET-SDE-SOLVER-TIME)"),
-        registry: Optional[list[Path]] = RegistryOpt,
-        set_: Optional[list[str]] = SetOpt,
+        sde: str | None = typer.Option(None, help="SDE entry, e.g. vp, subvp, ve, ddpm"),
+        solver: str | None = typer.Option(None, help="solver entry, e.g. pc, ode"),
+        score: str | None = typer.Option(None, help="score-model entry, e.g. gmm"),
+        steps: int | None = typer.Option(None, help="solver steps"),
+        n: int | None = typer.Option(None, "--n", "-n", help="number of samples"),
+        seed: int | None = typer.Option(None, help="random seed"),
+        device: str | None = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="run folder (default runs/PRESET-SDE-SOLVER-TIME)"
+        ),
+        registry: list[Path] | None = RegistryOpt,
+        set_: list[str] | None = SetOpt,
         sample_format: str = typer.Option("pt", "--format", help="samples file: pt or npz"),
         overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and stop"),
@@ -38,23 +45,28 @@ def register(app: typer.Typer) -> None:
         from diffuse_engine.runs import default_out
 
         engine = make_engine(registry, set_)
-        plan = engine.plan_run(preset, sde=sde, solver=solver, score=score, n=n, seed=seed,
-                        device=device, steps=steps)
+        plan = engine.plan_run(
+            preset, sde=sde, solver=solver, score=score, n=n, seed=seed, device=device, steps=steps
+        )
         _check_device(plan.device)
         if dry_run:
             kinds = ("sde", "solver", "score")
             chosen = {k: engine.resolve(k, getattr(plan, k))[0] for k in kinds}
             routed = engine.route_overrides(chosen, plan.overrides)
-            resolved = {k: engine.resolve(k, getattr(plan, k), **routed[k])[1].model_dump(mode="json")
-                        for k in kinds}
+            resolved = {
+                k: engine.resolve(k, getattr(plan, k), **routed[k])[1].model_dump(mode="json")
+                for k in kinds
+            }
             console.print_json(json.dumps({"plan": plan.as_dict(), "entries": resolved}))
             return
         out = out or default_out(plan)
         from diffuse_engine.output.interrupts import TerminateAsInterrupt
+
         try:
             with TerminateAsInterrupt():  # SIGTERM ends the run like Ctrl-C
-                metrics = engine.run(plan, out, overwrite=overwrite,
-                                      progress=not quiet, sample_format=sample_format)
+                metrics = engine.run(
+                    plan, out, overwrite=overwrite, progress=not quiet, sample_format=sample_format
+                )
         except (DiffuseError, KeyboardInterrupt):
             partial = Path(f"{out}.partial")
             if partial.is_dir():  # say where the incomplete run is (status.json says why)
@@ -67,15 +79,21 @@ def register(app: typer.Typer) -> None:
             rows.append(("setup evaluations (pilot batch)", metrics["setup_nfe"], ""))
         rows.append(("seconds", metrics["seconds"], ""))
         floor = metrics.get("floor", {})
-        for key, label in (("weight_tv", "mode weight error (TV)"),
-                           ("std_error", "mode std error (relative)"),
-                           ("centre_error", "mode centre error (in stds)")):
+        for key, label in (
+            ("weight_tv", "mode weight error (TV)"),
+            ("std_error", "mode std error (relative)"),
+            ("centre_error", "mode centre error (in stds)"),
+        ):
             if key in metrics:
                 rows.append((label, metrics[key], floor.get(key)))
-        print_table(f"{plan.sde} / {plan.solver} -> {out}", rows,
-                    ["metric", "value", f"floor (exact samples, n={plan.n})"])
+        print_table(
+            f"{plan.sde} / {plan.solver} -> {out}",
+            rows,
+            ["metric", "value", f"floor (exact samples, n={plan.n})"],
+        )
 
 
 def _check_device(device: str) -> None:
     from diffuse_engine.core.devices import check_device
+
     check_device(device)

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from diffuse_engine.cli.common import (NprocOpt, RegistryOpt, SetOpt, console, handle_errors, make_engine,
-                     print_table, refuse_nproc_here)
+from diffuse_engine.cli.common import (
+    NprocOpt,
+    RegistryOpt,
+    SetOpt,
+    console,
+    handle_errors,
+    make_engine,
+    print_table,
+    refuse_nproc_here,
+)
 
 
-def split_sets(sets: Optional[list[str]]) -> tuple[list[str], dict]:
+def split_sets(sets: list[str] | None) -> tuple[list[str], dict]:
     """``(KIND.NAME.FIELD=V registry edits, FIELD=V / KIND.FIELD=V overrides)``."""
     from diffuse_engine.core.registry import parse_assignment
+
     registry_sets, overrides = [], {}
     for item in sets or []:
         key, value = parse_assignment(item)
@@ -30,60 +38,97 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def train(
         preset: str = typer.Option("default", "--preset", "-p", help="[train.NAME] settings"),
-        data: Optional[str] = typer.Option(None, help="dataset entry: gmm, swissroll, moons, "
-                                           "checkerboard, digits, or [data.NAME] of type file"),
-        sde: Optional[str] = typer.Option(None, help="SDE entry, e.g. vp, subvp, ve, ddpm"),
-        model: Optional[str] = typer.Option(None, help="trainable score model entry: mlp, unet"),
-        loss: Optional[str] = typer.Option(None, help="loss entry: dsm, ddpm, smld, ism, ssm"),
-        steps: Optional[int] = typer.Option(None, help="optimiser steps in total"),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step"),
-        lr: Optional[float] = typer.Option(None, help="peak learning rate"),
-        seed: Optional[int] = typer.Option(None, help="random seed"),
-        device: Optional[str] = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads while training"),
-        max_seconds: Optional[float] = typer.Option(None, "--max-seconds",
-                                                    help="stop (and checkpoint) after this long"),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="training folder "
-                                           "(default runs/train-DATA-SDE-MODEL-TIME)"),
+        data: str | None = typer.Option(
+            None,
+            help="dataset entry: gmm, swissroll, moons, "
+            "checkerboard, digits, or [data.NAME] of type file",
+        ),
+        sde: str | None = typer.Option(None, help="SDE entry, e.g. vp, subvp, ve, ddpm"),
+        model: str | None = typer.Option(None, help="trainable score model entry: mlp, unet"),
+        loss: str | None = typer.Option(None, help="loss entry: dsm, ddpm, smld, ism, ssm"),
+        steps: int | None = typer.Option(None, help="optimiser steps in total"),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="samples per step"),
+        lr: float | None = typer.Option(None, help="peak learning rate"),
+        seed: int | None = typer.Option(None, help="random seed"),
+        device: str | None = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
+        threads: int | None = typer.Option(None, help="torch CPU threads while training"),
+        max_seconds: float | None = typer.Option(
+            None, "--max-seconds", help="stop (and checkpoint) after this long"
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="training folder (default runs/train-DATA-SDE-MODEL-TIME)"
+        ),
         resume: bool = typer.Option(False, help="continue the run in --out from its checkpoint"),
         overwrite: bool = typer.Option(False, help="replace an existing --out training folder"),
-        registry: Optional[list[Path]] = RegistryOpt,
-        set_: Optional[list[str]] = SetOpt,
+        registry: list[Path] | None = RegistryOpt,
+        set_: list[str] | None = SetOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
-        nproc: Optional[int] = NprocOpt,
+        nproc: int | None = NprocOpt,
     ):
         """Train a score model (data + SDE + network + loss); checkpoints go to --out."""
-        from diffuse_engine.engine import Engine
         from diffuse_engine.core.errors import DiffuseError
 
         refuse_nproc_here(nproc)
         registry_sets, overrides = split_sets(set_)
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
-        explicit = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                    "device": device, "threads": threads, "max_seconds": max_seconds}
+        explicit = {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "device": device,
+            "threads": threads,
+            "max_seconds": max_seconds,
+        }
         overrides.update({k: v for k, v in explicit.items() if v is not None})
         if resume and out is None:
             raise DiffuseError("--resume needs --out, the training folder to continue")
         if out is None:
-            s = engine.registry.train_settings(preset, {k: v for k, v in (
-                ("data", data), ("sde", sde), ("model", model)) if v is not None})
-            out = Path("runs") / f"train-{s.data}-{s.sde}-{s.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+            s = engine.registry.train_settings(
+                preset,
+                {
+                    k: v
+                    for k, v in (("data", data), ("sde", sde), ("model", model))
+                    if v is not None
+                },
+            )
+            out = (
+                Path("runs") / f"train-{s.data}-{s.sde}-{s.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
         if device is not None:
             from diffuse_engine.cli.run_cmd import _check_device
+
             _check_device(device)
-        result = engine.training(data=data, sde=sde, model=model, loss=loss, preset=preset,
-                                 out=out, resume=resume, overwrite=overwrite,
-                                 progress=not quiet, **overrides)
+        result = engine.training(
+            data=data,
+            sde=sde,
+            model=model,
+            loss=loss,
+            preset=preset,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            progress=not quiet,
+            **overrides,
+        )
         if quiet:
             return
-        tail = result.losses[-min(100, len(result.losses)):]
-        rows = [("steps", result.step, "stopped early (max_seconds)" if result.stopped_early else ""),
-                ("seconds", round(result.seconds, 2), ""),
-                ("steps per second", round(result.steps_per_second, 2), ""),
-                ("loss (mean of last 100 steps)", sum(tail) / max(len(tail), 1), ""),
-                ("checkpoint", str(out / "checkpoint.safetensors"), "sample: diffuse sample "
-                 f"--checkpoint {out}")]
-        print_table(f"trained {result.config['score']['type']} on {result.config['data']['name']}"
-                    f" with {result.config['sde']['type']} / {result.config['loss']['type']}",
-                    rows, ["", "value", "note"])
+        tail = result.losses[-min(100, len(result.losses)) :]
+        rows = [
+            ("steps", result.step, "stopped early (max_seconds)" if result.stopped_early else ""),
+            ("seconds", round(result.seconds, 2), ""),
+            ("steps per second", round(result.steps_per_second, 2), ""),
+            ("loss (mean of last 100 steps)", sum(tail) / max(len(tail), 1), ""),
+            (
+                "checkpoint",
+                str(out / "checkpoint.safetensors"),
+                f"sample: diffuse sample --checkpoint {out}",
+            ),
+        ]
+        print_table(
+            f"trained {result.config['score']['type']} on {result.config['data']['name']}"
+            f" with {result.config['sde']['type']} / {result.config['loss']['type']}",
+            rows,
+            ["", "value", "note"],
+        )
         console.print(f"plot: {out / 'samples.png'}", markup=False, highlight=False)

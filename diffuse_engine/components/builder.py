@@ -34,9 +34,16 @@ class Builder:
     name without being a typo.
     """
 
-    def __init__(self, catalogue: Catalogue, registry: Registry, *, hook: Any,
-                 dist: DistContext, set_overrides: Mapping[str, Any] | None = None,
-                 known_settings: Collection[tuple[str, str]] = ()):
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        registry: Registry,
+        *,
+        hook: Any,
+        dist: DistContext,
+        set_overrides: Mapping[str, Any] | None = None,
+        known_settings: Collection[tuple[str, str]] = (),
+    ):
         self.catalogue = catalogue
         self.registry = registry
         self.hook = hook
@@ -96,8 +103,9 @@ class Builder:
         return cls(config)
 
     # ---- overrides -----------------------------------------------------------------------
-    def route_overrides(self, chosen: Mapping[str, type], overrides: Mapping[str, Any], *,
-                        with_sets: bool = True) -> dict[str, dict[str, Any]]:
+    def route_overrides(
+        self, chosen: Mapping[str, type], overrides: Mapping[str, Any], *, with_sets: bool = True
+    ) -> dict[str, dict[str, Any]]:
         """Send each ``FIELD`` or ``KIND.FIELD`` override to the chosen entry that has it
         (``with_sets``: the engine-wide sets too, under the call's own overrides)."""
         sets = self.set_overrides if with_sets else {}
@@ -107,21 +115,28 @@ class Builder:
             kind, _, fname = key.rpartition(".")
             if kind:
                 if kind not in chosen:
-                    raise RegistryError(f"override {key}: {kind!r} is not part of this call; "
-                                        f"use one of: {', '.join(chosen)}")
+                    raise RegistryError(
+                        f"override {key}: {kind!r} is not part of this call; "
+                        f"use one of: {', '.join(chosen)}"
+                    )
                 targets = [kind]
             else:
                 targets = [k for k, cls in chosen.items() if fname in cls.Config.model_fields]
             if not targets and from_sets and self.known_setting(key):
                 continue  # the engine's sets apply to the calls that have the field
             if not targets:
-                allowed = sorted({f"{k}.{f}" for k, c in chosen.items()
-                                  for f in c.Config.model_fields})
-                raise RegistryError(f"override {key!r}: no chosen entry has that field; "
-                                    f"allowed: {', '.join(allowed)}")
+                allowed = sorted(
+                    {f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields}
+                )
+                raise RegistryError(
+                    f"override {key!r}: no chosen entry has that field; "
+                    f"allowed: {', '.join(allowed)}"
+                )
             if len(targets) > 1:
-                raise RegistryError(f"override {key!r} is ambiguous; qualify it as one of "
-                                    + ", ".join(f"{k}.{fname}" for k in targets))
+                raise RegistryError(
+                    f"override {key!r} is ambiguous; qualify it as one of "
+                    + ", ".join(f"{k}.{fname}" for k in targets)
+                )
             routed[targets[0]][fname] = value
         return routed
 
@@ -133,9 +148,12 @@ class Builder:
         if any(fname == f and kind in ("", k) for k, f in self.known_settings):
             return True
         kinds = [kind] if kind else self.catalogue.kinds()
-        return any(fname in self.catalogue.get(k, n).Config.model_fields
-                   for k in kinds if k in self.catalogue.kinds()
-                   for n in self.catalogue.names(k))
+        return any(
+            fname in self.catalogue.get(k, n).Config.model_fields
+            for k in kinds
+            if k in self.catalogue.kinds()
+            for n in self.catalogue.names(k)
+        )
 
     # ---- score models --------------------------------------------------------------------
     def score_class(self, score: Any) -> type:
@@ -155,8 +173,10 @@ class Builder:
         elif callable(score):
             model = CallableScore(score, sde=sde, **fields)
         else:
-            raise DiffuseError(f"score must be a callable fn(x, t), a ScoreModel or a registry "
-                               f"name, not {type(score).__name__}")
+            raise DiffuseError(
+                f"score must be a callable fn(x, t), a ScoreModel or a registry "
+                f"name, not {type(score).__name__}"
+            )
         if hasattr(model, "check_sde"):  # trained models refuse another SDE
             model.check_sde(sde)
         return model

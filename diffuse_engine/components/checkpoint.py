@@ -70,13 +70,14 @@ class Checkpoint:
         groups = None
         if self.optim is not None:
             for idx, state in self.optim["state"].items():
-                put(f"optim/{idx}", {k: v if torch.is_tensor(v) else torch.tensor(v)
-                                     for k, v in state.items()})
+                put(
+                    f"optim/{idx}",
+                    {k: v if torch.is_tensor(v) else torch.tensor(v) for k, v in state.items()},
+                )
             groups = self.optim["param_groups"]
         if self.losses is not None:
             tensors["history/loss"] = self.losses.detach().cpu().double().contiguous()
-        meta = {"format": FORMAT, "step": self.step, "config": self.config,
-                "param_groups": groups}
+        meta = {"format": FORMAT, "step": self.step, "config": self.config, "param_groups": groups}
         return st_save(tensors, metadata={"diffuse": json.dumps(meta, default=str)})
 
     def save(self, path: str | Path) -> Path:
@@ -87,24 +88,27 @@ class Checkpoint:
 
     # ---- reading ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> "Checkpoint":
+    def load(cls, path: str | Path) -> Checkpoint:
         """Read a checkpoint file (a folder means its ``checkpoint.safetensors``)."""
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / CHECKPOINT_NAME
         if not p.is_file():
-            raise CheckpointError(f"checkpoint {p}: no such file; give a {CHECKPOINT_NAME} "
-                                  "file or a training folder")
+            raise CheckpointError(
+                f"checkpoint {p}: no such file; give a {CHECKPOINT_NAME} file or a training folder"
+            )
         try:
             with safe_open(p, framework="pt") as f:
                 info = json.loads((f.metadata() or {})["diffuse"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {p}: not a diffuse-engine checkpoint "
-                                  f"({type(exc).__name__})") from None
+            raise CheckpointError(
+                f"checkpoint {p}: not a diffuse-engine checkpoint ({type(exc).__name__})"
+            ) from None
         if info.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint {p}: format {info.get('format')!r}; this "
-                                  f"version reads {FORMAT!r}")
+            raise CheckpointError(
+                f"checkpoint {p}: format {info.get('format')!r}; this version reads {FORMAT!r}"
+            )
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():
             prefix, _, rest = key.partition("/")
@@ -115,19 +119,28 @@ class Checkpoint:
                 groups.setdefault(prefix, {})[rest] = v
         optim = None
         if info.get("param_groups") is not None:
-            optim = {"state": {int(i): s for i, s in groups.get("optim", {}).items()},
-                     "param_groups": info["param_groups"]}
+            optim = {
+                "state": {int(i): s for i, s in groups.get("optim", {}).items()},
+                "param_groups": info["param_groups"],
+            }
         _check_meta(info, p)
-        return cls(step=int(info["step"]), config=info["config"], model=groups.get("model", {}),
-                   ema=groups.get("ema", {}), optim=optim, rng=groups.get("rng", {}),
-                   losses=groups.get("history", {}).get("loss"))
+        return cls(
+            step=int(info["step"]),
+            config=info["config"],
+            model=groups.get("model", {}),
+            ema=groups.get("ema", {}),
+            optim=optim,
+            rng=groups.get("rng", {}),
+            losses=groups.get("history", {}).get("loss"),
+        )
 
     # ---- models ----------------------------------------------------------------------
     def sampling_weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
         """The backbone weights to sample with: the EMA's when present and ``ema``."""
         if ema and self.ema:
-            return {k.removeprefix("module."): v for k, v in self.ema.items()
-                    if k.startswith("module.")}
+            return {
+                k.removeprefix("module."): v for k, v in self.ema.items() if k.startswith("module.")
+            }
         return self.model
 
 
@@ -145,8 +158,11 @@ def _check_meta(info: dict[str, Any], path: Path) -> None:
     elif not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         problem = "no training settings recorded"
     else:
-        bad = [k for k in RECORDED if not (isinstance(config.get(k), dict)
-                                           and isinstance(config[k].get("type"), str))]
+        bad = [
+            k
+            for k in RECORDED
+            if not (isinstance(config.get(k), dict) and isinstance(config[k].get("type"), str))
+        ]
         if bad:
             problem = f"no valid {', '.join(bad)} recorded"
     if problem:
@@ -158,6 +174,7 @@ def recorded_config(cls, fields: dict[str, Any], where: str):
     from pydantic import ValidationError
 
     from diffuse_engine.core.registry import format_validation_error
+
     try:
         return cls.Config.model_validate(fields)
     except ValidationError as exc:
@@ -176,7 +193,8 @@ def check_same_sde(trained: dict[str, Any], sde, where: str) -> None:
     if spec != want:
         raise IncompatibleError(
             f"{where} was trained with sde {json.dumps(want)} but is used with "
-            f"{json.dumps(spec)}; sample with the training SDE (diffuse sample picks it)")
+            f"{json.dumps(spec)}; sample with the training SDE (diffuse sample picks it)"
+        )
 
 
 def build_model(catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: str = "checkpoint"):
@@ -190,8 +208,9 @@ def build_model(catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: st
     try:
         model.net.load_state_dict(ckpt.sampling_weights(ema))
     except RuntimeError as exc:
-        raise CheckpointError(f"{where}: weights do not fit score model {type_name!r} "
-                              f"({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{where}: weights do not fit score model {type_name!r} ({str(exc).splitlines()[0]})"
+        ) from None
     model.eval()
     model.checkpoint_step = ckpt.step
     model.trained_config = ckpt.config

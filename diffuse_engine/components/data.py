@@ -7,8 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from diffuse_engine.core.component import Component, ComponentConfig
 from diffuse_engine.components.mixture import GaussianMixture
+from diffuse_engine.core.component import Component, ComponentConfig
 
 
 class Dataset(Component):

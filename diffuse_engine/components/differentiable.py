@@ -42,23 +42,28 @@ libraries and restored on return.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torchdiffeq
 import torchsde
 from torch import Tensor, nn
 
-from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.components.score import ScoreFn
 from diffuse_engine.components.sde import SDE
+from diffuse_engine.core.errors import DiffuseError
 
 #: torchsde methods for the reverse SDE and the calculus each one assumes (both are
 #: exact here: the diffusion depends on time only, see the module docstring).
 SDE_METHODS = {
-    "euler": "ito", "milstein": "ito", "srk": "ito",
-    "reversible_heun": "stratonovich", "heun": "stratonovich",
-    "midpoint": "stratonovich", "euler_heun": "stratonovich",
+    "euler": "ito",
+    "milstein": "ito",
+    "srk": "ito",
+    "reversible_heun": "stratonovich",
+    "heun": "stratonovich",
+    "midpoint": "stratonovich",
+    "euler_heun": "stratonovich",
 }
 #: torchdiffeq methods with adaptive step-size control
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -111,11 +116,12 @@ class ProbabilityFlow(nn.Module):
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         x = y.view(self.shape)
         tt = _time(t, self.shape[0], y)
-        return self.sde.reverse_drift(x, tt, self.score(x, tt),
-                                      probability_flow=True).reshape(y.shape)
+        return self.sde.reverse_drift(x, tt, self.score(x, tt), probability_flow=True).reshape(
+            y.shape
+        )
 
 
-def _params(score: Any, params: Optional[Iterable[Tensor]]) -> tuple[Tensor, ...]:
+def _params(score: Any, params: Iterable[Tensor] | None) -> tuple[Tensor, ...]:
     if params is not None:
         return tuple(params)
     if isinstance(score, nn.Module):
@@ -127,26 +133,45 @@ def brownian_interval(x: Tensor, t1: float, entropy: int, method: str):
     """``torchsde.BrownianInterval`` on ``[0, t1]`` for flattened ``x``, seeded by
     ``entropy`` (same entropy, same path); SRK needs space-time Levy area."""
     levy = "space-time" if method == "srk" else "none"
-    return torchsde.BrownianInterval(t0=0.0, t1=t1, size=tuple(x.flatten(1).shape),
-                                     dtype=x.dtype, device=x.device, entropy=int(entropy),
-                                     levy_area_approximation=levy)
+    return torchsde.BrownianInterval(
+        t0=0.0,
+        t1=t1,
+        size=tuple(x.flatten(1).shape),
+        dtype=x.dtype,
+        device=x.device,
+        entropy=int(entropy),
+        levy_area_approximation=levy,
+    )
 
 
 def check_sde_method(method: str) -> str:
     """The calculus of a torchsde ``method``; a clear error if it is not supported."""
     if method not in SDE_METHODS:
-        raise DiffuseError(f"unknown torchsde method {method!r}; choices: "
-                           + ", ".join(SDE_METHODS))
+        raise DiffuseError(
+            f"unknown torchsde method {method!r}; choices: " + ", ".join(SDE_METHODS)
+        )
     return SDE_METHODS[method]
 
 
-def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "euler",
-                      steps: int = 1000, eps: float | None = None, adaptive: bool = False,
-                      rtol: float = 1e-3, atol: float = 1e-3, dt_min: float = 1e-5,
-                      entropy: int = 0, adjoint: bool = False,
-                      params: Optional[Iterable[Tensor]] = None,
-                      adjoint_method: str | None = None, callback=None,
-                      chunks: int = 20) -> Tensor:
+def reverse_sde_solve(
+    score: ScoreFn,
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    method: str = "euler",
+    steps: int = 1000,
+    eps: float | None = None,
+    adaptive: bool = False,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    dt_min: float = 1e-5,
+    entropy: int = 0,
+    adjoint: bool = False,
+    params: Iterable[Tensor] | None = None,
+    adjoint_method: str | None = None,
+    callback=None,
+    chunks: int = 20,
+) -> Tensor:
     """Solve the reverse-time SDE from ``x_T`` at ``T`` to ``eps`` with torchsde.
 
     ``steps`` fixes ``dt = (T - eps) / steps`` (the initial step when ``adaptive``).
@@ -175,23 +200,39 @@ def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "e
     bm = brownian_interval(x_T, span, entropy, method)
     # a hair over span / steps (times are float64) so rounding never adds a tiny
     # extra step; the last step is clipped to the end time
-    kw = dict(method=method, dt=span / steps * (1 + 1e-12), adaptive=adaptive, rtol=rtol,
-              atol=atol, dt_min=dt_min, bm=bm)
+    kw = dict(
+        method=method,
+        dt=span / steps * (1 + 1e-12),
+        adaptive=adaptive,
+        rtol=rtol,
+        atol=atol,
+        dt_min=dt_min,
+        bm=bm,
+    )
     if adjoint:
         if method == "reversible_heun" and adjoint_method is None:
             adjoint_method = "adjoint_reversible_heun"
-        ys = torchsde.sdeint_adjoint(module, y0, us, adjoint_params=_params(score, params),
-                                     adjoint_method=adjoint_method, **kw)
+        ys = torchsde.sdeint_adjoint(
+            module,
+            y0,
+            us,
+            adjoint_params=_params(score, params),
+            adjoint_method=adjoint_method,
+            **kw,
+        )
     elif callback is None:
         ys = torchsde.sdeint(module, y0, us, **kw)
     else:
         T, y, extra, done = float(sde.T), y0, None, 0
-        for end in sorted({round(steps * (j + 1) / min(chunks, steps))
-                           for j in range(min(chunks, steps))}):
-            piece = torch.tensor([span * done / steps, span * end / steps],
-                                 dtype=torch.float64, device=x_T.device)
-            ys, extra = torchsde.sdeint(module, y, piece, extra=True,
-                                        extra_solver_state=extra, **kw)
+        for end in sorted(
+            {round(steps * (j + 1) / min(chunks, steps)) for j in range(min(chunks, steps))}
+        ):
+            piece = torch.tensor(
+                [span * done / steps, span * end / steps], dtype=torch.float64, device=x_T.device
+            )
+            ys, extra = torchsde.sdeint(
+                module, y, piece, extra=True, extra_solver_state=extra, **kw
+            )
             y = ys[-1]
             for k in range(done + 1, end + 1):
                 callback(k, steps, T - span * k / steps)
@@ -200,11 +241,20 @@ def reverse_sde_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "e
     return ys[-1].reshape(x_T.shape)
 
 
-def probability_flow_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str = "dopri5",
-                           rtol: float = 1e-5, atol: float = 1e-5, steps: int = 100,
-                           eps: float | None = None, adjoint: bool = False,
-                           params: Optional[Iterable[Tensor]] = None,
-                           callback=None) -> Tensor:
+def probability_flow_solve(
+    score: ScoreFn,
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int = 100,
+    eps: float | None = None,
+    adjoint: bool = False,
+    params: Iterable[Tensor] | None = None,
+    callback=None,
+) -> Tensor:
     """Solve the probability-flow ODE (Song et al. 2021, eq. 13) from ``T`` to ``eps``
     with torchdiffeq.
 
@@ -216,8 +266,10 @@ def probability_flow_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str
     Returns ``x_eps`` of ``x_T``'s shape.
     """
     if method not in ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS:
-        raise DiffuseError(f"unknown ODE method {method!r}; choices: "
-                           + ", ".join(ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS))
+        raise DiffuseError(
+            f"unknown ODE method {method!r}; choices: "
+            + ", ".join(ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS)
+        )
     eps = sde.sampling_eps if eps is None else eps
     func = ProbabilityFlow(score, sde, tuple(x_T.shape))
     if callback is not None and method in ADAPTIVE_ODE_METHODS:
@@ -228,8 +280,9 @@ def probability_flow_solve(score: ScoreFn, sde: SDE, x_T: Tensor, *, method: str
         # land a step exactly on eps: stages past it would query the SDE at t < 0
         kw["options"] = {"step_t": ts[-1:]}
     else:
-        kw["options"] = {"grid_constructor":
-                         lambda f, y0, t: torch.linspace(t[0], t[-1], steps + 1).to(t)}
+        kw["options"] = {
+            "grid_constructor": lambda f, y0, t: torch.linspace(t[0], t[-1], steps + 1).to(t)
+        }
     y0 = x_T.reshape(x_T.shape[0], -1)
     if adjoint:
         ys = torchdiffeq.odeint_adjoint(func, y0, ts, adjoint_params=_params(score, params), **kw)

@@ -25,16 +25,20 @@ are reproducible.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from diffuse_engine.core.errors import DiffuseError
-from diffuse_engine.components.kernel_solver import KernelSolver
-from diffuse_engine.components.schedules import check_monotone, kernel_coefficients, log_snr, time_from_log_snr
-from diffuse_engine.components.score import ScoreFn
+from diffuse_engine.components.schedules import (
+    check_monotone,
+    kernel_coefficients,
+    log_snr,
+    time_from_log_snr,
+)
+from diffuse_engine.components.score import ScoreFn, kernel_prediction
 from diffuse_engine.components.sde import SDE
+from diffuse_engine.core.errors import DiffuseError
 
 #: one coarse step per two fine intervals at least: the DP needs room to choose
 MIN_FINE_PER_STEP = 2
@@ -44,11 +48,12 @@ MAX_STEPS = 250
 
 def _data_prediction(score: ScoreFn, x: Tensor, t: float, a: float, s: float) -> Tensor:
     """Tweedie's ``x0_hat`` at time ``t``, as the kernel solvers compute it."""
-    return KernelSolver.predict(score, x, t, a, s, "data")
+    return kernel_prediction(score, x, t, a, s, "data")
 
 
-def teacher_trajectory(score: ScoreFn, sde: SDE, x: Tensor, times: Sequence[float],
-                       substeps: int = 2) -> tuple[list[Tensor], list[Tensor]]:
+def teacher_trajectory(
+    score: ScoreFn, sde: SDE, x: Tensor, times: Sequence[float], substeps: int = 2
+) -> tuple[list[Tensor], list[Tensor]]:
     """States ``x_i`` of the pilot at ``times`` and their data predictions ``D_i``.
 
     Each interval is split into ``substeps`` equal log-SNR pieces stepped by
@@ -58,8 +63,9 @@ def teacher_trajectory(score: ScoreFn, sde: SDE, x: Tensor, times: Sequence[floa
     a, s, lam = kernel_coefficients(sde, times)
     xs, ds = [x], [_data_prediction(score, x, times[0], a[0], s[0])]
     for i in range(len(times) - 1):
-        pieces = [lam[i] + (lam[i + 1] - lam[i]) * k / (2 * substeps)
-                  for k in range(2 * substeps + 1)]
+        pieces = [
+            lam[i] + (lam[i + 1] - lam[i]) * k / (2 * substeps) for k in range(2 * substeps + 1)
+        ]
         tk = time_from_log_snr(sde, pieces, eps, T)
         tk[0], tk[-1] = times[i], times[i + 1]
         ak, sk, lk = kernel_coefficients(sde, tk)
@@ -77,8 +83,14 @@ def teacher_trajectory(score: ScoreFn, sde: SDE, x: Tensor, times: Sequence[floa
     return xs, ds
 
 
-def step_costs(xs: list[Tensor], ds: list[Tensor], a: list[float], s: list[float],
-               lam: list[float], chunk_elements: int = 1 << 24) -> Tensor:
+def step_costs(
+    xs: list[Tensor],
+    ds: list[Tensor],
+    a: list[float],
+    s: list[float],
+    lam: list[float],
+    chunk_elements: int = 1 << 24,
+) -> Tensor:
     """``C[i, j]``: pilot RMS error of one DDIM step ``i -> j`` against the teacher, over
     ``s_j`` (``inf`` where ``j <= i``), as float64 on the CPU.
 
@@ -95,12 +107,14 @@ def step_costs(xs: list[Tensor], ds: list[Tensor], a: list[float], s: list[float
         for j0 in range(i + 1, M + 1, step):
             js = range(j0, min(M + 1, j0 + step))
             ratio = torch.tensor([s[j] / s[i] for j in js], dtype=X.dtype, device=X.device)
-            coef = torch.tensor([a[j] * -math.expm1(-(lam[j] - lam[i])) for j in js],
-                                dtype=X.dtype, device=X.device)
+            coef = torch.tensor(
+                [a[j] * -math.expm1(-(lam[j] - lam[i])) for j in js], dtype=X.dtype, device=X.device
+            )
             pred = ratio[:, None, None] * X[i] + coef[:, None, None] * d_i
-            err2 = (pred - X[js.start:js.stop]).double().pow(2).sum(-1).mean(-1)
-            C[i, js.start:js.stop] = (err2.sqrt().cpu()
-                                      / torch.tensor([s[j] for j in js], dtype=torch.float64))
+            err2 = (pred - X[js.start : js.stop]).double().pow(2).sum(-1).mean(-1)
+            C[i, js.start : js.stop] = err2.sqrt().cpu() / torch.tensor(
+                [s[j] for j in js], dtype=torch.float64
+            )
     return C
 
 
@@ -120,16 +134,27 @@ def cheapest_path(C: Tensor, steps: int) -> list[int]:
     return path[::-1]
 
 
-def gits_time_grid(score: ScoreFn, sde: SDE, steps: int, eps: float, like: Tensor, *,
-                   pilot: int = 512, fine: int = 100, seed: int = 0) -> list[float]:
+def gits_time_grid(
+    score: ScoreFn,
+    sde: SDE,
+    steps: int,
+    eps: float,
+    like: Tensor,
+    *,
+    pilot: int = 512,
+    fine: int = 100,
+    seed: int = 0,
+) -> list[float]:
     """``steps + 1`` decreasing times from ``T`` to ``eps`` fitted to ``score``.
 
     ``like`` gives the data shape (``like.shape[1:]``), device and dtype of the pilot.
     See the module docstring for the algorithm (GITS, Chen et al. 2024).
     """
     if steps > MAX_STEPS:
-        raise DiffuseError(f"schedule 'gits' fits at most {MAX_STEPS} steps, not {steps}; "
-                           "for long runs use schedule = \"logsnr\" or \"quadratic\"")
+        raise DiffuseError(
+            f"schedule 'gits' fits at most {MAX_STEPS} steps, not {steps}; "
+            'for long runs use schedule = "logsnr" or "quadratic"'
+        )
     check_monotone(sde, eps, sde.T)
     fine = max(fine, MIN_FINE_PER_STEP * steps)
     lam_T, lam_eps = log_snr(sde, [sde.T, eps])
@@ -137,14 +162,17 @@ def gits_time_grid(score: ScoreFn, sde: SDE, steps: int, eps: float, like: Tenso
     times = time_from_log_snr(sde, lams, eps, sde.T)
     times[0], times[-1] = sde.T, eps
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    x = sde.prior_sample((pilot, *like.shape[1:]), generator=gen, device=like.device,
-                         dtype=like.dtype)
+    x = sde.prior_sample(
+        (pilot, *like.shape[1:]), generator=gen, device=like.device, dtype=like.dtype
+    )
     with torch.no_grad():
         xs, ds = teacher_trajectory(score, sde, x, times)
         a, s, lam = kernel_coefficients(sde, times)
         C = step_costs(xs, ds, a, s, lam)
     upper = torch.ones_like(C, dtype=torch.bool).triu(1)
     if not torch.isfinite(C[upper]).all():
-        raise DiffuseError("schedule 'gits': the pilot run gave NaN/Inf; the score model "
-                           "is not finite on its own trajectories")
+        raise DiffuseError(
+            "schedule 'gits': the pilot run gave NaN/Inf; the score model "
+            "is not finite on its own trajectories"
+        )
     return [times[i] for i in cheapest_path(C, steps)]

@@ -18,18 +18,20 @@ Kernel coefficients on the time grid are Python floats computed once before the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
-from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, check_monotone, kernel_coefficients
-from diffuse_engine.components.score import ScoreFn
+from diffuse_engine.components.schedules import (
+    SCHEDULE_HELP,
+    Schedule,
+    check_monotone,
+    kernel_coefficients,
+)
+from diffuse_engine.components.score import ScoreFn, kernel_prediction
 from diffuse_engine.components.sde import SDE
 from diffuse_engine.components.solver import MAX_STEPS, Solver, SolverConfig
-
-Prediction = Literal["data", "noise"]
 
 
 class KernelSolverConfig(SolverConfig):
@@ -49,7 +51,7 @@ class KernelGrid:
     lam: list[float]
 
     @classmethod
-    def on(cls, sde: SDE, times: list[float]) -> "KernelGrid":
+    def on(cls, sde: SDE, times: list[float]) -> KernelGrid:
         a, s, lam = kernel_coefficients(sde, times)
         return cls(list(times), a, s, lam)
 
@@ -76,18 +78,12 @@ class KernelSolver(Solver):
         """The kernel must exist and its log-SNR decrease strictly on ``[eps, T]``."""
         check_monotone(sde, self.eps(sde), sde.T)
 
-    def grid(self, sde: SDE, score: ScoreFn | None = None,
-             like: Tensor | None = None) -> KernelGrid:
+    def grid(
+        self, sde: SDE, score: ScoreFn | None = None, like: Tensor | None = None
+    ) -> KernelGrid:
         """The configured schedule's times with the kernel coefficients there (``score``
         and ``like`` as in :meth:`Solver.time_grid`, for the fitted ``gits`` schedule)."""
         return KernelGrid.on(sde, self.time_grid(sde, score, like))
 
-    @staticmethod
-    def predict(score: ScoreFn, x: Tensor, t: float, a: float, s: float,
-                prediction: Prediction) -> Tensor:
-        """``x0_hat`` (data) or ``eps_hat`` (noise) at ``(x, t)`` from one score call."""
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-        sc = score(x, tt)
-        if prediction == "data":
-            return (x + (s * s) * sc) / a
-        return sc * (-s)
+    #: ``x0_hat`` (data) or ``eps_hat`` (noise) at ``(x, t)`` from one score call
+    predict = staticmethod(kernel_prediction)

@@ -35,20 +35,26 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from diffuse_engine.core.component import ComponentConfig
-from diffuse_engine.core.errors import NumericalError
 from diffuse_engine.components.kernel import PerturbationKernel
 from diffuse_engine.components.sde import SDE, bcast
+from diffuse_engine.core.component import ComponentConfig
+from diffuse_engine.core.errors import NumericalError
 
 
 class NumericKernelConfig(ComponentConfig):
     """Accuracy settings of the tabulated kernel."""
 
-    knots: int = Field(4097, ge=17, le=1_000_001,
-                       description="knots of the Hermite table, t = T u^2 for uniform u")
+    knots: int = Field(
+        4097, ge=17, le=1_000_001, description="knots of the Hermite table, t = T u^2 for uniform u"
+    )
     rtol: float = Field(1e-11, gt=0, lt=1e-3, description="relative tolerance of the ODE solve")
-    atol: float = Field(1e-24, gt=0, lt=1e-3, description="absolute tolerance of the ODE "
-                        "solve (tiny: near t = 0 the variance integral must be relatively exact)")
+    atol: float = Field(
+        1e-24,
+        gt=0,
+        lt=1e-3,
+        description="absolute tolerance of the ODE "
+        "solve (tiny: near t = 0 the variance integral must be relatively exact)",
+    )
 
 
 def _coefficient(fn, t: np.ndarray) -> np.ndarray:
@@ -74,8 +80,9 @@ class NumericKernel(PerturbationKernel):
         try:
             sde.drift_coeff(torch.zeros(1, dtype=torch.float64))
         except NotImplementedError:
-            raise NumericalError(f"kernel 'numeric' needs a linear SDE: {type(sde).__name__} "
-                                 "has no drift_coeff(t)") from None
+            raise NumericalError(
+                f"kernel 'numeric' needs a linear SDE: {type(sde).__name__} has no drift_coeff(t)"
+            ) from None
         v0 = getattr(sde, "initial_variance", None)
         if v0 is None:  # replacing a closed form: start where it starts (VE: sigma_min^2)
             try:
@@ -90,11 +97,14 @@ class NumericKernel(PerturbationKernel):
             return [f, g * g * math.exp(-2.0 * y[0])]
 
         knots = T * np.linspace(0.0, 1.0, c.knots) ** 2
-        sol = solve_ivp(rhs, (0.0, T), [0.0, 0.0], method="DOP853", t_eval=knots,
-                        rtol=c.rtol, atol=c.atol)
+        sol = solve_ivp(
+            rhs, (0.0, T), [0.0, 0.0], method="DOP853", t_eval=knots, rtol=c.rtol, atol=c.atol
+        )
         if not sol.success or not np.all(np.isfinite(sol.y)):
-            raise NumericalError(f"kernel 'numeric' for SDE {sde.name!r}: moment ODE solve "
-                                 f"failed ({sol.message}); are f(t) and g(t) finite on [0, {T}]?")
+            raise NumericalError(
+                f"kernel 'numeric' for SDE {sde.name!r}: moment ODE solve "
+                f"failed ({sol.message}); are f(t) and g(t) finite on [0, {T}]?"
+            )
         L, W = sol.y
         # the derivatives at the knots are known exactly from the ODE right-hand side
         f = _coefficient(sde.drift_coeff, knots)
@@ -104,16 +114,19 @@ class NumericKernel(PerturbationKernel):
         self.knots = knots
         splines = [CubicHermiteSpline(knots, L, f), CubicHermiteSpline(knots, W, dW)]
         # piecewise-polynomial coefficients: (intervals, 2 functions, 4 powers, highest first)
-        self._coeffs = torch.from_numpy(np.ascontiguousarray(
-            np.stack([s.c for s in splines], 0).transpose(2, 0, 1)))
+        self._coeffs = torch.from_numpy(
+            np.ascontiguousarray(np.stack([s.c for s in splines], 0).transpose(2, 0, 1))
+        )
         self._breaks = torch.from_numpy(knots)
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _table(self, t: Tensor) -> tuple[Tensor, Tensor]:
         key = (t.device, t.dtype)
         if key not in self._cache:  # one copy per device and dtype, made once
-            self._cache[key] = (self._breaks.to(t.device, t.dtype),
-                                self._coeffs.to(t.device, t.dtype))
+            self._cache[key] = (
+                self._breaks.to(t.device, t.dtype),
+                self._coeffs.to(t.device, t.dtype),
+            )
         return self._cache[key]
 
     def log_mean_and_integral(self, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -29,9 +29,10 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def to(self, device=None, dtype=None) -> "GaussianMixture":
-        return GaussianMixture(*(v.to(device=device, dtype=dtype)
-                                 for v in (self.means, self.stds, self.weights)))
+    def to(self, device=None, dtype=None) -> GaussianMixture:
+        return GaussianMixture(
+            *(v.to(device=device, dtype=dtype) for v in (self.means, self.stds, self.weights))
+        )
 
     def _components(self, x: Tensor, mean_coeff: Tensor | None, std: Tensor | None):
         """Per-sample, per-mode centres ``(B, K, d)`` and variances ``(B, K)``."""
@@ -48,25 +49,31 @@ class GaussianMixture:
         flat = x.reshape(x.shape[0], -1)
         d = flat.shape[1]
         diff = flat[:, None, :] - centres
-        logp = (torch.log(m.weights)[None] - 0.5 * d * torch.log(2 * math.pi * var)
-                - diff.pow(2).sum(-1) / (2 * var))
+        logp = (
+            torch.log(m.weights)[None]
+            - 0.5 * d * torch.log(2 * math.pi * var)
+            - diff.pow(2).sum(-1) / (2 * var)
+        )
         return logp, diff, var
 
-    def log_prob(self, x: Tensor, mean_coeff: Tensor | None = None,
-                 std: Tensor | None = None) -> Tensor:
+    def log_prob(
+        self, x: Tensor, mean_coeff: Tensor | None = None, std: Tensor | None = None
+    ) -> Tensor:
         """Log-density of the (perturbed) mixture at ``x`` ``(B, *dims)``: ``(B,)``."""
         logp, _, _ = self._log_joint(x, mean_coeff, std)
         return torch.logsumexp(logp, dim=1)
 
-    def score(self, x: Tensor, mean_coeff: Tensor | None = None,
-              std: Tensor | None = None) -> Tensor:
+    def score(
+        self, x: Tensor, mean_coeff: Tensor | None = None, std: Tensor | None = None
+    ) -> Tensor:
         """``grad_x log p`` of the (perturbed) mixture, same shape as ``x``."""
         logp, diff, var = self._log_joint(x, mean_coeff, std)
         resp = torch.softmax(logp, dim=1)
         return (-(resp / var)[..., None] * diff).sum(1).reshape(x.shape)
 
-    def sample(self, n: int, generator: torch.Generator | None = None,
-               device=None, dtype=torch.float32) -> Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+    ) -> Tensor:
         """Draw ``n`` exact samples ``(n, d)``."""
         m = self.to(device, dtype)
         k = torch.multinomial(m.weights, n, replacement=True, generator=generator)

@@ -24,7 +24,8 @@ are lists of Python floats so loops never read a time back from the device.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -35,8 +36,10 @@ Schedule = Literal["uniform", "quadratic", "logsnr", "karras", "gits"]
 SCHEDULES: tuple[str, ...] = ("uniform", "quadratic", "logsnr", "karras")
 #: every schedule a solver accepts
 ALL_SCHEDULES: tuple[str, ...] = (*SCHEDULES, "gits")
-SCHEDULE_HELP = ("time-step spacing: uniform (in t), quadratic, logsnr (uniform in log-SNR), "
-                 "karras (EDM sigma^(1/rho)), gits (fitted to the score on a pilot batch)")
+SCHEDULE_HELP = (
+    "time-step spacing: uniform (in t), quadratic, logsnr (uniform in log-SNR), "
+    "karras (EDM sigma^(1/rho)), gits (fitted to the score on a pilot batch)"
+)
 
 #: bisection iterations: (T - eps) / 2**64 is far below float64 resolution of t
 _BISECT_ITERS = 64
@@ -48,7 +51,9 @@ def log_snr(sde, times: Sequence[float]) -> list[float]:
     return sde.log_snr(t).tolist()
 
 
-def kernel_coefficients(sde, times: Sequence[float]) -> tuple[list[float], list[float], list[float]]:
+def kernel_coefficients(
+    sde, times: Sequence[float]
+) -> tuple[list[float], list[float], list[float]]:
     """``(a, s, lambda)`` of the kernel ``x_t = a x_0 + s z`` at ``times``, as floats.
 
     Computed once, in float64 on the CPU, so solver loops multiply by Python numbers.
@@ -66,8 +71,8 @@ def time_from_log_snr(sde, lams: Sequence[float], eps: float, T: float) -> list[
     Targets outside ``[lambda(T), lambda(eps)]`` clamp to the nearest end.
     """
     target = torch.tensor(list(lams), dtype=torch.float64)
-    lo = torch.full_like(target, eps)   # lambda(lo) >= target
-    hi = torch.full_like(target, T)     # lambda(hi) <= target
+    lo = torch.full_like(target, eps)  # lambda(lo) >= target
+    hi = torch.full_like(target, T)  # lambda(hi) <= target
     for _ in range(_BISECT_ITERS):
         mid = 0.5 * (lo + hi)
         above = sde.log_snr(mid) >= target
@@ -83,15 +88,20 @@ def check_monotone(sde, eps: float, T: float, probes: int = 257) -> None:
     try:
         lam = sde.log_snr(t)
     except NotImplementedError:
-        raise IncompatibleError(f"SDE {sde.name!r} has no Gaussian kernel (marginal); "
-                                "kernel-based schedules and solvers need one") from None
+        raise IncompatibleError(
+            f"SDE {sde.name!r} has no Gaussian kernel (marginal); "
+            "kernel-based schedules and solvers need one"
+        ) from None
     if not torch.isfinite(lam).all() or not (lam[1:] < lam[:-1]).all():
-        raise IncompatibleError(f"SDE {sde.name!r}: log-SNR is not finite and strictly "
-                                f"decreasing on [{eps}, {T}]; use schedule = \"uniform\"")
+        raise IncompatibleError(
+            f"SDE {sde.name!r}: log-SNR is not finite and strictly "
+            f'decreasing on [{eps}, {T}]; use schedule = "uniform"'
+        )
 
 
-def time_grid(sde, steps: int, eps: float, schedule: str = "uniform",
-              rho: float = 7.0) -> list[float]:
+def time_grid(
+    sde, steps: int, eps: float, schedule: str = "uniform", rho: float = 7.0
+) -> list[float]:
     """``steps + 1`` decreasing times from ``sde.T`` to ``eps`` spaced by ``schedule``.
 
     ``uniform`` and ``quadratic`` need nothing of the SDE beyond ``T``; ``logsnr`` and
@@ -115,8 +125,10 @@ def time_grid(sde, steps: int, eps: float, schedule: str = "uniform",
             lams = [-rho * math.log(hi + (lo - hi) * i / n) for i in range(n + 1)]
         grid = time_from_log_snr(sde, lams, eps, T)
     elif schedule == "gits":
-        raise ValueError("schedule 'gits' is fitted to a score model: use "
-                         "Solver.time_grid(sde, score, like) or diffuse_engine.components.gits")
+        raise ValueError(
+            "schedule 'gits' is fitted to a score model: use "
+            "Solver.time_grid(sde, score, like) or diffuse_engine.components.gits"
+        )
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choices: {', '.join(SCHEDULES)}")
     grid[0], grid[-1] = T, eps

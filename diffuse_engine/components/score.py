@@ -13,20 +13,25 @@ Ho et al. 2020; Karras et al. 2022 for the x0 form):
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Literal
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor
 
-from diffuse_engine.core.component import Component, ComponentConfig
 from diffuse_engine.components.sde import SDE, bcast
+from diffuse_engine.core.component import Component, ComponentConfig
 from diffuse_engine.core.errors import DiffuseError
 
 Parameterisation = Literal["score", "epsilon", "x0"]
+#: what a kernel-based solver predicts from the score: clean data or the noise
+Prediction = Literal["data", "noise"]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def to_score(output: Tensor, x: Tensor, t: Tensor, sde: SDE,
-             parameterisation: Parameterisation) -> Tensor:
+def to_score(
+    output: Tensor, x: Tensor, t: Tensor, sde: SDE, parameterisation: Parameterisation
+) -> Tensor:
     """Convert a model's ``output`` in ``parameterisation`` to a score at ``(x, t)``."""
     if parameterisation == "score":
         return output
@@ -36,6 +41,19 @@ def to_score(output: Tensor, x: Tensor, t: Tensor, sde: SDE,
     if parameterisation == "x0":
         return (bcast(a, x) * output - x) / bcast(s**2, x)
     raise ValueError(f"unknown parameterisation {parameterisation!r}; choices: score, epsilon, x0")
+
+
+def kernel_prediction(
+    score: ScoreFn, x: Tensor, t: float, a: float, s: float, prediction: Prediction
+) -> Tensor:
+    """``x0_hat`` (``"data"``, Tweedie's formula ``(x + s^2 score) / a``) or ``eps_hat``
+    (``"noise"``, ``-s score``) at ``(x, t)`` from one score call; ``a``, ``s`` are the
+    kernel's coefficients at ``t`` as Python floats."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+    sc = score(x, tt)
+    if prediction == "data":
+        return (x + (s * s) * sc) / a
+    return sc * (-s)
 
 
 class ScoreConfig(ComponentConfig):
@@ -95,11 +113,20 @@ class ScoreBoundary:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
         out = self.fn(x, t)
-        if (not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype
-                or out.device != x.device):
-            got = (f"shape {tuple(out.shape)} dtype {out.dtype} on {out.device}"
-                   if isinstance(out, Tensor) else type(out).__name__)
-            raise DiffuseError(f"score model {self.name!r} returned {got}; expected a tensor "
-                               f"of the input's shape {tuple(x.shape)} and dtype {x.dtype} "
-                               f"on {x.device}")
+        if (
+            not isinstance(out, Tensor)
+            or out.shape != x.shape
+            or out.dtype != x.dtype
+            or out.device != x.device
+        ):
+            got = (
+                f"shape {tuple(out.shape)} dtype {out.dtype} on {out.device}"
+                if isinstance(out, Tensor)
+                else type(out).__name__
+            )
+            raise DiffuseError(
+                f"score model {self.name!r} returned {got}; expected a tensor "
+                f"of the input's shape {tuple(x.shape)} and dtype {x.dtype} "
+                f"on {x.device}"
+            )
         return out

@@ -15,7 +15,7 @@ Conventions (Song et al., "Score-Based Generative Modeling through SDEs", ICLR 2
 from __future__ import annotations
 
 import math
-from typing import Annotated, ClassVar, Optional
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
@@ -32,8 +32,9 @@ def bcast(v: Tensor, x: Tensor) -> Tensor:
 class SDEConfig(ComponentConfig):
     """Fields every SDE accepts in the registry (subclass it for your own)."""
 
-    kernel: Annotated[Optional[str], ComponentRef("kernel", allow_none=True)] = Field(
-        None, description="perturbation kernel plugin; default: the SDE's closed form")
+    kernel: Annotated[str | None, ComponentRef("kernel", allow_none=True)] = Field(
+        None, description="perturbation kernel plugin; default: the SDE's closed form"
+    )
 
 
 class SDE(Component):
@@ -95,8 +96,9 @@ class SDE(Component):
     #: Standard deviation of the isotropic Gaussian prior at ``T``.
     prior_std: float = 1.0
 
-    def prior_sample(self, shape, *, generator: torch.Generator | None = None,
-                     device=None, dtype=None) -> Tensor:
+    def prior_sample(
+        self, shape, *, generator: torch.Generator | None = None, device=None, dtype=None
+    ) -> Tensor:
         """Draw ``x_T`` of ``shape`` from the prior ``N(0, prior_std^2 I)``."""
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return z * self.prior_std
@@ -139,8 +141,9 @@ class SDE(Component):
         f, G = self.discretize(torch.ones(len(t), 1, dtype=torch.float64), t, t_prev)
         return f[:, 0].tolist(), torch.as_tensor(G, dtype=torch.float64).expand_as(t).tolist()
 
-    def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor,
-                      probability_flow: bool = False) -> Tensor:
+    def reverse_drift(
+        self, x: Tensor, t: Tensor, score: Tensor, probability_flow: bool = False
+    ) -> Tensor:
         """Drift of the reverse SDE ``f - g^2 s`` (or the ODE's ``f - g^2 s / 2``)."""
         g2 = bcast(self.diffusion(t) ** 2, x)
         return self.drift(x, t) - g2 * score * (0.5 if probability_flow else 1.0)
@@ -154,8 +157,9 @@ class SDE(Component):
         dt = t - t_prev
         return self.drift(x, t) * bcast(dt, x), self.diffusion(t) * dt.sqrt()
 
-    def ancestral_step(self, x: Tensor, score: Tensor, t: Tensor,
-                       t_prev: Tensor) -> tuple[Tensor, Tensor]:
+    def ancestral_step(
+        self, x: Tensor, score: Tensor, t: Tensor, t_prev: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """One ancestral sampling step ``x_t -> x_{t_prev}``: ``(mean, std)``.
 
         Default: the Gaussian posterior ``q(x_s | x_t, x0_hat)`` with the Tweedie

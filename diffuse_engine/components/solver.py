@@ -7,17 +7,18 @@ once before the loop, so the loop never syncs with the device to read a time.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from diffuse_engine.core.component import Component, ComponentConfig
-from diffuse_engine.core.errors import IncompatibleError
 from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_grid
 from diffuse_engine.components.score import ScoreFn
 from diffuse_engine.components.sde import SDE
+from diffuse_engine.core.component import Component, ComponentConfig
+from diffuse_engine.core.errors import IncompatibleError
 
 #: the most time steps a solver accepts: the time grid is built in memory before the loop,
 #: and 10 million steps is far past any sampler's use (1000-4000 for PC samplers)
@@ -32,8 +33,9 @@ class SolverConfig(ComponentConfig):
     """Fields every solver accepts."""
 
     steps: int = Field(1000, ge=1, le=MAX_STEPS, description="number of time steps from T to eps")
-    eps: Optional[float] = Field(None, gt=0, lt=1,
-                                 description="smallest time; default: the SDE's sampling_eps")
+    eps: float | None = Field(
+        None, gt=0, lt=1, description="smallest time; default: the SDE's sampling_eps"
+    )
     denoise: bool = Field(True, description="final Tweedie denoising step at eps")
     schedule: Schedule = Field("uniform", description=SCHEDULE_HELP)
     rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
@@ -45,8 +47,9 @@ def uniform_schedule_only(config: SolverConfig, why: str) -> SolverConfig:
     """Validator body for solvers that choose their own times: refuse another
     ``schedule`` instead of ignoring it (``why`` says how the solver steps)."""
     if config.schedule != "uniform":
-        raise ValueError(f"schedule {config.schedule!r} does not apply: {why}; "
-                         "leave schedule = \"uniform\"")
+        raise ValueError(
+            f'schedule {config.schedule!r} does not apply: {why}; leave schedule = "uniform"'
+        )
     return config
 
 
@@ -66,8 +69,9 @@ class Solver(Component):
     def eps(self, sde: SDE) -> float:
         return self.config.eps if self.config.eps is not None else sde.sampling_eps
 
-    def time_grid(self, sde: SDE, score: ScoreFn | None = None,
-                  like: Tensor | None = None) -> list[float]:
+    def time_grid(
+        self, sde: SDE, score: ScoreFn | None = None, like: Tensor | None = None
+    ) -> list[float]:
         """``steps + 1`` decreasing times from ``T`` to ``eps``, spaced by the configured
         schedule (:mod:`diffuse_engine.components.schedules`; uniform in ``t`` by default).
 
@@ -79,18 +83,22 @@ class Solver(Component):
         if c.schedule != "gits":
             return time_grid(sde, c.steps, self.eps(sde), c.schedule, c.rho)
         if score is None or like is None:
-            raise IncompatibleError(f"solver {self.name!r}: schedule 'gits' is fitted to the "
-                                    "score model; pass score and a sample batch to time_grid")
+            raise IncompatibleError(
+                f"solver {self.name!r}: schedule 'gits' is fitted to the "
+                "score model; pass score and a sample batch to time_grid"
+            )
         from diffuse_engine.components.gits import gits_time_grid
+
         key = (innermost(score), sde, tuple(like.shape[1:]), like.device, like.dtype)
         fitted = getattr(self, "_gits_fit", None)
         if fitted is None or fitted[0] != key:  # score and SDE compare by identity
-            grid = gits_time_grid(score, sde, c.steps, self.eps(sde), like,
-                                  pilot=c.pilot, fine=c.fine)
+            grid = gits_time_grid(
+                score, sde, c.steps, self.eps(sde), like, pilot=c.pilot, fine=c.fine
+            )
             self._gits_fit = fitted = (key, grid)
         return list(fitted[1])
 
-    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> Optional[list[float]]:
+    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> list[float] | None:
         """Work done once per run before sampling, with ``score`` (the engine counts its
         evaluations apart from the per-sample ones): fits a ``gits`` schedule and returns
         its grid (``None`` when there is nothing to fit)."""
@@ -104,9 +112,15 @@ class Solver(Component):
         key, _ = self._gits_fit
         self._gits_fit = (key, list(grid))
 
-    def sample(self, score: ScoreFn, sde: SDE, x: Tensor, *,
-               generator: torch.Generator | None = None,
-               callback: StepCallback | None = None) -> Tensor:
+    def sample(
+        self,
+        score: ScoreFn,
+        sde: SDE,
+        x: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
         """Integrate from ``x`` (a prior sample at ``T``) down to ``eps``; return samples."""
         raise NotImplementedError
 
@@ -138,18 +152,26 @@ class Predictor(Component):
     def check(self, sde: SDE) -> None:
         """Raise if this predictor cannot step ``sde``."""
 
-    def step(self, x: Tensor, t: Tensor, t_next: Tensor, score: ScoreFn, sde: SDE,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(
+        self,
+        x: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        score: ScoreFn,
+        sde: SDE,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def plan(self, sde: SDE, grid: list[float]) -> Optional[list]:
+    def plan(self, sde: SDE, grid: list[float]) -> list | None:
         """Optional: per-step coefficients for the whole ``grid`` as Python floats,
         computed once before the loop; then the sampler calls :meth:`planned_step`
         instead of :meth:`step`. ``None`` (the default) keeps :meth:`step`."""
         return None
 
-    def planned_step(self, x: Tensor, t: Tensor, coefficients, score: ScoreFn,
-                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def planned_step(
+        self, x: Tensor, t: Tensor, coefficients, score: ScoreFn, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         """:meth:`step` with this step's entry of :meth:`plan` (``t`` is the start time)."""
         raise NotImplementedError
 
@@ -167,6 +189,7 @@ class Corrector(Component):
     kind: ClassVar[str] = "corrector"
     Config: ClassVar[type[ComponentConfig]] = CorrectorConfig
 
-    def step(self, x: Tensor, t: Tensor, score: ScoreFn, sde: SDE,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(
+        self, x: Tensor, t: Tensor, score: ScoreFn, sde: SDE, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -18,8 +18,9 @@ class ComponentConfig(BaseModel):
     """Base of every implementation's config: unknown fields are errors, and so are
     NaN and infinite floats (a registry value of ``inf`` only ever ends in NaN samples)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False
+    )
 
 
 class ComponentRef:

@@ -30,14 +30,19 @@ def check_device(device: str | torch.device) -> torch.device:
         raise DiffuseError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DiffuseError(f"device {str(device)!r} requested but CUDA is not available "
-                               "here; use --device cpu")
+            raise DiffuseError(
+                f"device {str(device)!r} requested but CUDA is not available here; use --device cpu"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise DiffuseError(f"device {str(device)!r}: this machine has {count} CUDA "
-                               f"device(s), cuda:0..cuda:{count - 1}")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps")
-                                  and torch.backends.mps.is_available()):
-        raise DiffuseError(f"device {str(device)!r} requested but MPS is not available here; "
-                           "use --device cpu")
+            raise DiffuseError(
+                f"device {str(device)!r}: this machine has {count} CUDA "
+                f"device(s), cuda:0..cuda:{count - 1}"
+            )
+    if dev.type == "mps" and not (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    ):
+        raise DiffuseError(
+            f"device {str(device)!r} requested but MPS is not available here; use --device cpu"
+        )
     return dev

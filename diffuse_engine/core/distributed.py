@@ -33,9 +33,10 @@ and EMA updates are identical).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,9 +103,11 @@ class DistContext:
         dev = torch.device(requested)
         if dev.type == "cuda" and self.enabled:
             if dev.index is not None:
-                raise DistributedError(f"device {str(dev)!r} with {self.world_size} processes: "
-                                       "give --device cuda, each process takes cuda:LOCAL_RANK "
-                                       "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+                raise DistributedError(
+                    f"device {str(dev)!r} with {self.world_size} processes: "
+                    "give --device cuda, each process takes cuda:LOCAL_RANK "
+                    "(choose GPUs with CUDA_VISIBLE_DEVICES)"
+                )
             return torch.device("cuda", self.local_rank)
         return dev
 
@@ -184,8 +187,10 @@ def context(init: bool = True) -> DistContext:
     local = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
-            raise DistributedError(f"local rank {local} has no GPU: this node has "
-                                   f"{torch.cuda.device_count()}; lower --nproc-per-node")
+            raise DistributedError(
+                f"local rank {local} has no GPU: this node has "
+                f"{torch.cuda.device_count()}; lower --nproc-per-node"
+            )
         torch.cuda.set_device(local)
     dist.init_process_group(backend=default_backend())
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
@@ -215,8 +220,9 @@ def split_nproc(argv: Sequence[str]) -> tuple[int | None, list[str]]:
             try:
                 nproc = int(value)
             except ValueError:
-                raise DistributedError(f"--nproc must be a whole number of processes, not "
-                                       f"{value!r}") from None
+                raise DistributedError(
+                    f"--nproc must be a whole number of processes, not {value!r}"
+                ) from None
             if nproc < 1:
                 raise DistributedError(f"--nproc must be at least 1, not {nproc}")
             continue
@@ -242,8 +248,9 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.run import parse_args, run
 
     if launched_by_torchrun():
-        raise DistributedError("--nproc inside a torchrun worker: give the process count "
-                               "to torchrun only")
+        raise DistributedError(
+            "--nproc inside a torchrun worker: give the process count to torchrun only"
+        )
     args = parse_args(torchrun_args(nproc, []))
     args.training_script_args = list(argv)  # verbatim: argparse would misread "--n 5"
     try:
@@ -295,20 +302,21 @@ def gather_shards(local: dict[int, Tensor], sizes: Sequence[int], ctx: DistConte
     if not ctx.enabled:
         return torch.cat([local[j] for j in range(len(sizes))])
     example = next(iter(local.values())) if local else None
-    meta = ctx.all_gather_object(None if example is None else
-                                 (tuple(example.shape[1:]), example.dtype, str(example.device)))
+    meta = ctx.all_gather_object(
+        None if example is None else (tuple(example.shape[1:]), example.dtype, str(example.device))
+    )
     dims, dtype, _ = next(m for m in meta if m is not None)
     device = example.device if example is not None else torch.device("cpu")
     width, size = -(-len(sizes) // ctx.world_size), max(sizes)
     block = torch.zeros((width * size, *dims), dtype=dtype, device=device)
     for i, j in enumerate(my_shards(len(sizes), ctx)):
-        block[i * size:i * size + sizes[j]] = local[j]
+        block[i * size : i * size + sizes[j]] = local[j]
     blocks = [torch.empty_like(block) for _ in range(ctx.world_size)]
     torch.distributed.all_gather(blocks, block)
     parts = []
     for j, n in enumerate(sizes):
         r, i = j % ctx.world_size, j // ctx.world_size
-        parts.append(blocks[r][i * size:i * size + n])
+        parts.append(blocks[r][i * size : i * size + n])
     return torch.cat(parts)
 
 
@@ -323,22 +331,33 @@ class ShardedBatches:
     the single-process loop.
     """
 
-    def __init__(self, seed: int, shards: int, batch_size: int, ctx: DistContext,
-                 device: torch.device):
+    def __init__(
+        self, seed: int, shards: int, batch_size: int, ctx: DistContext, device: torch.device
+    ):
         if shards % ctx.world_size:
-            raise DistributedError(f"shards = {shards} cannot be split over {ctx.world_size} "
-                                   f"processes; use a multiple of {ctx.world_size}")
+            raise DistributedError(
+                f"shards = {shards} cannot be split over {ctx.world_size} "
+                f"processes; use a multiple of {ctx.world_size}"
+            )
         if batch_size % shards:
-            raise DistributedError(f"batch_size = {batch_size} is not divisible into {shards} "
-                                   "equal shards; choose a multiple of the shard count")
+            raise DistributedError(
+                f"batch_size = {batch_size} is not divisible into {shards} "
+                "equal shards; choose a multiple of the shard count"
+            )
         per_rank = shards // ctx.world_size
         self.shard_batch = batch_size // shards
         self.local = list(range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank))
         self.shards = shards
-        self.data = {k: torch.Generator().manual_seed(
-            seed if k == 0 else stream_seed(seed, DATA_STREAM, k)) for k in self.local}
-        self.noise = {k: torch.Generator(device=device).manual_seed(
-            seed + 1 if k == 0 else stream_seed(seed, NOISE_STREAM, k)) for k in self.local}
+        self.data = {
+            k: torch.Generator().manual_seed(seed if k == 0 else stream_seed(seed, DATA_STREAM, k))
+            for k in self.local
+        }
+        self.noise = {
+            k: torch.Generator(device=device).manual_seed(
+                seed + 1 if k == 0 else stream_seed(seed, NOISE_STREAM, k)
+            )
+            for k in self.local
+        }
 
     def step(self, model, loss_fn, dataset, device: torch.device, ddp=None) -> Tensor:
         """Forward and backward over this rank's shards (gradients accumulate into the
@@ -378,13 +397,30 @@ class ShardedBatches:
             for kind, gens in (("data", self.data), ("noise", self.noise)):
                 name = self.key(kind, k)
                 if name not in rng:
-                    raise DistributedError(f"checkpoint has no generator state {name!r} "
-                                           f"for shard {k} of {self.shards}")
+                    raise DistributedError(
+                        f"checkpoint has no generator state {name!r} for shard {k} of {self.shards}"
+                    )
                 state = rng[name]
                 gens[k].set_state(state.to(gens[k].get_state().device))
 
 
-__all__ = ["DistContext", "DistributedError", "SINGLE", "context", "as_context",
-           "launched_by_torchrun", "default_backend", "split_nproc", "torchrun_args",
-           "launch", "on_main", "stream_seed", "shard_seed", "shard_sizes", "my_shards",
-           "gather_shards", "ShardedBatches", "DEFAULT_SHARD_SIZE"]
+__all__ = [
+    "DistContext",
+    "DistributedError",
+    "SINGLE",
+    "context",
+    "as_context",
+    "launched_by_torchrun",
+    "default_backend",
+    "split_nproc",
+    "torchrun_args",
+    "launch",
+    "on_main",
+    "stream_seed",
+    "shard_seed",
+    "shard_sizes",
+    "my_shards",
+    "gather_shards",
+    "ShardedBatches",
+    "DEFAULT_SHARD_SIZE",
+]

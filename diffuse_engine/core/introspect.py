@@ -69,8 +69,10 @@ def config_rows(config: type[BaseModel], catalogue=None) -> list[tuple[str, str,
     """``(field, type, default, allowed, description)`` for every field of ``config``."""
     rows = []
     for name, f in config.model_fields.items():
-        default = ("(required)" if f.is_required()
-                   else repr(f.get_default(call_default_factory=True)))
-        rows.append((name, type_name(f.annotation), default, allowed(f, catalogue),
-                     f.description or ""))
+        default = (
+            "(required)" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        )
+        rows.append(
+            (name, type_name(f.annotation), default, allowed(f, catalogue), f.description or "")
+        )
     return rows

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -74,8 +75,9 @@ def _autoload_disabled() -> bool:
     return os.environ.get("DIFFUSE_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
 
 
-def make_plugin_manager(plugins: Iterable[Any] = (), autoload: bool = True
-                        ) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
+def make_plugin_manager(
+    plugins: Iterable[Any] = (), autoload: bool = True
+) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
     """A fresh plugin manager with entry-point plugins and ``plugins`` registered."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -112,8 +114,11 @@ def make_plugin_manager(plugins: Iterable[Any] = (), autoload: bool = True
         raise PluginError(f"a plugin implements an unknown hook: {exc}") from None
     by_name = {pm.get_name(p): p for p in pm.get_plugins()}
     for info in infos:
-        plugin = by_name.get(info.name if info.builtin or info.distribution.startswith("(")
-                             else f"{info.distribution}:{info.name}")
+        plugin = by_name.get(
+            info.name
+            if info.builtin or info.distribution.startswith("(")
+            else f"{info.distribution}:{info.name}"
+        )
         if plugin is not None:
             info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
     return pm, infos
@@ -135,8 +140,7 @@ class Catalogue:
         self.failures = failures
 
     @classmethod
-    def from_plugin_manager(cls, pm: pluggy.PluginManager,
-                            infos: list[PluginInfo]) -> "Catalogue":
+    def from_plugin_manager(cls, pm: pluggy.PluginManager, infos: list[PluginInfo]) -> Catalogue:
         entries: dict[str, dict[str, Provided]] = {k: {} for k in REGISTRATION_HOOKS}
         by_name = {i.name: i for i in infos}
         for kind, hook_name in REGISTRATION_HOOKS.items():
@@ -155,14 +159,16 @@ class Catalogue:
                     if not name or getattr(c, "kind", None) != kind:
                         raise PluginError(
                             f"plugin {provider!r} returned {c!r} from {hook_name}: it must "
-                            f"be a class with kind {kind!r} and a non-empty name")
+                            f"be a class with kind {kind!r} and a non-empty name"
+                        )
                     if name in entries[kind]:
                         other = entries[kind][name]
                         raise PluginError(
                             f"two {kind} implementations named {name!r}: "
                             f"{other.cls.__module__}.{other.cls.__qualname__} from plugin "
                             f"{other.provider!r} and {c.__module__}.{c.__qualname__} from "
-                            f"plugin {provider!r}")
+                            f"plugin {provider!r}"
+                        )
                     entries[kind][name] = Provided(c, provider)
         return cls(entries, [i for i in infos if not i.ok])
 

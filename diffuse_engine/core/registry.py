@@ -20,15 +20,16 @@ allowed, on one line.
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from diffuse_engine.core.component import ComponentConfig, ComponentRef
+from diffuse_engine.core.component import ComponentRef
 from diffuse_engine.core.errors import RegistryError
 from diffuse_engine.core.plugins import Catalogue
 from diffuse_engine.core.trust import import_implementation, is_import_path, refuse_import
@@ -54,9 +55,12 @@ class RunPreset(BaseModel):
     sde: str = Field("vp", description="SDE entry (or implementation) name")
     solver: str = Field("pc", description="solver entry (or implementation) name")
     score: str = Field("gmm", description="score-model entry (or implementation) name")
-    data: Optional[str] = Field(None, description="dataset entry to train on / compare to")
-    train: Optional[str] = Field(None, description="[train.NAME] settings used when the "
-                                 "score model needs training (default: train.default)")
+    data: str | None = Field(None, description="dataset entry to train on / compare to")
+    train: str | None = Field(
+        None,
+        description="[train.NAME] settings used when the "
+        "score model needs training (default: train.default)",
+    )
     n: int = Field(20000, ge=1, description="number of samples")
     seed: int = Field(0, ge=0, lt=2**63, description="random seed")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
@@ -83,8 +87,11 @@ class Entry:
         if key is None:  # an entry-level problem: name every source that shaped it
             src = " + ".join(dict.fromkeys(self.sources.values())) or "?"
         else:
-            src = self.sources.get(key) or self.sources.get("type") or \
-                next(iter(self.sources.values()), "?")
+            src = (
+                self.sources.get(key)
+                or self.sources.get("type")
+                or next(iter(self.sources.values()), "?")
+            )
         return f"{src}: [{self.kind}.{self.name}]"
 
 
@@ -102,8 +109,9 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RegistryError(f"--set {item!r}: expected KEY=VALUE, e.g. steps=100 or "
-                            "sde.vp.beta_max=10")
+        raise RegistryError(
+            f"--set {item!r}: expected KEY=VALUE, e.g. steps=100 or sde.vp.beta_max=10"
+        )
     return key, parse_value(value.strip())
 
 
@@ -132,15 +140,22 @@ def check_refs(config: BaseModel, catalogue: Catalogue, where: str) -> None:
                 if value is None and meta.allow_none:
                     continue
                 if not catalogue.has(meta.kind, value):
-                    raise RegistryError(f"{where} {fname}: "
-                                        + catalogue.unknown_message(meta.kind, value))
+                    raise RegistryError(
+                        f"{where} {fname}: " + catalogue.unknown_message(meta.kind, value)
+                    )
 
 
 class Registry:
     """Merged and validated registry entries (``kind -> name -> Entry``) and presets."""
 
-    def __init__(self, entries: dict[str, dict[str, Entry]], catalogue: Catalogue, *,
-                 allow_imports: bool = False, train_model: type[BaseModel] | None = None):
+    def __init__(
+        self,
+        entries: dict[str, dict[str, Entry]],
+        catalogue: Catalogue,
+        *,
+        allow_imports: bool = False,
+        train_model: type[BaseModel] | None = None,
+    ):
         self.entries = entries
         #: validates ``[train.NAME]`` tables; handed in by the engine (the training
         #: service owns it), so the registry never imports a service
@@ -151,10 +166,16 @@ class Registry:
 
     # ---- loading --------------------------------------------------------------
     @classmethod
-    def load(cls, files: Iterable[str | Path], catalogue: Catalogue, *,
-             sets: Iterable[tuple[str, Any]] = (), with_default: bool = True,
-             allow_imports: bool = False,
-             train_model: type[BaseModel] | None = None) -> "Registry":
+    def load(
+        cls,
+        files: Iterable[str | Path],
+        catalogue: Catalogue,
+        *,
+        sets: Iterable[tuple[str, Any]] = (),
+        with_default: bool = True,
+        allow_imports: bool = False,
+        train_model: type[BaseModel] | None = None,
+    ) -> Registry:
         """Merge the default registry, ``files`` and qualified ``sets``; validate all.
         ``allow_imports`` lets a ``type`` be an import path (off: files are data)."""
         entries: dict[str, dict[str, Entry]] = {}
@@ -197,26 +218,40 @@ class Registry:
         extra = f"; implementations: {types}" if types else ""
         raise RegistryError(f"no {kind} entry named {name!r}; registry entries: {entries}{extra}")
 
-    def resolve(self, kind: str, name: str, overrides: dict[str, Any] | None = None,
-                override_source: str = "override"):
+    def resolve(
+        self,
+        kind: str,
+        name: str,
+        overrides: dict[str, Any] | None = None,
+        override_source: str = "override",
+    ):
         """``(implementation class, validated config)`` for ``[kind.name]`` + overrides."""
         entry = self.entry(kind, name)
         if overrides:
-            entry = Entry(kind, name, {**entry.fields, **overrides},
-                          {**entry.sources, **{k: override_source for k in overrides}})
+            entry = Entry(
+                kind,
+                name,
+                {**entry.fields, **overrides},
+                {**entry.sources, **{k: override_source for k in overrides}},
+            )
         if entry.type is None:
-            raise RegistryError(f"{entry.where()} type: missing; choices: "
-                                + ", ".join(self.catalogue.names(kind)))
+            raise RegistryError(
+                f"{entry.where()} type: missing; choices: " + ", ".join(self.catalogue.names(kind))
+            )
         if not isinstance(entry.type, str):
-            raise RegistryError(f"{entry.where('type')} type: must be a string naming an "
-                                f"implementation (got {entry.type!r}); choices: "
-                                + ", ".join(self.catalogue.names(kind)))
+            raise RegistryError(
+                f"{entry.where('type')} type: must be a string naming an "
+                f"implementation (got {entry.type!r}); choices: "
+                + ", ".join(self.catalogue.names(kind))
+            )
         impl = self.implementation(kind, entry.type, entry.where("type"))
         try:
             config = impl.Config.model_validate(entry.config_fields)
         except ValidationError as exc:
             bad = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None
-            raise RegistryError(format_validation_error(entry.where(bad), exc, impl.Config)) from None
+            raise RegistryError(
+                format_validation_error(entry.where(bad), exc, impl.Config)
+            ) from None
         check_refs(config, self.catalogue, entry.where())
         return impl, config
 
@@ -235,8 +270,12 @@ class Registry:
         """The validated ``[run.NAME]`` preset."""
         entry = self.entry(RUN_TABLE, name)
         if overrides:
-            entry = Entry(RUN_TABLE, name, {**entry.fields, **overrides},
-                          {**entry.sources, **{k: "command line" for k in overrides}})
+            entry = Entry(
+                RUN_TABLE,
+                name,
+                {**entry.fields, **overrides},
+                {**entry.sources, **{k: "command line" for k in overrides}},
+            )
         fields = entry.fields
         try:
             preset = RunPreset.model_validate(fields)
@@ -262,11 +301,16 @@ class Registry:
             settings = TrainSettings.model_validate({**entry.fields, **(overrides or {})})
         except ValidationError as exc:
             bad = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None
-            raise RegistryError(format_validation_error(entry.where(bad), exc,
-                                                        TrainSettings)) from None
-        for kind, ref in (("data", settings.data), ("sde", settings.sde),
-                          ("score", settings.model), ("loss", settings.loss),
-                          ("solver", settings.plot_solver)):
+            raise RegistryError(
+                format_validation_error(entry.where(bad), exc, TrainSettings)
+            ) from None
+        for kind, ref in (
+            ("data", settings.data),
+            ("sde", settings.sde),
+            ("score", settings.model),
+            ("loss", settings.loss),
+            ("solver", settings.plot_solver),
+        ):
             try:
                 self.entry(kind, ref)
             except RegistryError as exc:
@@ -278,8 +322,10 @@ class Registry:
 
     def as_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
         """The merged registry as plain nested dicts (what ``registry show`` prints)."""
-        return {k: {n: dict(e.fields) for n, e in sorted(t.items())}
-                for k, t in sorted(self.entries.items())}
+        return {
+            k: {n: dict(e.fields) for n, e in sorted(t.items())}
+            for k, t in sorted(self.entries.items())
+        }
 
 
 def read_toml(path: str | Path) -> dict:
@@ -301,13 +347,16 @@ def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str) -> Non
         if kind not in COMPONENT_TABLES and kind not in (RUN_TABLE, TRAIN_TABLE):
             raise RegistryError(f"{source}: [{kind}] unknown table; allowed kinds: {allowed}")
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-            raise RegistryError(f"{source}: [{kind}] must hold named entries like "
-                                f"[{kind}.NAME] with key = value fields")
+            raise RegistryError(
+                f"{source}: [{kind}] must hold named entries like "
+                f"[{kind}.NAME] with key = value fields"
+            )
         for name, fields in table.items():
             old = entries.setdefault(kind, {}).get(name)
             if old is not None and fields.get("type", old.type) == old.type:
                 old.fields.update(fields)
                 old.sources.update({k: source for k in fields})
             else:
-                entries[kind][name] = Entry(kind, name, dict(fields),
-                                            {k: source for k in fields} or {"type": source})
+                entries[kind][name] = Entry(
+                    kind, name, dict(fields), {k: source for k in fields} or {"type": source}
+                )

@@ -34,7 +34,8 @@ def refuse_import(where: str, type_name: str, installed: list[str]) -> RegistryE
         f"{where} type: {type_name!r} is a Python import path; registry files are data and "
         "may not import code unless you trust this file and pass --allow-imports "
         "(Engine(allow_imports=True)); or install the implementation as a plugin. "
-        f"Installed: {', '.join(installed) or '(none)'}")
+        f"Installed: {', '.join(installed) or '(none)'}"
+    )
 
 
 def import_implementation(type_name: str, kind: str, where: str) -> type[Component]:
@@ -42,18 +43,23 @@ def import_implementation(type_name: str, kind: str, where: str) -> type[Compone
     module_name, _, qualname = type_name.partition(":")
     parts = [*module_name.split("."), *qualname.split(".")]
     if not qualname or not all(p.isidentifier() for p in parts):
-        raise RegistryError(f"{where} type: {type_name!r} is not an import path of the "
-                            "form 'package.module:Class'")
+        raise RegistryError(
+            f"{where} type: {type_name!r} is not an import path of the form 'package.module:Class'"
+        )
     try:
         obj = importlib.import_module(module_name)
     except Exception as exc:  # an import can fail in any way; say which and why
-        raise RegistryError(f"{where} type: cannot import {module_name!r} "
-                            f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise RegistryError(
+            f"{where} type: cannot import {module_name!r} "
+            f"({type(exc).__name__}: {exc})".splitlines()[0]
+        ) from None
     for attr in qualname.split("."):
         obj = getattr(obj, attr, None)
         if obj is None:
             raise RegistryError(f"{where} type: {module_name!r} has no attribute {qualname!r}")
     if not (isinstance(obj, type) and issubclass(obj, Component) and obj.kind == kind):
-        raise RegistryError(f"{where} type: {type_name!r} is not a {kind} implementation "
-                            f"(a subclass of the {kind} base class with a Config)")
+        raise RegistryError(
+            f"{where} type: {type_name!r} is not a {kind} implementation "
+            f"(a subclass of the {kind} base class with a Config)"
+        )
     return obj

@@ -45,21 +45,21 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 import torchdiffeq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from diffuse_engine.components.differentiable import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS
-from diffuse_engine.core.errors import DiffuseError, NumericalError, RegistryError
 from diffuse_engine.components.builder import Builder
+from diffuse_engine.components.differentiable import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS
 from diffuse_engine.components.score import ScoreBoundary, ScoreFn
-from diffuse_engine.core.devices import check_device
-from diffuse_engine.output.progress import progress_bar
 from diffuse_engine.components.sde import SDE
 from diffuse_engine.components.solver import MAX_STEPS
+from diffuse_engine.core.devices import check_device
+from diffuse_engine.core.errors import DiffuseError, NumericalError, RegistryError
+from diffuse_engine.output.progress import progress_bar
 
 
 class LikelihoodConfig(BaseModel):
@@ -67,19 +67,30 @@ class LikelihoodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun",
-                    "euler", "midpoint", "heun3", "rk4"] = Field(
-        "dopri5", description="torchdiffeq method (adaptive unless euler/midpoint/heun3/rk4)")
+    method: Literal[
+        "dopri5",
+        "dopri8",
+        "bosh3",
+        "fehlberg2",
+        "adaptive_heun",
+        "euler",
+        "midpoint",
+        "heun3",
+        "rk4",
+    ] = Field("dopri5", description="torchdiffeq method (adaptive unless euler/midpoint/heun3/rk4)")
     rtol: float = Field(1e-5, gt=0, description="relative tolerance (adaptive methods)")
     atol: float = Field(1e-5, gt=0, description="absolute tolerance (adaptive methods)")
     steps: int = Field(200, ge=1, le=MAX_STEPS, description="steps of a fixed-grid method")
-    eps: Optional[float] = Field(None, gt=0, lt=1,
-                                 description="start time; default: the SDE's sampling_eps")
+    eps: float | None = Field(
+        None, gt=0, lt=1, description="start time; default: the SDE's sampling_eps"
+    )
     divergence: Literal["auto", "exact", "hutchinson"] = Field(
-        "auto", description="divergence of the ODE drift")
+        "auto", description="divergence of the ODE drift"
+    )
     exact_max_dim: int = Field(16, ge=1, description="auto: exact up to this dimension")
     probe: Literal["rademacher", "gaussian"] = Field(
-        "rademacher", description="Hutchinson probe distribution")
+        "rademacher", description="Hutchinson probe distribution"
+    )
     probes: int = Field(1, ge=1, description="Hutchinson probes per point (averaged)")
     seed: int = Field(0, ge=0, description="seed of the probes and the dequantisation")
     batch_size: int = Field(1000, ge=1, description="points per ODE solve")
@@ -91,19 +102,22 @@ class LikelihoodConfig(BaseModel):
     def _range(self):
         lo, hi = self.data_range
         if not lo < hi:
-            raise ValueError(f"data_range must be (low, high) with low < high, "
-                             f"got {self.data_range}")
+            raise ValueError(
+                f"data_range must be (low, high) with low < high, got {self.data_range}"
+            )
         return self
 
 
 def likelihood_config(overrides: dict[str, Any]) -> LikelihoodConfig:
     """Validate likelihood ``overrides`` with a one-line :class:`RegistryError`."""
     from diffuse_engine.core.registry import format_validation_error
+
     try:
         return LikelihoodConfig.model_validate(overrides)
     except ValidationError as exc:
-        raise RegistryError(format_validation_error("likelihood settings:", exc,
-                                                    LikelihoodConfig)) from None
+        raise RegistryError(
+            format_validation_error("likelihood settings:", exc, LikelihoodConfig)
+        ) from None
 
 
 @dataclass
@@ -128,9 +142,14 @@ class LikelihoodResult:
         ll = self.log_likelihood.double()
         n = ll.numel()
         se = float(ll.std() / math.sqrt(n)) if n > 1 else float("nan")
-        return {"n": n, "mean": float(ll.mean()), "stderr": se,
-                "bits_per_dim": float(bits_per_dim(ll.mean(), self.dim)),
-                "nfe": self.nfe, "seconds": round(self.seconds, 3)}
+        return {
+            "n": n,
+            "mean": float(ll.mean()),
+            "stderr": se,
+            "bits_per_dim": float(bits_per_dim(ll.mean(), self.dim)),
+            "nfe": self.nfe,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def bits_per_dim(log_likelihood: Tensor, dim: int) -> Tensor:
@@ -142,8 +161,12 @@ def bits_per_dim(log_likelihood: Tensor, dim: int) -> Tensor:
     return -log_likelihood / (dim * math.log(2.0))
 
 
-def dequantize(x: Tensor, levels: int, data_range: tuple[float, float],
-               generator: torch.Generator | None = None) -> tuple[Tensor, float]:
+def dequantize(
+    x: Tensor,
+    levels: int,
+    data_range: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, float]:
     """Uniform dequantisation of ``x`` whose values lie on ``levels`` equally spaced
     points spanning ``data_range``: returns ``y`` and the log bin width per dimension.
 
@@ -159,8 +182,9 @@ def dequantize(x: Tensor, levels: int, data_range: tuple[float, float],
 class _AugmentedFlow(torch.nn.Module):
     """``d/dt (x, delta) = (f~(x, t), div f~(x, t))`` on flattened ``x`` ``(B, D)``."""
 
-    def __init__(self, score: ScoreFn, sde: SDE, shape: tuple[int, ...], exact: bool,
-                 probes: Tensor | None):
+    def __init__(
+        self, score: ScoreFn, sde: SDE, shape: tuple[int, ...], exact: bool, probes: Tensor | None
+    ):
         super().__init__()
         self.score, self.sde, self.shape = score, sde, shape
         self.exact, self.probes = exact, probes
@@ -172,8 +196,9 @@ class _AugmentedFlow(torch.nn.Module):
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
             x = y.view(self.shape)
-            drift = self.sde.reverse_drift(x, tt, self.score(x, tt),
-                                           probability_flow=True).reshape(B, D)
+            drift = self.sde.reverse_drift(x, tt, self.score(x, tt), probability_flow=True).reshape(
+                B, D
+            )
             if self.exact:
                 div = torch.zeros(B, device=y.device, dtype=y.dtype)
                 for i in range(D):
@@ -197,9 +222,9 @@ def _probes(c: LikelihoodConfig, shape: tuple[int, int], generator, device, dtyp
     return (2 * bits - 1).to(dtype)
 
 
-def ode_log_likelihood(score: ScoreFn, sde: SDE, x: Tensor,
-                       config: LikelihoodConfig | None = None, *,
-                       progress=None) -> Tensor:
+def ode_log_likelihood(
+    score: ScoreFn, sde: SDE, x: Tensor, config: LikelihoodConfig | None = None, *, progress=None
+) -> Tensor:
     """``log p_eps(x)`` in nats, ``(n,)``, for data ``x`` ``(n, *dims)`` (see module doc).
 
     ``score`` is called with ``(B, *dims)`` states and ``(B,)`` times; evaluations
@@ -209,8 +234,9 @@ def ode_log_likelihood(score: ScoreFn, sde: SDE, x: Tensor,
     """
     c = config or LikelihoodConfig()
     if x.dim() < 2 or x.shape[0] == 0:
-        raise DiffuseError(f"log_likelihood needs data of shape (n, *dims) with n >= 1, "
-                           f"got {tuple(x.shape)}")
+        raise DiffuseError(
+            f"log_likelihood needs data of shape (n, *dims) with n >= 1, got {tuple(x.shape)}"
+        )
     if not torch.is_floating_point(x):
         raise DiffuseError(f"log_likelihood needs floating-point data, got {x.dtype}")
     eps = sde.sampling_eps if c.eps is None else c.eps
@@ -227,11 +253,12 @@ def ode_log_likelihood(score: ScoreFn, sde: SDE, x: Tensor,
     if c.method in ADAPTIVE_ODE_METHODS:
         kw["options"] = {"step_t": ts[-1:]}  # no stage beyond T
     elif c.method in FIXED_ODE_METHODS:
-        kw["options"] = {"grid_constructor":
-                         lambda f, y0, t: torch.linspace(t[0], t[-1], c.steps + 1).to(t)}
+        kw["options"] = {
+            "grid_constructor": lambda f, y0, t: torch.linspace(t[0], t[-1], c.steps + 1).to(t)
+        }
     out = []
     for start in range(0, x.shape[0], c.batch_size):
-        xb = x[start:start + c.batch_size]
+        xb = x[start : start + c.batch_size]
         B = xb.shape[0]
         y0 = xb.reshape(B, D)
         probes = None if exact else _probes(c, (B, D), gen, x.device, x.dtype)
@@ -247,13 +274,16 @@ def ode_log_likelihood(score: ScoreFn, sde: SDE, x: Tensor,
     ll = torch.cat(out)
     if not torch.isfinite(ll).all():
         bad = int((~torch.isfinite(ll)).sum())
-        raise NumericalError(f"{bad} of {ll.numel()} log-likelihoods are NaN/Inf; try a "
-                             "larger eps or tighter rtol/atol")
+        raise NumericalError(
+            f"{bad} of {ll.numel()} log-likelihoods are NaN/Inf; try a "
+            "larger eps or tighter rtol/atol"
+        )
     return ll
 
 
-def split_overrides(overrides: dict[str, Any], chosen: dict[str, type]
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_overrides(
+    overrides: dict[str, Any], chosen: dict[str, type]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split keyword overrides into likelihood settings and component fields.
 
     ``likelihood.FIELD`` always goes to the estimator; a bare ``FIELD`` of
@@ -269,29 +299,43 @@ def split_overrides(overrides: dict[str, Any], chosen: dict[str, type]
         elif not kind and key in fields:
             clash = [k for k, cls in chosen.items() if key in cls.Config.model_fields]
             if clash:
-                raise RegistryError(f"override {key!r} is ambiguous; qualify it as one of "
-                                    + ", ".join(f"{k}.{key}" for k in ["likelihood", *clash]))
+                raise RegistryError(
+                    f"override {key!r} is ambiguous; qualify it as one of "
+                    + ", ".join(f"{k}.{key}" for k in ["likelihood", *clash])
+                )
             mine[key] = value
         elif not kind and not any(key in cls.Config.model_fields for cls in chosen.values()):
-            allowed = sorted({f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields}
-                             | {f"likelihood.{f}" for f in fields})
-            raise RegistryError(f"override {key!r}: no likelihood setting or chosen entry has "
-                                f"that field; allowed: {', '.join(allowed)}")
+            allowed = sorted(
+                {f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields}
+                | {f"likelihood.{f}" for f in fields}
+            )
+            raise RegistryError(
+                f"override {key!r}: no likelihood setting or chosen entry has "
+                f"that field; allowed: {', '.join(allowed)}"
+            )
         else:
             rest[key] = value
     return mine, rest
 
 
-def evaluate(builder: Builder, x: Tensor, score: Any = "gmm", sde: str = "vp", *,
-             device: str | torch.device | None = None, progress: bool = False,
-             **overrides) -> LikelihoodResult:
+def evaluate(
+    builder: Builder,
+    x: Tensor,
+    score: Any = "gmm",
+    sde: str = "vp",
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    **overrides,
+) -> LikelihoodResult:
     """What :meth:`Engine.log_likelihood` runs: build the SDE and score like
     ``Engine.sampling`` does, validate the likelihood settings, solve, count score
     evaluations (through :class:`~diffuse_engine.components.score.ScoreBoundary`)."""
 
     if not isinstance(x, Tensor):
-        raise DiffuseError(f"log_likelihood needs a tensor x of shape (n, *dims), not "
-                           f"{type(x).__name__}")
+        raise DiffuseError(
+            f"log_likelihood needs a tensor x of shape (n, *dims), not {type(x).__name__}"
+        )
     device = check_device(device) if device is not None else x.device
     x = x.to(device)
     sde_cls = builder.implementation("sde", sde)
@@ -308,10 +352,21 @@ def evaluate(builder: Builder, x: Tensor, score: Any = "gmm", sde: str = "vp", *
     counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)
     start = time.perf_counter()
     with progress_bar(x.shape[0], f"log-likelihood {sde}", enabled=progress) as bar:
-        ll = ode_log_likelihood(counted, sde_obj, x, config,
-                                progress=(lambda done: bar(done)) if bar else None)
+        ll = ode_log_likelihood(
+            counted, sde_obj, x, config, progress=(lambda done: bar(done)) if bar else None
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return LikelihoodResult(ll, x[0].numel(), counted.calls, time.perf_counter() - start,
-                            {"sde": sde, "score": score if isinstance(score, str)
-                             else score_cls.name, **config.model_dump()}, sde_obj, score_obj)
+    return LikelihoodResult(
+        ll,
+        x[0].numel(),
+        counted.calls,
+        time.perf_counter() - start,
+        {
+            "sde": sde,
+            "score": score if isinstance(score, str) else score_cls.name,
+            **config.model_dump(),
+        },
+        sde_obj,
+        score_obj,
+    )

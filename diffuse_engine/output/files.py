@@ -59,8 +59,10 @@ def _refuse_if_alive(partial: Path) -> None:
         return
     except PermissionError:
         pass  # alive, owned by someone else
-    raise OutputExistsError(f"{partial} is being written by another run (pid {pid}); wait "
-                            "for it or choose another --out")
+    raise OutputExistsError(
+        f"{partial} is being written by another run (pid {pid}); wait "
+        "for it or choose another --out"
+    )
 
 
 class RunFolder:
@@ -72,29 +74,42 @@ class RunFolder:
         self.path = self.final.with_name(self.final.name + ".partial")
         self.started = time.time()
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         if self.final.exists() and not self.final.is_dir():
-            raise OutputExistsError(f"output {self.final} exists and is not a folder; "
-                                    "choose another --out")
+            raise OutputExistsError(
+                f"output {self.final} exists and is not a folder; choose another --out"
+            )
         if self.final.exists() and not self.overwrite:
-            raise OutputExistsError(f"output {self.final} already exists; pass --overwrite "
-                                    "to replace it or choose another --out")
+            raise OutputExistsError(
+                f"output {self.final} already exists; pass --overwrite "
+                "to replace it or choose another --out"
+            )
         if self.path.exists():
             _refuse_if_alive(self.path)  # a stale NAME.partial is replaced, a live one not
             shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True)
         except OSError as exc:
-            raise DiffuseError(f"cannot create run folder {self.path}: {exc.strerror}; "
-                               "choose another --out") from None
-        write_json(self.path / "status.json", {"complete": False, "started": self.started,
-                                               "pid": os.getpid(), "host": socket.gethostname()})
+            raise DiffuseError(
+                f"cannot create run folder {self.path}: {exc.strerror}; choose another --out"
+            ) from None
+        write_json(
+            self.path / "status.json",
+            {
+                "complete": False,
+                "started": self.started,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            },
+        )
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            write_json(self.path / "status.json", {"complete": True, "started": self.started,
-                                                   "finished": time.time()})
+            write_json(
+                self.path / "status.json",
+                {"complete": True, "started": self.started, "finished": time.time()},
+            )
             old = None
             if self.final.exists():  # move aside first: a crash here loses neither run
                 old = self.final.with_name(f"{self.final.name}.old-{os.getpid()}")
@@ -103,9 +118,13 @@ class RunFolder:
             if old is not None:
                 shutil.rmtree(old)
         else:
-            reason = "interrupted" if exc_type is KeyboardInterrupt else f"{exc_type.__name__}: {exc}"
-            write_json(self.path / "status.json", {"complete": False, "started": self.started,
-                                                   "error": reason})
+            reason = (
+                "interrupted" if exc_type is KeyboardInterrupt else f"{exc_type.__name__}: {exc}"
+            )
+            write_json(
+                self.path / "status.json",
+                {"complete": False, "started": self.started, "error": reason},
+            )
         return False
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Optional
 
 
 class StopOnSignal:
@@ -24,15 +23,15 @@ class StopOnSignal:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
         self.signals = signals
         self.requested = False
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._old: dict[int, object] = {}
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 old = signal.getsignal(s)
@@ -61,7 +60,7 @@ class TerminateAsInterrupt:
     marked interrupted, exit status 130) instead of killing it without a word.
     """
 
-    def __enter__(self) -> "TerminateAsInterrupt":
+    def __enter__(self) -> TerminateAsInterrupt:
         self._old = None
         if threading.current_thread() is threading.main_thread():
             old = signal.getsignal(signal.SIGTERM)
@@ -71,7 +70,7 @@ class TerminateAsInterrupt:
         return self
 
     @staticmethod
-    def _handle(signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc) -> bool:

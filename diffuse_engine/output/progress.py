@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True
-                 ) -> Iterator[Optional[Callable[..., None]]]:
+def progress_bar(
+    total: int, description: str, enabled: bool = True
+) -> Iterator[Callable[..., None] | None]:
     """Yield ``update(step, **fields)`` drawing a bar on stderr, or None when quiet.
 
     The bar is only drawn when ``enabled`` and stderr is a terminal, so logs and CI
@@ -22,14 +29,21 @@ def progress_bar(total: int, description: str, enabled: bool = True
     if not enabled or not console.is_terminal:
         yield None
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total, info="")
 
         def update(step: int, **fields) -> None:
-            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in fields.items())
+            info = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()
+            )
             progress.update(task, completed=step, info=info)
 
         yield update

@@ -26,14 +26,14 @@ kernels on a GPU); the error says so instead of guessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from diffuse_engine.core.errors import NumericalError
 from diffuse_engine.components.score import ScoreFn
+from diffuse_engine.core.errors import NumericalError
 
 #: ``replay(score_fn, callback) -> samples``: the same run again with another score wrapper
 Replay = Callable[[ScoreFn, Callable[[int, int, float], None]], Tensor]
@@ -58,7 +58,7 @@ class FiniteWatch:
         self.fn = fn
         self.every = every
         self.calls = 0
-        self.flag: Optional[Tensor] = None
+        self.flag: Tensor | None = None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         out = self.fn(x, t)
@@ -74,26 +74,26 @@ class FiniteWatch:
 class Fault:
     """Where NaN/Inf first appeared."""
 
-    component: str          # "score model", "solver" or "prior"
-    step: Optional[int]     # 1-based solver step, None when the solver reports no steps
-    total: Optional[int]
+    component: str  # "score model", "solver" or "prior"
+    step: int | None  # 1-based solver step, None when the solver reports no steps
+    total: int | None
     t: float
-    call: int               # 1-based score evaluation
+    call: int  # 1-based score evaluation
     detail: str
 
 
 class Locator:
     """Score wrapper for the replay: checks every call, stops at the first fault."""
 
-    def __init__(self, fn: ScoreFn, score_name: str, total: Optional[int] = None):
+    def __init__(self, fn: ScoreFn, score_name: str, total: int | None = None):
         self.fn = fn
         self.score_name = score_name
         self.calls = 0
-        self.completed = 0            # solver steps finished (from the callback)
+        self.completed = 0  # solver steps finished (from the callback)
         self.total = total
-        self.step_t: Optional[float] = None  # time the last finished step reached
+        self.step_t: float | None = None  # time the last finished step reached
         self.calls_in_step = 0
-        self.fault: Optional[Fault] = None
+        self.fault: Fault | None = None
 
     def callback(self, step: int, total: int, t: float) -> None:
         self.completed, self.total, self.step_t = step, total, t
@@ -108,26 +108,46 @@ class Locator:
             if self.calls == 1:
                 self._stop("prior", None, tt, f"the prior sample is non-finite in {n} rows")
             if self.calls_in_step == 1 and self.completed:  # the last step's final update
-                self._stop("solver", self.completed, self.step_t,
-                           f"its update made {n} of {x.shape[0]} samples non-finite")
-            self._stop("solver", self.completed + 1, tt,
-                       f"an intermediate update made {n} of {x.shape[0]} samples non-finite")
+                self._stop(
+                    "solver",
+                    self.completed,
+                    self.step_t,
+                    f"its update made {n} of {x.shape[0]} samples non-finite",
+                )
+            self._stop(
+                "solver",
+                self.completed + 1,
+                tt,
+                f"an intermediate update made {n} of {x.shape[0]} samples non-finite",
+            )
         out = self.fn(x, t)
         if not bool(torch.isfinite(out).all()):
             n = int((~torch.isfinite(out)).sum())
-            self._stop("score model", self.completed + 1, tt,
-                       f"{self.score_name!r} returned {n} NaN/Inf values for a finite input")
+            self._stop(
+                "score model",
+                self.completed + 1,
+                tt,
+                f"{self.score_name!r} returned {n} NaN/Inf values for a finite input",
+            )
         return out
 
-    def _stop(self, component: str, step: Optional[int], t: Optional[float], detail: str):
-        self.fault = Fault(component, step, self.total, float("nan") if t is None else t,
-                           self.calls, detail)
+    def _stop(self, component: str, step: int | None, t: float | None, detail: str):
+        self.fault = Fault(
+            component, step, self.total, float("nan") if t is None else t, self.calls, detail
+        )
         raise _Stop
 
 
-def locate(replay: Replay, score: ScoreFn, *, score_name: str, solver_name: str,
-           sde_name: str, steps: Optional[int] = None,
-           crash: Optional[Exception] = None) -> NumericalError:
+def locate(
+    replay: Replay,
+    score: ScoreFn,
+    *,
+    score_name: str,
+    solver_name: str,
+    sde_name: str,
+    steps: int | None = None,
+    crash: Exception | None = None,
+) -> NumericalError:
     """Replay the run with a :class:`Locator` and return the error naming the fault
     (``steps``: the solver's step count, if it has one).
 
@@ -150,26 +170,39 @@ def locate(replay: Replay, score: ScoreFn, *, score_name: str, solver_name: str,
         raise crash
     where = f"{solver_name!r} on {sde_name!r}"
     if bool(torch.isfinite(out).all()):
-        return NumericalError(f"samples of {where} were NaN/Inf, but a replay with the same "
-                              "seed was finite (non-deterministic kernels?); rerun to check")
+        return NumericalError(
+            f"samples of {where} were NaN/Inf, but a replay with the same "
+            "seed was finite (non-deterministic kernels?); rerun to check"
+        )
     n = int((~torch.isfinite(out)).flatten(1).any(1).sum())
-    fault = Fault("solver", loc.total, loc.total, loc.step_t if loc.step_t is not None
-                  else float("nan"), loc.calls,
-                  f"its final update (after the last score evaluation) made {n} of "
-                  f"{out.shape[0]} samples non-finite")
+    fault = Fault(
+        "solver",
+        loc.total,
+        loc.total,
+        loc.step_t if loc.step_t is not None else float("nan"),
+        loc.calls,
+        f"its final update (after the last score evaluation) made {n} of "
+        f"{out.shape[0]} samples non-finite",
+    )
     return NumericalError(describe(fault, solver_name, sde_name))
 
 
 def describe(fault: Fault, solver_name: str, sde_name: str) -> str:
     """One line: where NaN/Inf first appeared, which component, what to try."""
-    when = (f"step {fault.step} of {fault.total}" if fault.step and fault.total
-            else f"score evaluation {fault.call}")
-    head = f"NaN/Inf first appeared at {when} (t = {fault.t:.4g}) of {solver_name!r} on " \
-           f"{sde_name!r}: "
+    when = (
+        f"step {fault.step} of {fault.total}"
+        if fault.step and fault.total
+        else f"score evaluation {fault.call}"
+    )
+    head = (
+        f"NaN/Inf first appeared at {when} (t = {fault.t:.4g}) of {solver_name!r} on {sde_name!r}: "
+    )
     if fault.component == "score model":
         return head + f"the score model {fault.detail}; check the model (or its checkpoint)"
     if fault.component == "prior":
         return head + f"{fault.detail} (SDE {sde_name!r}); check the SDE's parameters"
-    return head + (f"the solver {solver_name!r} (with the SDE's coefficients): {fault.detail} "
-                   "while the score model's outputs were finite; try more steps, a smaller "
-                   "snr or another predictor/method")
+    return head + (
+        f"the solver {solver_name!r} (with the SDE's coefficients): {fault.detail} "
+        "while the score model's outputs were finite; try more steps, a smaller "
+        "snr or another predictor/method"
+    )

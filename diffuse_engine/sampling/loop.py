@@ -18,8 +18,13 @@ from torch import Tensor
 from diffuse_engine.components.score import ScoreBoundary
 from diffuse_engine.components.sde import SDE
 from diffuse_engine.components.solver import Solver
-from diffuse_engine.core.distributed import (DistContext, gather_shards, my_shards,
-                                             shard_seed, shard_sizes)
+from diffuse_engine.core.distributed import (
+    DistContext,
+    gather_shards,
+    my_shards,
+    shard_seed,
+    shard_sizes,
+)
 from diffuse_engine.core.errors import DiffuseError, NumericalError
 from diffuse_engine.output.progress import progress_bar
 from diffuse_engine.sampling.faults import FiniteWatch, NonFiniteSeen, locate
@@ -56,8 +61,9 @@ class SamplingJob:
     check_every: int = 0
 
 
-def run_sampling(job: SamplingJob, *, dist: DistContext, step_hook=None,
-                 progress: bool = False) -> tuple[Tensor, int, int, float]:
+def run_sampling(
+    job: SamplingJob, *, dist: DistContext, step_hook=None, progress: bool = False
+) -> tuple[Tensor, int, int, float]:
     """Sample ``job``; ``(samples, nfe, setup_nfe, seconds)``.
 
     ``nfe`` counts the score evaluations of one shard (the most of any shard, for
@@ -71,21 +77,26 @@ def run_sampling(job: SamplingJob, *, dist: DistContext, step_hook=None,
     steps = solver.config.steps
     start = time.perf_counter()
     with torch.no_grad():
-        fitted = solver.prepare(counted, sde, torch.empty((1, *shape[1:]), device=device,
-                                                          dtype=dtype))
+        fitted = solver.prepare(
+            counted, sde, torch.empty((1, *shape[1:]), device=device, dtype=dtype)
+        )
     setup_nfe = counted.calls
     if fitted is not None and dist.enabled:  # round-off may differ across devices
         solver.adopt(dist.all_gather_object(fitted)[0])
 
     def prior(j: int) -> tuple[Tensor, torch.Generator]:
         gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, j))
-        return sde.prior_sample((sizes[j], *shape[1:]), generator=gen, device=device,
-                                dtype=dtype), gen
+        return sde.prior_sample(
+            (sizes[j], *shape[1:]), generator=gen, device=device, dtype=dtype
+        ), gen
 
     local: dict[int, Tensor] = {}
     failed, nfe, crash = None, 0, None
-    with progress_bar(steps * len(mine), f"sampling {job.names['sde']}/{job.names['solver']}",
-                      enabled=progress and dist.is_main) as bar:
+    with progress_bar(
+        steps * len(mine),
+        f"sampling {job.names['sde']}/{job.names['solver']}",
+        enabled=progress and dist.is_main,
+    ) as bar:
         for i, j in enumerate(mine):
             callback = _step_callback(bar, step_hook if dist.is_main else None, i * steps)
             x, gen = prior(j)
@@ -110,16 +121,26 @@ def run_sampling(job: SamplingJob, *, dist: DistContext, step_hook=None,
         nfe = max(n for _, n in status)
         elsewhere = [(r, f) for r, (f, _) in enumerate(status) if f is not None]
         if failed is None and elsewhere:
-            raise NumericalError(f"sampling produced NaN/Inf on rank {elsewhere[0][0]} "
-                                 f"(shard {elsewhere[0][1]}); its error says where")
+            raise NumericalError(
+                f"sampling produced NaN/Inf on rank {elsewhere[0][0]} "
+                f"(shard {elsewhere[0][1]}); its error says where"
+            )
     if failed is not None:
+
         def replay(score_fn, step_callback):  # the failed shard again, same seed
             x_T, g = prior(failed)
             with torch.no_grad():
                 return solver.sample(score_fn, sde, x_T, generator=g, callback=step_callback)
-        raise locate(replay, counted, score_name=counted.name, solver_name=job.names["solver"],
-                     sde_name=job.names["sde"], steps=getattr(solver.config, "steps", None),
-                     crash=crash)
+
+        raise locate(
+            replay,
+            counted,
+            score_name=counted.name,
+            solver_name=job.names["solver"],
+            sde_name=job.names["sde"],
+            steps=getattr(solver.config, "steps", None),
+            crash=crash,
+        )
     out = local[0] if len(sizes) == 1 and not dist.enabled else gather_shards(local, sizes, dist)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,4 +157,5 @@ def _step_callback(bar, hook, done: int):
             bar(done + step, t=t)
         if hook is not None:
             hook(step=step, total=total, t=t)
+
     return callback

@@ -38,15 +38,17 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffuse_engine.core.errors import DiffuseError, UnknownComponentError
 from diffuse_engine.components.mixture import GaussianMixture, mode_statistics
 from diffuse_engine.components.sde import SDE, bcast
+from diffuse_engine.core.errors import DiffuseError, UnknownComponentError
 
 CHECKABLE_KINDS = ("sde", "solver")
 
@@ -81,19 +83,25 @@ class ConformanceReport:
         return [r for r in self.results if not r.passed]
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
-        return [(r.check, "PASS" if r.passed else "FAIL", r.measured, r.bound, r.detail)
-                for r in self.results]
+        return [
+            (r.check, "PASS" if r.passed else "FAIL", r.measured, r.bound, r.detail)
+            for r in self.results
+        ]
 
     def format(self) -> str:
         """A plain-text table (for assertion messages and logs)."""
         head = ("check", "result", "measured", "bound", "detail")
         rows = [head] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = [f"{self.kind} {self.name!r}: "
-                 f"{'PASS' if self.passed else 'FAIL'} "
-                 f"({len(self.results) - len(self.failures)}/{len(self.results)} checks, "
-                 f"{self.seconds:.1f}s; {_settings(self.settings)})"]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = [
+            f"{self.kind} {self.name!r}: "
+            f"{'PASS' if self.passed else 'FAIL'} "
+            f"({len(self.results) - len(self.failures)}/{len(self.results)} checks, "
+            f"{self.seconds:.1f}s; {_settings(self.settings)})"
+        ]
+        lines += [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         return "\n".join(lines)
 
 
@@ -121,8 +129,9 @@ class _Collector:
 # ------------------------------------------------------------------------------------
 # statistics shared with the test suite
 # ------------------------------------------------------------------------------------
-def quality_checks(samples: Tensor, mixture: GaussianMixture, z: float = 5.0,
-                   label: str = "sample quality") -> list[CheckResult]:
+def quality_checks(
+    samples: Tensor, mixture: GaussianMixture, z: float = 5.0, label: str = "sample quality"
+) -> list[CheckResult]:
     """Per-mode weight, std and centre of ``samples`` against ``mixture``, each as the
     worst mode's deviation in standard errors at this sample size (bound ``z``)."""
     stats = mode_statistics(samples, mixture)
@@ -136,13 +145,21 @@ def quality_checks(samples: Tensor, mixture: GaussianMixture, z: float = 5.0,
     std_z = float((torch.tensor(m["std_error"], dtype=torch.float64) * (2 * n_k).sqrt()).max())
     centre_z = float((torch.tensor(m["centre_error"], dtype=torch.float64) * n_k.sqrt()).max())
     nf = stats["non_finite"]
-    detail = (f"n={n}, TV={stats['weight_tv']:.3g}, std err={stats['std_error']:.3g}, "
-              f"centre err={stats['centre_error']:.3g}")
-    out = [CheckResult(f"{label}: mode weights", w_z <= z and nf == 0, f"{w_z:.2f} SE",
-                       f"<= {z:g} SE", detail + (f", {nf} non-finite" if nf else "")),
-           CheckResult(f"{label}: mode stds", std_z <= z, f"{std_z:.2f} SE", f"<= {z:g} SE"),
-           CheckResult(f"{label}: mode centres", centre_z <= z, f"{centre_z:.2f} SE",
-                       f"<= {z:g} SE")]
+    detail = (
+        f"n={n}, TV={stats['weight_tv']:.3g}, std err={stats['std_error']:.3g}, "
+        f"centre err={stats['centre_error']:.3g}"
+    )
+    out = [
+        CheckResult(
+            f"{label}: mode weights",
+            w_z <= z and nf == 0,
+            f"{w_z:.2f} SE",
+            f"<= {z:g} SE",
+            detail + (f", {nf} non-finite" if nf else ""),
+        ),
+        CheckResult(f"{label}: mode stds", std_z <= z, f"{std_z:.2f} SE", f"<= {z:g} SE"),
+        CheckResult(f"{label}: mode centres", centre_z <= z, f"{centre_z:.2f} SE", f"<= {z:g} SE"),
+    ]
     return out
 
 
@@ -186,9 +203,16 @@ def auto_mc_steps(sde: SDE, t_first: float, t_end: float, n: int) -> int:
     return int(min(max(steps, 200), 50_000))
 
 
-def kernel_vs_sde(sde: SDE, *, n: int = 20000, mc_steps: int | None = None, seed: int = 0,
-                  z: float = 5.0, times: tuple[float, ...] = (0.1, 0.5, 0.9),
-                  device: str | torch.device = "cpu") -> list[CheckResult]:
+def kernel_vs_sde(
+    sde: SDE,
+    *,
+    n: int = 20000,
+    mc_steps: int | None = None,
+    seed: int = 0,
+    z: float = 5.0,
+    times: tuple[float, ...] = (0.1, 0.5, 0.9),
+    device: str | torch.device = "cpu",
+) -> list[CheckResult]:
     """Euler-Maruyama simulation of the forward SDE against its kernel.
 
     From ``x_0 = (1, -0.5)`` (each of ``n`` paths starts from the kernel at ``t = 0``,
@@ -214,13 +238,22 @@ def kernel_vs_sde(sde: SDE, *, n: int = 20000, mc_steps: int | None = None, seed
     zero = torch.zeros(n, dtype=dt64, device=dev)
     a0, s0 = sde.marginal(zero)
     y0 = bcast(a0, x0[None]) * x0 + bcast(s0, x0[None]) * torch.randn(
-        n, 2, generator=gen, dtype=dt64, device=dev)
+        n, 2, generator=gen, dtype=dt64, device=dev
+    )
     ts = torch.tensor([0.0] + [f * float(sde.T) for f in times], dtype=dt64, device=dev)
-    bm = torchsde.BrownianInterval(t0=0.0, t1=T, size=(n, 2), dtype=dt64, device=dev,
-                                   entropy=seed, levy_area_approximation="none")
+    bm = torchsde.BrownianInterval(
+        t0=0.0,
+        t1=T,
+        size=(n, 2),
+        dtype=dt64,
+        device=dev,
+        entropy=seed,
+        levy_area_approximation="none",
+    )
     with torch.no_grad():
-        ys = torchsde.sdeint(_ForwardSDE(sde, (n, 2)), y0, ts, method="euler", dt=T / mc_steps,
-                             bm=bm)
+        ys = torchsde.sdeint(
+            _ForwardSDE(sde, (n, 2)), y0, ts, method="euler", dt=T / mc_steps, bm=bm
+        )
     out = []
     for j, frac in enumerate(times, start=1):
         t = torch.full((1,), float(ts[j]), dtype=dt64, device=dev)
@@ -232,12 +265,28 @@ def kernel_vs_sde(sde: SDE, *, n: int = 20000, mc_steps: int | None = None, seed
         mean_z = float(((y.mean(0) - a * x0).abs() / (s / math.sqrt(n))).max())
         var_ratio = y.var(0) / s**2
         var_z = float(((var_ratio - 1).abs() / math.sqrt(2 / (n - 1))).max())
-        detail = (f"kernel mean coeff {a:.4g}, std {s:.4g}; MC mean {y.mean(0).tolist()[0]:.4g}"
-                  f"/{a * float(x0[0]):.4g}, var ratio {float(var_ratio.mean()):.4f}")
-        out.append(CheckResult(f"kernel vs SDE at t={frac:g}T: mean", mean_z <= z,
-                               f"{mean_z:.2f} SE", f"<= {z:g} SE", detail))
-        out.append(CheckResult(f"kernel vs SDE at t={frac:g}T: variance", var_z <= z,
-                               f"{var_z:.2f} SE", f"<= {z:g} SE", f"n={n}, EM steps={mc_steps}"))
+        detail = (
+            f"kernel mean coeff {a:.4g}, std {s:.4g}; MC mean {y.mean(0).tolist()[0]:.4g}"
+            f"/{a * float(x0[0]):.4g}, var ratio {float(var_ratio.mean()):.4f}"
+        )
+        out.append(
+            CheckResult(
+                f"kernel vs SDE at t={frac:g}T: mean",
+                mean_z <= z,
+                f"{mean_z:.2f} SE",
+                f"<= {z:g} SE",
+                detail,
+            )
+        )
+        out.append(
+            CheckResult(
+                f"kernel vs SDE at t={frac:g}T: variance",
+                var_z <= z,
+                f"{var_z:.2f} SE",
+                f"<= {z:g} SE",
+                f"n={n}, EM steps={mc_steps}",
+            )
+        )
     return out
 
 
@@ -286,14 +335,33 @@ def _sde_contract(sde: SDE, shape: tuple[int, ...], dtype: torch.dtype, device) 
         ok(sde.prior_log_prob(z), (B,), "prior_log_prob(z)")
 
 
-def check_sde(engine, name: str, *, solver: str = "pc", score: str = "gmm",
-              steps: int | None = None, n: int = 20000, seed: int = 0,
-              device: str = "cpu", mc_steps: int | None = None,
-              z: float = 5.0) -> ConformanceReport:
+def check_sde(
+    engine,
+    name: str,
+    *,
+    solver: str = "pc",
+    score: str = "gmm",
+    steps: int | None = None,
+    n: int = 20000,
+    seed: int = 0,
+    device: str = "cpu",
+    mc_steps: int | None = None,
+    z: float = 5.0,
+) -> ConformanceReport:
     """Run the SDE checks on registry entry (or implementation) ``name``."""
-    report = ConformanceReport("sde", name, {"solver": solver, "score": score, "steps": steps,
-                                             "n": n, "seed": seed, "device": device,
-                                             "mc_steps": mc_steps})
+    report = ConformanceReport(
+        "sde",
+        name,
+        {
+            "solver": solver,
+            "score": score,
+            "steps": steps,
+            "n": n,
+            "seed": seed,
+            "device": device,
+            "mc_steps": mc_steps,
+        },
+    )
     start = time.perf_counter()
     c = _Collector(report)
     sde = engine.build("sde", name)
@@ -302,57 +370,92 @@ def check_sde(engine, name: str, *, solver: str = "pc", score: str = "gmm",
         for dtype in (torch.float32, torch.float64):
             for shape in ((7, 2), (5, 1, 3, 3)):
                 _sde_contract(sde, shape, dtype, "cpu")
-        return CheckResult("shapes and dtypes", True, "all methods ok",
-                           detail="(B, 2) and (B, 1, 3, 3); float32 and float64")
+        return CheckResult(
+            "shapes and dtypes",
+            True,
+            "all methods ok",
+            detail="(B, 2) and (B, 1, 3, 3); float32 and float64",
+        )
 
     def devices():
         devs = ["meta"] + ([device] if torch.device(device).type != "cpu" else [])
         for dev in devs:
             _sde_contract(sde, (4, 2), torch.float32, dev)
-        return CheckResult("device handling", True, "ok on " + ", ".join(["cpu"] + devs),
-                           detail="meta: no tensor is created on the CPU by mistake")
+        return CheckResult(
+            "device handling",
+            True,
+            "ok on " + ", ".join(["cpu"] + devs),
+            detail="meta: no tensor is created on the CPU by mistake",
+        )
 
     def kernel_values():
         t = torch.linspace(0, 1, 201, dtype=torch.float64)[1:] * sde.T
         a, s = sde.marginal(t)
-        good = bool(torch.isfinite(a).all() and torch.isfinite(s).all()
-                    and (a > 0).all() and (s > 0).all())
-        return CheckResult("kernel finite and positive", good,
-                           f"mean coeff {float(a[-1]):.3g}, std {float(s[-1]):.3g} at T",
-                           "finite, > 0 on (0, T]",
-                           detail=f"prior std {sde.prior_std:.4g}")
+        good = bool(
+            torch.isfinite(a).all() and torch.isfinite(s).all() and (a > 0).all() and (s > 0).all()
+        )
+        return CheckResult(
+            "kernel finite and positive",
+            good,
+            f"mean coeff {float(a[-1]):.3g}, std {float(s[-1]):.3g} at T",
+            "finite, > 0 on (0, T]",
+            detail=f"prior std {sde.prior_std:.4g}",
+        )
 
     def determinism():
         g1 = torch.Generator().manual_seed(seed)
         g2 = torch.Generator().manual_seed(seed)
-        same = torch.equal(sde.prior_sample((16, 2), generator=g1),
-                           sde.prior_sample((16, 2), generator=g2))
+        same = torch.equal(
+            sde.prior_sample((16, 2), generator=g1), sde.prior_sample((16, 2), generator=g2)
+        )
         t = torch.rand(16, generator=torch.Generator().manual_seed(seed)) * sde.T
         coeffs = torch.equal(sde.diffusion(t), sde.diffusion(t)) and torch.equal(
-            sde.marginal(t)[1], sde.marginal(t)[1])
-        return CheckResult("determinism under a seed", same and coeffs,
-                           "identical" if same and coeffs else "differs", "bit-identical")
+            sde.marginal(t)[1], sde.marginal(t)[1]
+        )
+        return CheckResult(
+            "determinism under a seed",
+            same and coeffs,
+            "identical" if same and coeffs else "differs",
+            "bit-identical",
+        )
 
     c.run("shapes and dtypes", shapes)
     c.run("device handling", devices)
     c.run("kernel finite and positive", kernel_values)
     c.run("determinism under a seed", determinism)
     c.run("kernel vs SDE", lambda: kernel_vs_sde(sde, n=n, mc_steps=mc_steps, seed=seed, z=z))
-    c.run("sample quality", lambda: _quality(engine, score, name, solver, steps, n, seed,
-                                             device, z))
+    c.run(
+        "sample quality", lambda: _quality(engine, score, name, solver, steps, n, seed, device, z)
+    )
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _quality(engine, score: str, sde: str, solver: str, steps: int | None, n: int,
-             seed: int, device: str, z: float) -> list[CheckResult]:
+def _quality(
+    engine,
+    score: str,
+    sde: str,
+    solver: str,
+    steps: int | None,
+    n: int,
+    seed: int,
+    device: str,
+    z: float,
+) -> list[CheckResult]:
     over = {} if steps is None else {"solver.steps": steps}
-    res = engine.sampling(score=score, sde=sde, solver=solver, shape=n, seed=seed,
-                          device=device, **over)
+    res = engine.sampling(
+        score=score, sde=sde, solver=solver, shape=n, seed=seed, device=device, **over
+    )
     mix = getattr(res.score, "mixture", None)
     if mix is None:
-        return [CheckResult("sample quality", False, "no exact mixture",
-                            detail=f"score {score!r} has no .mixture to compare with")]
+        return [
+            CheckResult(
+                "sample quality",
+                False,
+                "no exact mixture",
+                detail=f"score {score!r} has no .mixture to compare with",
+            )
+        ]
     label = f"sample quality ({sde}/{solver}, {res.config['solver']['steps']} steps)"
     out = quality_checks(res.samples, mix, z, label)
     out[0].detail += f", NFE={res.nfe}, {res.seconds:.1f}s"
@@ -362,41 +465,75 @@ def _quality(engine, score: str, sde: str, solver: str, steps: int | None, n: in
 # ------------------------------------------------------------------------------------
 # solver checks
 # ------------------------------------------------------------------------------------
-def check_solver(engine, name: str, *, sde: str = "vp", score: str = "gmm",
-                 steps: int | None = None, n: int = 20000, seed: int = 0,
-                 device: str = "cpu", z: float = 5.0) -> ConformanceReport:
+def check_solver(
+    engine,
+    name: str,
+    *,
+    sde: str = "vp",
+    score: str = "gmm",
+    steps: int | None = None,
+    n: int = 20000,
+    seed: int = 0,
+    device: str = "cpu",
+    z: float = 5.0,
+) -> ConformanceReport:
     """Run the solver checks on registry entry (or implementation) ``name``."""
-    report = ConformanceReport("solver", name, {"sde": sde, "score": score, "steps": steps,
-                                                "n": n, "seed": seed, "device": device})
+    report = ConformanceReport(
+        "solver",
+        name,
+        {"sde": sde, "score": score, "steps": steps, "n": n, "seed": seed, "device": device},
+    )
     start = time.perf_counter()
     c = _Collector(report)
     small = 8 if steps is None else min(steps, 8)
 
     def run(shape, dtype=torch.float32, s=seed, dev="cpu", score_name=score, **kw):
-        return engine.sampling(score=score_name, sde=sde, solver=name, shape=shape, seed=s,
-                               device=dev, dtype=dtype, **{"solver.steps": small, **kw})
+        return engine.sampling(
+            score=score_name,
+            sde=sde,
+            solver=name,
+            shape=shape,
+            seed=s,
+            device=dev,
+            dtype=dtype,
+            **{"solver.steps": small, **kw},
+        )
 
     def shapes():
         checks = []
         for dtype in (torch.float32, torch.float64):
             out = run(6, dtype).samples
-            _expect(tuple(out.shape) == (6, 2), f"{dtype}: shape {tuple(out.shape)}, "
-                    "expected (6, 2)")
+            _expect(
+                tuple(out.shape) == (6, 2), f"{dtype}: shape {tuple(out.shape)}, expected (6, 2)"
+            )
             _expect(out.dtype == dtype, f"samples have dtype {out.dtype}, expected {dtype}")
             checks.append(str(dtype).removeprefix("torch."))
-        img = engine.sampling(score=_image_score(engine, sde), sde=sde, solver=name,
-                              shape=(3, 1, 2, 2), seed=seed, **{"solver.steps": small}).samples
-        _expect(tuple(img.shape) == (3, 1, 2, 2),
-                f"(3, 1, 2, 2) input gave shape {tuple(img.shape)}")
-        return CheckResult("shapes and dtypes", True, "shape and dtype kept",
-                           detail="(B, 2), (B, 1, 2, 2); " + ", ".join(checks))
+        img = engine.sampling(
+            score=_image_score(engine, sde),
+            sde=sde,
+            solver=name,
+            shape=(3, 1, 2, 2),
+            seed=seed,
+            **{"solver.steps": small},
+        ).samples
+        _expect(
+            tuple(img.shape) == (3, 1, 2, 2), f"(3, 1, 2, 2) input gave shape {tuple(img.shape)}"
+        )
+        return CheckResult(
+            "shapes and dtypes",
+            True,
+            "shape and dtype kept",
+            detail="(B, 2), (B, 1, 2, 2); " + ", ".join(checks),
+        )
 
     def devices():
         devs = ["cpu"] + ([device] if torch.device(device).type != "cpu" else [])
         for dev in devs:
             out = run(4, dev=dev).samples
-            _expect(out.device.type == torch.device(dev).type,
-                    f"samples on {out.device}, expected {dev}")
+            _expect(
+                out.device.type == torch.device(dev).type,
+                f"samples on {out.device}, expected {dev}",
+            )
         return CheckResult("device handling", True, "ok on " + ", ".join(devs))
 
     def callback():
@@ -407,38 +544,58 @@ def check_solver(engine, name: str, *, sde: str = "vp", score: str = "gmm",
         solver_obj.check(sde_obj)
         x = sde_obj.prior_sample((4, 2), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            solver_obj.sample(score_obj, sde_obj, x, generator=torch.Generator().manual_seed(seed),
-                              callback=lambda *a: seen.append(a))
+            solver_obj.sample(
+                score_obj,
+                sde_obj,
+                x,
+                generator=torch.Generator().manual_seed(seed),
+                callback=lambda *a: seen.append(a),
+            )
         _expect(len(seen) > 0, "callback never called")
-        types_ok = all(isinstance(s, int) and isinstance(tot, int) and isinstance(t, float)
-                       for s, tot, t in seen)
-        _expect(types_ok, f"callback arguments must be (int, int, float), got "
-                f"{tuple(type(v).__name__ for v in seen[0])}")
+        types_ok = all(
+            isinstance(s, int) and isinstance(tot, int) and isinstance(t, float)
+            for s, tot, t in seen
+        )
+        _expect(
+            types_ok,
+            f"callback arguments must be (int, int, float), got "
+            f"{tuple(type(v).__name__ for v in seen[0])}",
+        )
         steps_ok = [s for s, _, _ in seen] == list(range(1, len(seen) + 1))
         ts = [t for _, _, t in seen]
-        dec = all(b < a for a, b in zip(ts, ts[1:]))
-        _expect(steps_ok and seen[-1][0] == seen[-1][1],
-                f"steps must count 1..total, got {[s for s, _, _ in seen][:5]}...")
+        dec = all(b < a for a, b in pairwise(ts))
+        _expect(
+            steps_ok and seen[-1][0] == seen[-1][1],
+            f"steps must count 1..total, got {[s for s, _, _ in seen][:5]}...",
+        )
         _expect(dec, "times passed to the callback must decrease")
-        return CheckResult("progress callback", True, f"{len(seen)} calls",
-                           detail="(step, total, t) Python numbers, t decreasing")
+        return CheckResult(
+            "progress callback",
+            True,
+            f"{len(seen)} calls",
+            detail="(step, total, t) Python numbers, t decreasing",
+        )
 
     def determinism():
         a = run(64).samples
         b = run(64).samples
         d = run(64, s=seed + 1).samples
         same, differ = torch.equal(a, b), not torch.equal(a, d)
-        return CheckResult("determinism under a seed", same and differ,
-                           ("identical" if same else "differs") + " under one seed; "
-                           + ("differs" if differ else "identical") + " across seeds",
-                           "identical / differs")
+        return CheckResult(
+            "determinism under a seed",
+            same and differ,
+            ("identical" if same else "differs")
+            + " under one seed; "
+            + ("differs" if differ else "identical")
+            + " across seeds",
+            "identical / differs",
+        )
 
     c.run("shapes and dtypes", shapes)
     c.run("device handling", devices)
     c.run("progress callback", callback)
     c.run("determinism under a seed", determinism)
-    c.run("sample quality", lambda: _quality(engine, score, sde, name, steps, n, seed,
-                                             device, z))
+    c.run("sample quality", lambda: _quality(engine, score, sde, name, steps, n, seed, device, z))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -446,8 +603,11 @@ def check_solver(engine, name: str, *, sde: str = "vp", score: str = "gmm",
 def _image_score(engine, sde: str):
     """The exact score of a 4-dimensional mixture, for ``(B, 1, 2, 2)`` samples."""
     sde_obj = engine.build("sde", sde)
-    mix = GaussianMixture(torch.eye(4, dtype=torch.float64) * 2, torch.full((4,), 0.3,
-                          dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64))
+    mix = GaussianMixture(
+        torch.eye(4, dtype=torch.float64) * 2,
+        torch.full((4,), 0.3, dtype=torch.float64),
+        torch.full((4,), 0.25, dtype=torch.float64),
+    )
 
     def score(x, t):
         a, s = sde_obj.marginal(t)
@@ -462,27 +622,37 @@ def run_checks(engine, name: str, kind: str | None = None, **options) -> Conform
     if kind is None:
         kinds = [k for k in CHECKABLE_KINDS if _known(engine, k, name)]
         if not kinds:
-            choices = {k: sorted(set(engine.registry.names(k)) | set(engine.catalogue.names(k)))
-                       for k in CHECKABLE_KINDS}
+            choices = {
+                k: sorted(set(engine.registry.names(k)) | set(engine.catalogue.names(k)))
+                for k in CHECKABLE_KINDS
+            }
             raise UnknownComponentError(
                 f"no SDE or solver named {name!r}; SDEs: {', '.join(choices['sde'])}; "
-                f"solvers: {', '.join(choices['solver'])}")
+                f"solvers: {', '.join(choices['solver'])}"
+            )
         if len(kinds) > 1:
-            raise DiffuseError(f"{name!r} names both an SDE and a solver; pass --kind sde "
-                               "or --kind solver")
+            raise DiffuseError(
+                f"{name!r} names both an SDE and a solver; pass --kind sde or --kind solver"
+            )
         kind = kinds[0]
     if kind not in CHECKABLE_KINDS:
-        raise DiffuseError(f"cannot check kind {kind!r}; checkable kinds: "
-                           + ", ".join(CHECKABLE_KINDS))
+        raise DiffuseError(
+            f"cannot check kind {kind!r}; checkable kinds: " + ", ".join(CHECKABLE_KINDS)
+        )
     if not _known(engine, kind, name):
         engine.registry.entry(kind, name)  # raises the registry's error listing choices
     fn = check_sde if kind == "sde" else check_solver
-    allowed = {p.name for p in inspect.signature(fn).parameters.values()
-               if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    allowed = {
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
     unknown = set(options) - allowed
     if unknown:
-        raise DiffuseError(f"option(s) {', '.join(sorted(unknown))} do not apply to {kind} "
-                           f"checks; allowed: {', '.join(sorted(allowed))}")
+        raise DiffuseError(
+            f"option(s) {', '.join(sorted(unknown))} do not apply to {kind} "
+            f"checks; allowed: {', '.join(sorted(allowed))}"
+        )
     return fn(engine, name, **options)
 
 

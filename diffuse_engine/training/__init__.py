@@ -8,9 +8,19 @@ from diffuse_engine.components.checkpoint import check_same_sde, load_trained, s
 from diffuse_engine.training.loop import run_training, train_for_run
 from diffuse_engine.training.plots import plot_result, sample_overrides
 from diffuse_engine.training.resolve import resolve_config
-from diffuse_engine.training.settings import (RESUMABLE, TrainResult, TrainSettings,
-                                              split_overrides)
+from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings, split_overrides
 
-__all__ = ["RESUMABLE", "TrainResult", "TrainSettings", "check_same_sde", "load_trained",
-           "plot_result", "resolve_config", "run_training", "sample_overrides", "sde_spec",
-           "split_overrides", "train_for_run"]
+__all__ = [
+    "RESUMABLE",
+    "TrainResult",
+    "TrainSettings",
+    "check_same_sde",
+    "load_trained",
+    "plot_result",
+    "resolve_config",
+    "run_training",
+    "sample_overrides",
+    "sde_spec",
+    "split_overrides",
+    "train_for_run",
+]

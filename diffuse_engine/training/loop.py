@@ -38,7 +38,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -56,7 +56,7 @@ from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettin
 
 
 # ---- the folder ---------------------------------------------------------------------------
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Optional[Checkpoint]:
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Checkpoint | None:
     ckpt_path = out / CHECKPOINT_NAME
     if resume:
         if not ckpt_path.is_file():
@@ -66,11 +66,15 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Optional[Checkpoin
         raise OutputExistsError(f"output {out} is a file; --out names a training folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise OutputExistsError(f"output {out} already exists; pass --resume to continue "
-                                    "it, --overwrite to replace it, or choose another --out")
+            raise OutputExistsError(
+                f"output {out} already exists; pass --resume to continue "
+                "it, --overwrite to replace it, or choose another --out"
+            )
         if not (out / "status.json").exists() and not ckpt_path.exists():
-            raise OutputExistsError(f"--overwrite: {out} is not a training folder (no "
-                                    "status.json); refusing to delete it")
+            raise OutputExistsError(
+                f"--overwrite: {out} is not a training folder (no "
+                "status.json); refusing to delete it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
@@ -85,9 +89,17 @@ def _write_losses(path: Path, losses: list[float]) -> None:
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def run_training(builder: Builder, settings: TrainSettings, overrides: dict[str, Any] | None = None,
-                 *, sample: SampleFn, out: str | Path | None = None, resume: bool = False,
-                 overwrite: bool = False, progress: bool = False) -> TrainResult:
+def run_training(
+    builder: Builder,
+    settings: TrainSettings,
+    overrides: dict[str, Any] | None = None,
+    *,
+    sample: SampleFn,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> TrainResult:
     """Train per ``settings`` (+ component ``overrides``); write to ``out`` if given.
 
     With ``resume`` the configuration comes from ``out``'s checkpoint; only the
@@ -97,8 +109,16 @@ def run_training(builder: Builder, settings: TrainSettings, overrides: dict[str,
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        return _run_training(builder, settings, overrides, sample=sample, out=out, resume=resume,
-                             overwrite=overwrite, progress=progress)
+        return _run_training(
+            builder,
+            settings,
+            overrides,
+            sample=sample,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -115,8 +135,11 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
         ckpt = Checkpoint.load(out / CHECKPOINT_NAME)
     if ckpt is not None:
         config = json.loads(json.dumps(ckpt.config))
-        changes = {k: v for k, v in settings.model_dump().items()
-                   if k in RESUMABLE and k in settings.model_fields_set}
+        changes = {
+            k: v
+            for k, v in settings.model_dump().items()
+            if k in RESUMABLE and k in settings.model_fields_set
+        }
         config["train"].update(changes)
         settings = TrainSettings.model_validate(config["train"])
     else:
@@ -131,10 +154,8 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
     loss_fn = builder.build_recorded("loss", config["loss"], sde=sde)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    ema = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay),
-                        use_buffers=True)
-    batches = ShardedBatches(s.seed, config["train"].get("shards") or 1, s.batch_size, ctx,
-                             device)
+    ema = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
+    batches = ShardedBatches(s.seed, config["train"].get("shards") or 1, s.batch_size, ctx, device)
     losses: list[float] = []
     start = 0
     if ckpt is not None:
@@ -148,8 +169,10 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
     ddp, train_model = None, model
     if ctx.enabled:  # broadcasts rank 0's weights; averages gradients over ranks
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model.net, device_ids=[device.index]
-                                      if device.type == "cuda" else None)
+
+        ddp = DistributedDataParallel(
+            model.net, device_ids=[device.index] if device.type == "cuda" else None
+        )
         train_model = model.with_net(ddp)
     if out is not None and ctx.is_main:
         write_json(out / "config.json", {"config": config, "resumed_from": start or None})
@@ -158,15 +181,23 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
     def save(step: int) -> Path:
         # one sync per checkpoint: never replace the last good checkpoint with bad weights
         if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise NumericalError(f"model weights became NaN/Inf by step {step} (loss "
-                                 f"{config['loss']['type']!r}); lower lr ({s.lr}) or keep "
-                                 "grad_clip on; the last good checkpoint is kept")
+            raise NumericalError(
+                f"model weights became NaN/Inf by step {step} (loss "
+                f"{config['loss']['type']!r}); lower lr ({s.lr}) or keep "
+                "grad_clip on; the last good checkpoint is kept"
+            )
         rng = {**batches.state(ctx), "torch_cpu": torch.get_rng_state()}
         if not ctx.is_main:
             return out / CHECKPOINT_NAME
-        path = Checkpoint(step=step, config=config, model=model.net.state_dict(),
-                          ema=ema.state_dict(), optim=opt.state_dict(), rng=rng,
-                          losses=torch.tensor(losses, dtype=torch.float64)).save(out / CHECKPOINT_NAME)
+        path = Checkpoint(
+            step=step,
+            config=config,
+            model=model.net.state_dict(),
+            ema=ema.state_dict(),
+            optim=opt.state_dict(),
+            rng=rng,
+            losses=torch.tensor(losses, dtype=torch.float64),
+        ).save(out / CHECKPOINT_NAME)
         _write_losses(out / "losses.csv", losses)
         write_json(out / "status.json", {"complete": False, "step": step, "steps": s.steps})
         if builder.has_observers("diffuse_checkpoint_saved"):
@@ -181,8 +212,14 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
     t0 = time.perf_counter()
     done = start
     interrupted = False
-    with progress_bar(s.steps, f"training {config['score']['type']} on {config['data']['name']}",
-                      enabled=progress and ctx.is_main) as bar, StopOnSignal() as stop:
+    with (
+        progress_bar(
+            s.steps,
+            f"training {config['score']['type']} on {config['data']['name']}",
+            enabled=progress and ctx.is_main,
+        ) as bar,
+        StopOnSignal() as stop,
+    ):
         if bar is not None and start:
             bar(start)
         for step in range(start, s.steps):
@@ -208,27 +245,53 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
             if ctx.enabled:  # every rank stops at the same step
                 flags = ctx.all_reduce_mean(torch.tensor([float(over_time), float(stop_now)]))
                 over_time, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
-            if done % s.log_every == 0 or last or over_time or stop_now or (
-                    out is not None and s.checkpoint_every and done % s.checkpoint_every == 0):
+            if (
+                done % s.log_every == 0
+                or last
+                or over_time
+                or stop_now
+                or (out is not None and s.checkpoint_every and done % s.checkpoint_every == 0)
+            ):
                 values = ctx.all_reduce_mean(torch.stack(pending)).double().cpu().tolist()
                 pending.clear()
                 losses.extend(values)
                 if not all(map(math.isfinite, values)):
-                    first = done - len(values) + 1 + next(
-                        i for i, v in enumerate(values) if not math.isfinite(v))
+                    first = (
+                        done
+                        - len(values)
+                        + 1
+                        + next(i for i, v in enumerate(values) if not math.isfinite(v))
+                    )
                     raise NumericalError(
                         f"training loss became NaN/Inf at step {first} (loss "
                         f"{config['loss']['type']!r} of model {config['score']['type']!r}); "
                         f"lower lr ({s.lr}) or keep grad_clip on; the last good checkpoint "
-                        "is kept" + (f" in {out}" if out is not None else ""))
+                        "is kept" + (f" in {out}" if out is not None else "")
+                    )
                 if bar is not None:
-                    bar(done, loss=sum(values) / len(values),
-                        steps_per_s=(done - start) / max(elapsed, 1e-9))
-            if out is not None and not last and s.checkpoint_every and done % s.checkpoint_every == 0:
+                    bar(
+                        done,
+                        loss=sum(values) / len(values),
+                        steps_per_s=(done - start) / max(elapsed, 1e-9),
+                    )
+            if (
+                out is not None
+                and not last
+                and s.checkpoint_every
+                and done % s.checkpoint_every == 0
+            ):
                 checkpoints.append(save(done))
             if out is not None and not last and s.plot_every and done % s.plot_every == 0:
-                plot_model(sample, ctx, model.with_net(ema.module), config, dataset,
-                      out / f"samples-step{done:07d}.png", s, done)
+                plot_model(
+                    sample,
+                    ctx,
+                    model.with_net(ema.module),
+                    config,
+                    dataset,
+                    out / f"samples-step{done:07d}.png",
+                    s,
+                    done,
+                )
                 model.train()
             if over_time and not last:
                 stopped_early = True
@@ -247,28 +310,46 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
         if not interrupted:  # a Ctrl-C should not wait for a sample plot
             plot_model(sample, ctx, ema_model, config, dataset, out / "samples.png", s, done)
     if out is not None and ctx.is_main:
-        write_json(out / "status.json", {"complete": not stopped_early, "step": done,
-                                         "steps": s.steps, "stopped_early": stopped_early,
-                                         "interrupted": interrupted,
-                                         "seconds": round(seconds, 2)})
+        write_json(
+            out / "status.json",
+            {
+                "complete": not stopped_early,
+                "step": done,
+                "steps": s.steps,
+                "stopped_early": stopped_early,
+                "interrupted": interrupted,
+                "seconds": round(seconds, 2),
+            },
+        )
     if interrupted:
         raise KeyboardInterrupt(
-            f"{stop.name} at step {done}: " + (
+            f"{stop.name} at step {done}: "
+            + (
                 f"checkpoint saved in {out}; continue with diffuse train --resume --out {out}"
-                if out is not None else "nothing saved (no output folder)"))
-    return TrainResult(model=ema_model, raw=raw, losses=losses, step=done, seconds=seconds,
-                       config=config, dataset=dataset, out=out, stopped_early=stopped_early,
-                       steps_per_second=(done - start) / max(seconds, 1e-9),
-                       checkpoints=checkpoints)
+                if out is not None
+                else "nothing saved (no output folder)"
+            )
+        )
+    return TrainResult(
+        model=ema_model,
+        raw=raw,
+        losses=losses,
+        step=done,
+        seconds=seconds,
+        config=config,
+        dataset=dataset,
+        out=out,
+        stopped_early=stopped_early,
+        steps_per_second=(done - start) / max(seconds, 1e-9),
+        checkpoints=checkpoints,
+    )
 
 
-def train_for_run(builder: Builder, plan, out: Path, *, sample: SampleFn,
-                  progress: bool = False):
+def train_for_run(builder: Builder, plan, out: Path, *, sample: SampleFn, progress: bool = False):
     """Train the score model of a ``diffuse run`` plan (``[train.NAME]`` of ``plan.train``,
     default ``default``, with the plan's score, SDE, seed, device and data); the EMA model."""
     choices = {"model": plan.score, "sde": plan.sde, "seed": plan.seed, "device": plan.device}
     if plan.data is not None:
         choices["data"] = plan.data
     settings = builder.registry.train_settings(plan.train or "default", choices)
-    return run_training(builder, settings, {}, sample=sample, out=out,
-                        progress=progress).model
+    return run_training(builder, settings, {}, sample=sample, out=out, progress=progress).model

@@ -16,16 +16,29 @@ def sample_overrides(config: dict[str, Any]) -> dict[str, Any]:
     return {f"sde.{k}": v for k, v in config["sde"].items() if k not in ("type", "name")}
 
 
-def plot_model(sample: SampleFn, dist, model, config, dataset, path: Path, s: TrainSettings, step: int):
+def plot_model(
+    sample: SampleFn, dist, model, config, dataset, path: Path, s: TrainSettings, step: int
+):
     """Sample with the EMA model and save a scatter (vectors) or image grid (images)."""
-    result = sample(score=model, sde=config["sde"]["type"], solver=s.plot_solver,
-                             shape=(s.plot_n, *model.data_shape), seed=s.seed, device=s.device,
-                             steps=s.plot_steps, **sample_overrides(config))
+    result = sample(
+        score=model,
+        sde=config["sde"]["type"],
+        solver=s.plot_solver,
+        shape=(s.plot_n, *model.data_shape),
+        seed=s.seed,
+        device=s.device,
+        steps=s.plot_steps,
+        **sample_overrides(config),
+    )
     if not dist.is_main:  # every rank samples (collectively), rank 0 plots
         return
-    plot_result(result.samples, path, dataset=dataset,
-                title=f"{config['score']['type']} on {config['data']['name']}, step {step}: "
-                      f"{s.plot_solver}, {s.plot_steps} steps")
+    plot_result(
+        result.samples,
+        path,
+        dataset=dataset,
+        title=f"{config['score']['type']} on {config['data']['name']}, step {step}: "
+        f"{s.plot_solver}, {s.plot_steps} steps",
+    )
 
 
 def plot_result(x: torch.Tensor, path: Path, *, dataset=None, title: str = "") -> Path:
@@ -33,10 +46,12 @@ def plot_result(x: torch.Tensor, path: Path, *, dataset=None, title: str = "") -
     x = x.detach().cpu()
     if x.dim() == 4:
         from diffuse_engine.output.image_grid import plot_image_grid
+
         if hasattr(dataset, "to_pixels"):
             x = dataset.to_pixels(x).reshape(x.shape)
         return plot_image_grid(x, path, title=title)
     from diffuse_engine.output.plotting import plot_samples
+
     reference = None
     if dataset is not None:
         reference = dataset.sample(x.shape[0], torch.Generator().manual_seed(12345))

@@ -11,19 +11,29 @@ from diffuse_engine.core.trust import is_import_path
 from diffuse_engine.training.settings import TrainSettings
 
 
-def resolve_config(builder: Builder, settings: TrainSettings,
-                   overrides: dict[str, Any]) -> dict[str, Any]:
+def resolve_config(
+    builder: Builder, settings: TrainSettings, overrides: dict[str, Any]
+) -> dict[str, Any]:
     """The full resolved configuration of a fresh run: each component's type and fields."""
-    names = {"data": settings.data, "sde": settings.sde, "score": settings.model,
-             "loss": settings.loss}
+    names = {
+        "data": settings.data,
+        "sde": settings.sde,
+        "score": settings.model,
+        "loss": settings.loss,
+    }
     chosen = {k: builder.resolve(k, n)[0] for k, n in names.items()}
     routed = builder.route_overrides(chosen, overrides)
     score_cls = chosen["score"]
     if not getattr(score_cls, "needs_training", False):
-        trainable = [n for n in builder.catalogue.names("score")
-                     if builder.catalogue.get("score", n).needs_training]
-        raise DiffuseError(f"score model {settings.model!r} ({score_cls.name}) is not trainable;"
-                           f" choose one of: {', '.join(trainable) or '(none installed)'}")
+        trainable = [
+            n
+            for n in builder.catalogue.names("score")
+            if builder.catalogue.get("score", n).needs_training
+        ]
+        raise DiffuseError(
+            f"score model {settings.model!r} ({score_cls.name}) is not trainable;"
+            f" choose one of: {', '.join(trainable) or '(none installed)'}"
+        )
     data_cls, data_cfg = builder.resolve("data", names["data"], **routed["data"])
     dataset = data_cls(data_cfg)
     fields = score_cls.Config.model_fields
@@ -38,8 +48,10 @@ def resolve_config(builder: Builder, settings: TrainSettings,
         cls, cfg = builder.resolve(kind, name, **routed[kind])
         typ = builder.registry.entry(kind, name).type
         if isinstance(typ, str) and is_import_path(typ):  # checkpoints name installed code
-            raise DiffuseError(f"{kind} {name!r} is imported from {typ!r}; training records "
-                               "implementations by installed name so its checkpoints load "
-                               "anywhere: install it as a plugin to train with it")
+            raise DiffuseError(
+                f"{kind} {name!r} is imported from {typ!r}; training records "
+                "implementations by installed name so its checkpoints load "
+                "anywhere: install it as a plugin to train with it"
+            )
         config[kind] = {"name": name, "type": cls.name, **cfg.model_dump(mode="json")}
     return config

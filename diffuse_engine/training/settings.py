@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,7 +23,7 @@ class TrainSettings(BaseModel):
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     warmup: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="max gradient norm (none: off)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (none: off)")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights")
     seed: int = Field(0, description="seed of data, noise and (by default) initial weights")
     device: str = Field("cpu", description="torch device")
@@ -33,18 +33,36 @@ class TrainSettings(BaseModel):
     plot_steps: int = Field(250, ge=1, description="solver steps for sample plots")
     plot_n: int = Field(2000, ge=1, description="samples in a plot (images: up to 100 shown)")
     log_every: int = Field(50, ge=1, description="steps between loss read-backs / bar updates")
-    max_seconds: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) "
-                                         "after this much training time")
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads while training "
-                                   "(default: torch's; 1 is fastest on a busy machine)")
-    shards: Optional[int] = Field(None, ge=1, description="seeded parts of each global batch "
-                                  "(default: the number of processes); a run on N processes "
-                                  "equals one process with shards = N")
+    max_seconds: float | None = Field(
+        None, gt=0, description="stop (and checkpoint) after this much training time"
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads while training "
+        "(default: torch's; 1 is fastest on a busy machine)",
+    )
+    shards: int | None = Field(
+        None,
+        ge=1,
+        description="seeded parts of each global batch "
+        "(default: the number of processes); a run on N processes "
+        "equals one process with shards = N",
+    )
 
 
 #: settings a resumed run may change (everything else comes from the checkpoint)
-RESUMABLE = ("steps", "max_seconds", "checkpoint_every", "plot_every", "log_every",
-             "plot_solver", "plot_steps", "plot_n", "threads")
+RESUMABLE = (
+    "steps",
+    "max_seconds",
+    "checkpoint_every",
+    "plot_every",
+    "log_every",
+    "plot_solver",
+    "plot_steps",
+    "plot_n",
+    "threads",
+)
 COMPONENT_KINDS = ("data", "sde", "score", "loss")
 
 
@@ -59,7 +77,7 @@ class TrainResult:
     seconds: float
     config: dict[str, Any]
     dataset: Any = None
-    out: Optional[Path] = None
+    out: Path | None = None
     stopped_early: bool = False
     steps_per_second: float = 0.0
     checkpoints: list[Path] = field(default_factory=list)

@@ -40,9 +40,13 @@ class TinyMLPScore(ScoreModel):
         self.data_shape = (c.dim,)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
-            self.net = nn.Sequential(nn.Linear(c.dim + 2 * c.frequencies, c.hidden), nn.SiLU(),
-                                     nn.Linear(c.hidden, c.hidden), nn.SiLU(),
-                                     nn.Linear(c.hidden, c.dim))
+            self.net = nn.Sequential(
+                nn.Linear(c.dim + 2 * c.frequencies, c.hidden),
+                nn.SiLU(),
+                nn.Linear(c.hidden, c.hidden),
+                nn.SiLU(),
+                nn.Linear(c.hidden, c.dim),
+            )
         self.register_freqs = 2.0 ** torch.arange(c.frequencies) * math.pi
 
     def parameters(self):
