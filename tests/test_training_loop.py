@@ -116,7 +116,9 @@ def test_failed_write_keeps_the_last_good_checkpoint(full_run, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError):
+    from diffuse_engine.output.files import OutputError
+
+    with pytest.raises(OutputError, match="cannot write .*disk full"):
         ck.save(path)
     assert path.read_bytes() == before
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]

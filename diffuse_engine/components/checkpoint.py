@@ -100,7 +100,16 @@ class Checkpoint:
         try:
             with safe_open(p, framework="pt") as f:
                 info = json.loads((f.metadata() or {})["diffuse"])
+                if not isinstance(info, dict):  # checked before any tensor is read
+                    raise CheckpointError(
+                        f"checkpoint {p}: malformed metadata (a JSON "
+                        f"{type(info).__name__}, not an object)"
+                    )
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except RecursionError:
+            raise CheckpointError(
+                f"checkpoint {p}: malformed metadata (JSON nested too deeply)"
+            ) from None
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {p}: not a diffuse-engine checkpoint ({type(exc).__name__})"
@@ -118,12 +127,23 @@ class Checkpoint:
             else:
                 groups.setdefault(prefix, {})[rest] = v
         optim = None
+        _check_meta(info, p)
         if info.get("param_groups") is not None:
+            try:
+                [int(i) for i in groups.get("optim", {})]
+            except ValueError:
+                raise CheckpointError(
+                    f"checkpoint {p}: malformed optimiser state (tensor keys optim/I/NAME "
+                    "need an integer I)"
+                ) from None
+            if not isinstance(info["param_groups"], list) or not all(
+                isinstance(g, dict) for g in info["param_groups"]
+            ):
+                raise CheckpointError(f"checkpoint {p}: malformed metadata (param_groups)")
             optim = {
                 "state": {int(i): s for i, s in groups.get("optim", {}).items()},
                 "param_groups": info["param_groups"],
             }
-        _check_meta(info, p)
         return cls(
             step=int(info["step"]),
             config=info["config"],
@@ -169,6 +189,66 @@ def _check_meta(info: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"checkpoint {path}: malformed metadata ({problem})")
 
 
+def check_recorded_model(catalogue, ckpt: Checkpoint, sde, where: str) -> None:
+    """Refuse, before the model is allocated, a recorded score-model config whose weights
+    would not be the file's tensors (e.g. metadata asking for ``hidden = 10**7`` beside
+    32-wide tensors): the model is built on the ``meta`` device (shapes, no memory) and
+    its ``state_dict`` shapes are compared with the checkpoint's."""
+    spec = dict(ckpt.config["score"])
+    try:
+        cls = catalogue.get("score", spec.pop("type"))
+    except DiffuseError as exc:
+        raise CheckpointError(f"{where}: recorded score: {exc}") from None
+    spec.pop("name", None)
+    cfg = recorded_config(cls, spec, f"{where}: recorded score")
+    try:
+        with torch.device("meta"):
+            net = cls(cfg, sde=sde).net
+    except DiffuseError:
+        raise
+    except Exception:  # a model that cannot be built on meta: checked when loading instead
+        return
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in ckpt.model.items()}
+    if want == have:
+        return
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} tensor(s) of the wrong shape (model/{k}: the recorded config "
+            f"needs {list(want[k])}, the file holds {list(have[k])})"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing (model/{missing[0]}, ...)")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (model/{extra[0]}, ...)")
+    raise CheckpointError(
+        f"{where}: its weights do not match its recorded score model "
+        f"{ckpt.config['score'].get('type')!r}: " + "; ".join(parts)
+    )
+
+
+def check_optimizer_state(optim: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+    """The recorded optimiser state fits ``params``: one state per parameter index, each
+    tensor scalar or of its parameter's shape (a wrong shape would otherwise fail at the
+    first optimiser step, after the resume was accepted)."""
+    if optim is None:
+        raise ValueError("no optimiser state recorded")
+    for idx, state in optim["state"].items():
+        if not 0 <= idx < len(params):
+            raise ValueError(f"optimiser state for parameter {idx}; the model has {len(params)}")
+        for name, v in state.items():
+            if torch.is_tensor(v) and v.dim() and tuple(v.shape) != tuple(params[idx].shape):
+                raise ValueError(
+                    f"optimiser state optim/{idx}/{name} has shape {list(v.shape)}, its "
+                    f"parameter {list(params[idx].shape)}"
+                )
+
+
 def recorded_config(cls, fields: dict[str, Any], where: str):
     """``cls.Config`` from recorded ``fields``; an invalid record is a CheckpointError."""
     from pydantic import ValidationError
@@ -204,6 +284,7 @@ def build_model(catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: st
     spec.pop("name", None)
     check_same_sde(ckpt.config["sde"], sde, where)
     cls = catalogue.get("score", type_name)
+    check_recorded_model(catalogue, ckpt, sde, where)
     model = cls(recorded_config(cls, spec, f"{where}: recorded score"), sde=sde)
     try:
         model.net.load_state_dict(ckpt.sampling_weights(ema))

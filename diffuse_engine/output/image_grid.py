@@ -52,6 +52,6 @@ def plot_image_grid(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    from diffuse_engine.output.plotting import save_figure
+
+    return save_figure(fig, path, dpi=110)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -43,6 +44,43 @@ def plot_samples(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Render ``fig`` to PNG in memory, then write it atomically
+    (:func:`~diffuse_engine.output.files.atomic_write_bytes`): a full disk leaves no
+    half-written image, only a one-line :class:`~diffuse_engine.output.files.OutputError`."""
+    from diffuse_engine.output.files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
+
+
+def plot_losses(losses: list[float], path: str | Path, *, title: str = "") -> Path:
+    """The training loss per step (light) and its running mean over ~1 % of the run
+    (dark), on a log scale when every loss is positive."""
+    import numpy as np
+
+    y = np.asarray(losses, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(1, len(y) + 1)
+    ax.plot(steps, y, lw=0.5, alpha=0.35, color="tab:blue", label="loss")
+    w = max(1, len(y) // 100)
+    if len(y) >= 2 * w > 2:
+        smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, lw=1.5, color="tab:blue", label=f"mean of {w} steps")
+        ax.legend(loc="upper right")
+    if len(y) and np.all(np.isfinite(y)) and np.all(y > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)

@@ -35,7 +35,6 @@ import csv
 import io
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -43,41 +42,24 @@ from typing import Any
 import torch
 
 from diffuse_engine.components.builder import Builder, SampleFn
-from diffuse_engine.components.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError
+from diffuse_engine.components.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    CheckpointError,
+    check_optimizer_state,
+    check_recorded_model,
+)
 from diffuse_engine.core.devices import check_device
 from diffuse_engine.core.distributed import ShardedBatches
-from diffuse_engine.core.errors import DiffuseError, NumericalError, OutputExistsError
-from diffuse_engine.output.files import atomic_write_bytes, write_json
+from diffuse_engine.core.errors import DiffuseError, NumericalError
+from diffuse_engine.output.files import OutputError, atomic_write_bytes, write_json
 from diffuse_engine.output.interrupts import StopOnSignal
 from diffuse_engine.output.progress import progress_bar
-from diffuse_engine.training.plots import plot_model
+from diffuse_engine.training.folder import TrainingFolder
+from diffuse_engine.training.plots import plot_losses_of, plot_model
+from diffuse_engine.training.preflight import check_before_work
 from diffuse_engine.training.resolve import resolve_config
 from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings
-
-
-# ---- the folder ---------------------------------------------------------------------------
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Checkpoint | None:
-    ckpt_path = out / CHECKPOINT_NAME
-    if resume:
-        if not ckpt_path.is_file():
-            raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {out}; nothing to resume")
-        return Checkpoint.load(ckpt_path)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} is a file; --out names a training folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(
-                f"output {out} already exists; pass --resume to continue "
-                "it, --overwrite to replace it, or choose another --out"
-            )
-        if not (out / "status.json").exists() and not ckpt_path.exists():
-            raise OutputExistsError(
-                f"--overwrite: {out} is not a training folder (no "
-                "status.json); refusing to delete it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def _write_losses(path: Path, losses: list[float]) -> None:
@@ -105,32 +87,45 @@ def run_training(
     With ``resume`` the configuration comes from ``out``'s checkpoint; only the
     :data:`RESUMABLE` settings set explicitly in ``settings`` apply.
     """
+    if resume and out is None:
+        raise DiffuseError("resume needs the training folder (--out) to continue")
+    ctx = builder.dist  # rank 0 prepares the folder and writes; see diffuse_engine.core.distributed
+    folder = None
+    if out is not None:  # every rank checks the path; rank 0 alone locks and writes it
+        folder = TrainingFolder(out, resume, overwrite)
     threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
         return _run_training(
-            builder,
-            settings,
-            overrides,
-            sample=sample,
-            out=out,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
+            builder, settings, overrides, sample=sample, folder=folder, progress=progress
         )
+    except BaseException as exc:
+        if folder is not None and ctx.is_main:
+            folder.fail(exc)
+            if isinstance(exc, OutputError):
+                raise OutputError(f"{exc}; {folder.what_is_safe()}") from None
+            if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+                raise DiffuseError(
+                    f"out of memory while training ({str(exc).splitlines()[0][:120]}); "
+                    f"lower --batch-size or the model's size; {folder.what_is_safe()}"
+                ) from None
+        raise
     finally:
         torch.set_num_threads(threads)
+        if folder is not None:
+            folder.release()
 
 
-def _run_training(builder, settings, overrides, *, sample, out, resume, overwrite, progress):
+def _run_training(builder, settings, overrides, *, sample, folder, progress):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    out = Path(out) if out is not None else None
-    if resume and out is None:
-        raise DiffuseError("resume needs the training folder (--out) to continue")
-    ctx = builder.dist  # rank 0 prepares the folder and writes; see diffuse_engine.core.distributed
-    ckpt = ctx.run_on_main(_prepare_out, out, resume, overwrite) if out is not None else None
+    out = folder.out if folder is not None else None
+    resume = folder is not None and folder.resume
+    ctx = builder.dist
+    ckpt = None
+    if folder is not None:  # nothing is written before the whole configuration is built
+        ckpt = ctx.run_on_main(folder.load_resume if resume else folder.check)
     if resume and not ctx.is_main:
         ckpt = Checkpoint.load(out / CHECKPOINT_NAME)
     if ckpt is not None:
@@ -150,6 +145,8 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
 
     dataset = builder.build_recorded("data", config["data"])
     sde = builder.build_recorded("sde", config["sde"])
+    if ckpt is not None:  # the recorded model must fit the file's tensors: check, then build
+        check_recorded_model(builder.catalogue, ckpt, sde, f"checkpoint {out}")
     model = builder.build_recorded("score", config["score"], sde=sde).to(device)
     loss_fn = builder.build_recorded("loss", config["loss"], sde=sde)
     params = list(model.parameters())
@@ -159,11 +156,19 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
     losses: list[float] = []
     start = 0
     if ckpt is not None:
-        model.net.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        opt.load_state_dict(ckpt.optim)
-        batches.load_state(ckpt.rng)
-        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        try:  # files are untrusted: any inconsistency is the checkpoint's, in one line
+            check_optimizer_state(ckpt.optim, params)
+            model.net.load_state_dict(ckpt.model)
+            ema.load_state_dict(ckpt.ema)
+            opt.load_state_dict(ckpt.optim)
+            batches.load_state(ckpt.rng)
+            torch.set_rng_state(ckpt.rng["torch_cpu"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(
+                f"checkpoint {out}: cannot restore its training state "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); it was not "
+                "written by this run's code or is damaged; nothing was changed"
+            ) from None
         losses = ckpt.losses.tolist() if ckpt.losses is not None else []
         start = ckpt.step
     ddp, train_model = None, model
@@ -174,9 +179,14 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
             model.net, device_ids=[device.index] if device.type == "cuda" else None
         )
         train_model = model.with_net(ddp)
+    check_before_work(builder, s, config, model, dataset, device)
+    if folder is not None:  # everything is valid: lock, create (or stage) the folder
+        ctx.run_on_main(folder.open)
     if out is not None and ctx.is_main:
-        write_json(out / "config.json", {"config": config, "resumed_from": start or None})
-        write_json(out / "status.json", {"complete": False, "step": start, "steps": s.steps})
+        write_json(folder.path / "config.json", {"config": config, "resumed_from": start or None})
+        write_json(
+            folder.path / "status.json", {"complete": False, "step": start, "steps": s.steps}
+        )
 
     def save(step: int) -> Path:
         # one sync per checkpoint: never replace the last good checkpoint with bad weights
@@ -189,6 +199,7 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
         rng = {**batches.state(ctx), "torch_cpu": torch.get_rng_state()}
         if not ctx.is_main:
             return out / CHECKPOINT_NAME
+        work = folder.path  # a new --overwrite run's hidden sibling until this commits
         path = Checkpoint(
             step=step,
             config=config,
@@ -197,9 +208,11 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
             optim=opt.state_dict(),
             rng=rng,
             losses=torch.tensor(losses, dtype=torch.float64),
-        ).save(out / CHECKPOINT_NAME)
-        _write_losses(out / "losses.csv", losses)
-        write_json(out / "status.json", {"complete": False, "step": step, "steps": s.steps})
+        ).save(work / CHECKPOINT_NAME)
+        _write_losses(work / "losses.csv", losses)
+        write_json(work / "status.json", {"complete": False, "step": step, "steps": s.steps})
+        folder.committed(step)  # the first complete checkpoint swaps an --overwrite in
+        path = out / CHECKPOINT_NAME
         if builder.has_observers("diffuse_checkpoint_saved"):
             builder.hook.diffuse_checkpoint_saved(path=str(path), step=step)
         return path
@@ -281,14 +294,20 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
                 and done % s.checkpoint_every == 0
             ):
                 checkpoints.append(save(done))
-            if out is not None and not last and s.plot_every and done % s.plot_every == 0:
+            if (
+                out is not None
+                and not last
+                and s.plot_every
+                and s.plot_n
+                and done % s.plot_every == 0
+            ):
                 plot_model(
                     sample,
                     ctx,
                     model.with_net(ema.module),
                     config,
                     dataset,
-                    out / f"samples-step{done:07d}.png",
+                    folder.path / f"samples-step{done:07d}.png",
                     s,
                     done,
                 )
@@ -307,7 +326,9 @@ def _run_training(builder, settings, overrides, *, sample, out, resume, overwrit
     ema_model.trained_config = config
     if out is not None:
         checkpoints.append(save(done))
-        if not interrupted:  # a Ctrl-C should not wait for a sample plot
+        if ctx.is_main:
+            plot_losses_of(losses, config, out / "loss.png")
+        if not interrupted and s.plot_n:  # a Ctrl-C should not wait for a sample plot
             plot_model(sample, ctx, ema_model, config, dataset, out / "samples.png", s, done)
     if out is not None and ctx.is_main:
         write_json(

@@ -41,6 +41,18 @@ def plot_model(
     )
 
 
+def plot_losses_of(losses: list[float], config: dict[str, Any], path: Path) -> Path:
+    """``loss.png``: the loss curve of a training run."""
+    from diffuse_engine.output.plotting import plot_losses
+
+    return plot_losses(
+        losses,
+        path,
+        title=f"{config['score']['type']} on {config['data']['name']}: "
+        f"{config['loss']['type']} loss",
+    )
+
+
 def plot_result(x: torch.Tensor, path: Path, *, dataset=None, title: str = "") -> Path:
     """Image grid for ``(n, C, H, W)`` samples, else a scatter beside the data."""
     x = x.detach().cpu()

@@ -21,7 +21,8 @@ def resolve_config(
         "score": settings.model,
         "loss": settings.loss,
     }
-    chosen = {k: builder.resolve(k, n)[0] for k, n in names.items()}
+    # the classes only: a required field (the file dataset's path) may come from overrides
+    chosen = {k: builder.implementation(k, n) for k, n in names.items()}
     routed = builder.route_overrides(chosen, overrides)
     score_cls = chosen["score"]
     if not getattr(score_cls, "needs_training", False):

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class TrainSettings(BaseModel):
     """A ``[train.NAME]`` table: what to train on and how (all fields optional)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     data: str = Field("gmm", description="dataset entry")
     sde: str = Field("vp", description="SDE entry")
@@ -25,13 +25,17 @@ class TrainSettings(BaseModel):
     warmup: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (none: off)")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights")
-    seed: int = Field(0, description="seed of data, noise and (by default) initial weights")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="seed of data, noise and (by default) initial weights"
+    )
     device: str = Field("cpu", description="torch device")
     checkpoint_every: int = Field(1000, ge=0, description="checkpoint period (0: at the end)")
     plot_every: int = Field(0, ge=0, description="sample-plot period (0: at the end only)")
     plot_solver: str = Field("pc", description="solver entry for sample plots")
     plot_steps: int = Field(250, ge=1, description="solver steps for sample plots")
-    plot_n: int = Field(2000, ge=1, description="samples in a plot (images: up to 100 shown)")
+    plot_n: int = Field(
+        2000, ge=0, description="samples in a plot (images: up to 100 shown; 0: no plots)"
+    )
     log_every: int = Field(50, ge=1, description="steps between loss read-backs / bar updates")
     max_seconds: float | None = Field(
         None, gt=0, description="stop (and checkpoint) after this much training time"

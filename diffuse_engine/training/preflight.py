@@ -1,0 +1,46 @@
+"""Checks made once the configuration is built and before the first step or file: what
+would otherwise fail only after the whole training (the final plot's sampling settings),
+memory for the model and a batch (:mod:`diffuse_engine.core.memory`), and a learning-rate
+warm-up longer than the run (a warning: the run is legal, just probably not meant)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from diffuse_engine.components.builder import Builder
+from diffuse_engine.core.memory import check_fits, training_bytes
+from diffuse_engine.training.plots import sample_overrides
+from diffuse_engine.training.settings import TrainSettings
+
+
+def check_before_work(builder: Builder, s: TrainSettings, config, model, dataset, device):
+    """What would otherwise fail after training: the plots' sampling settings, memory for
+    the batch and the model, and a warm-up the run never finishes (a warning)."""
+    if s.plot_n:  # the final plot samples with these; a mistake must not wait for the end
+        chosen = {
+            "sde": builder.catalogue.get("sde", config["sde"]["type"]),
+            "solver": builder.resolve("solver", s.plot_solver)[0],
+            "score": type(model),
+        }
+        routed = builder.route_overrides(
+            chosen, {"steps": s.plot_steps, **sample_overrides(config)}, with_sets=False
+        )
+        builder.resolve("solver", s.plot_solver, **routed["solver"])
+    n_params = sum(p.numel() for p in model.parameters())
+    per_sample = math.prod(dataset.shape)
+    check_fits(
+        training_bytes(n_params, s.batch_size * per_sample),
+        device,
+        f"training {config['score']['type']} ({n_params:,} parameters) with batch_size "
+        f"{s.batch_size} of {list(dataset.shape)} data",
+        "lower --batch-size or the model's size",
+    )
+    if s.warmup > s.steps:
+        warnings.warn(
+            f"the learning-rate warm-up ({s.warmup} steps) is longer than the run "
+            f"({s.steps} steps): lr reaches only {s.lr * s.steps / s.warmup:.3g} of "
+            f"{s.lr:.3g}; set warmup below steps (--set warmup=...)",
+            UserWarning,
+            stacklevel=4,
+        )
