@@ -11,7 +11,9 @@ foundation), ``components`` (contracts every plugin implements), the services
 """
 
 from diffuse_engine import _moved
+from diffuse_engine.components.classifier import Classifier
 from diffuse_engine.components.data import Dataset
+from diffuse_engine.components.guidance import Guidance, GuidanceConfig, Guided
 from diffuse_engine.components.kernel import PerturbationKernel
 from diffuse_engine.components.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
 from diffuse_engine.components.linear import LinearSDE, NumericKernel
@@ -56,6 +58,10 @@ _moved.install()
 __version__ = "0.1.0"
 
 __all__ = [
+    "Classifier",
+    "Guidance",
+    "GuidanceConfig",
+    "Guided",
     "MAX_STEPS",
     "SCHEDULE_HELP",
     "Component",

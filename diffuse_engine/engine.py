@@ -8,7 +8,6 @@ with different plugins coexist in one process.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from diffuse_engine.core.plugins import Catalogue, make_plugin_manager
 from diffuse_engine.core.registry import Registry, parse_assignment
 from diffuse_engine.likelihood import LikelihoodConfig, evaluate
 from diffuse_engine.runs import RunPlan, execute_run, plan_run
-from diffuse_engine.sampling.loop import SamplingJob, SamplingResult, run_sampling
+from diffuse_engine.sampling.loop import SamplingResult, run_sampling
+from diffuse_engine.sampling.request import build_job
 from diffuse_engine.training import (
     RESUMABLE,
     TrainSettings,
@@ -38,24 +38,6 @@ from diffuse_engine.training import (
 SERVICE_SETTINGS = [("train", f) for f in TrainSettings.model_fields] + [
     ("likelihood", f) for f in LikelihoodConfig.model_fields
 ]
-
-
-def _check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
-    """``shape`` as ``(n, *dims)`` of positive ints matching the score's data shape."""
-    try:
-        out = tuple(operator.index(s) for s in shape)
-    except TypeError:
-        raise DiffuseError(f"shape must be (n, *dims) of integers, not {shape!r}") from None
-    if len(out) < 2 or min(out) < 1:
-        raise DiffuseError(f"shape must be (n, *dims) with n >= 1 and dims >= 1, not {out}")
-    if data_shape is not None and tuple(out[1:]) != tuple(data_shape):
-        raise DiffuseError(
-            f"shape {out}: this score model's data are {tuple(data_shape)}; "
-            f"use shape=(n, {', '.join(map(str, data_shape))}) or shape=n"
-        )
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise DiffuseError(f"dtype must be a floating-point torch dtype, not {dtype!r}")
-    return out
 
 
 def _as_list(v) -> list:
@@ -301,6 +283,10 @@ class Engine:
         progress: bool = False,
         check_every: int = 0,
         shard_size: int = DEFAULT_SHARD_SIZE,
+        cond: dict[str, Any] | None = None,
+        guidance: str | None = None,
+        classifier: Any = None,
+        noise: Tensor | None = None,
         **overrides,
     ) -> SamplingResult:
         """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
@@ -308,6 +294,14 @@ class Engine:
         Samples are made in seeded shards of ``shard_size`` (see
         :mod:`diffuse_engine.sampling.loop`), so an engine with ``distributed=True``
         spreads the shards over the ranks and every rank returns the same samples.
+
+        ``cond``: a dict of per-sample tensors (first dimension ``n``, sharded with the
+        samples) the score model or ``guidance`` method reads, e.g. ``{"label": y}``;
+        ``guidance``: a guidance entry (``conditional`` by default when ``cond`` has a
+        ``label``; ``cfg``, ``classifier``, ... see :mod:`diffuse_engine.components.guidance`)
+        whose fields (``scale=``) are overrides too; ``classifier``: ``logits(x, t) -> (B,
+        K)`` or a classifier entry, for ``guidance="classifier"``; ``noise``: the prior
+        sample ``x_T`` to start from, of the samples' shape (default: drawn per shard).
 
         NaN/Inf in the samples raises :class:`NumericalError` naming the step, time and
         component where it first appeared (located by a replay, see
@@ -324,50 +318,22 @@ class Engine:
             raise DiffuseError(
                 f"shard_size must be a whole number of samples >= 1, not {shard_size!r}"
             )
-        seed = _check_seed(seed)
-        b = self.builder
-        sde_cls, _ = b.resolve("sde", sde)
-        solver_cls, _ = b.resolve("solver", solver)
-        score_cls = b.score_class(score)
-        routed = b.route_overrides(
-            {"sde": sde_cls, "solver": solver_cls, "score": score_cls}, overrides
-        )
-        sde_obj = b.build("sde", sde, **routed["sde"])
-        solver_obj = b.build("solver", solver, **routed["solver"])
-        score_obj = b.bind_score(score, sde_obj, **routed["score"])
-        solver_obj.check(sde_obj)
-        data_shape = getattr(score_obj, "data_shape", None)
-        if isinstance(shape, int):
-            if data_shape is None:
-                raise DiffuseError(
-                    "shape=int needs a score model that knows its data shape; pass shape=(n, *dims)"
-                )
-            shape = (shape, *data_shape)
-        shape = _check_shape(shape, data_shape, dtype)
-        if hasattr(score_obj, "to"):
-            score_obj = score_obj.to(device)
-        score_name = score if isinstance(score, str) else score_cls.name
-        config = {
-            "sde": {"name": sde, "type": sde_cls.name, **sde_obj.config.model_dump()},
-            "solver": {"name": solver, "type": solver_cls.name, **solver_obj.config.model_dump()},
-            "score": {"name": score_name, **score_obj.config.model_dump(mode="json")},
-            "shape": list(shape),
-            "seed": seed,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "shard_size": shard_size,
-        }
-        job = SamplingJob(
-            sde_obj,
-            solver_obj,
-            score_obj,
-            shape,
-            seed,
-            device,
-            dtype,
-            shard_size,
-            {"sde": sde, "solver": solver, "score": score_name},
-            check_every,
+        job, config = build_job(
+            self.builder,
+            score=score,
+            sde=sde,
+            solver=solver,
+            shape=shape,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            shard_size=shard_size,
+            check_every=check_every,
+            cond=cond,
+            guidance=guidance,
+            classifier=classifier,
+            noise=noise,
+            overrides=overrides,
         )
         observe = self.has_observers("diffuse_sampling_step")
         samples, nfe, setup_nfe, seconds = run_sampling(
@@ -376,7 +342,7 @@ class Engine:
             progress=progress,
             step_hook=self.pm.hook.diffuse_sampling_step if observe else None,
         )
-        return SamplingResult(samples, nfe, seconds, config, sde_obj, score_obj, setup_nfe)
+        return SamplingResult(samples, nfe, seconds, config, job.sde, job.score, setup_nfe)
 
     # ---- likelihood ----------------------------------------------------------------------
     def log_likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp", **overrides) -> Tensor:
@@ -391,13 +357,3 @@ class Engine:
     def likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp", **overrides):
         """Like :meth:`log_likelihood`, with NFE, time, bits/dim and the settings."""
         return evaluate(self.builder, x, score=score, sde=sde, **overrides)
-
-
-def _check_seed(seed) -> int:
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise DiffuseError(f"seed must be an integer, not {seed!r}") from None
-    if not 0 <= seed < 2**63:
-        raise DiffuseError(f"seed must be in [0, 2**63), not {seed}")
-    return seed

@@ -31,13 +31,14 @@ class DDIM(KernelSolver):
     """DDIM sampling with stochasticity eta (Song et al. 2021, eq. 12 and 16)."""
 
     name = "ddim"
+    supports_transform = True
     Config = DDIMConfig
 
     @property
     def deterministic(self) -> bool:
         return self.config.eta == 0
 
-    def sample(self, score, sde, x, *, generator=None, callback=None):
+    def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         g = self.grid(sde, score, x)
         steps = len(g) - 1
         eta = self.config.eta
@@ -50,6 +51,8 @@ class DDIM(KernelSolver):
             x = a_n * x0 + math.sqrt(max(s_n * s_n - sigma * sigma, 0.0)) * eps
             if sigma > 0:
                 x = x + sigma * noise_like(x, generator)
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, g.t[i + 1])
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])
         return self.finish(score, sde, x, g.t[-1])

@@ -66,6 +66,7 @@ class DPMSolver(KernelSolver):
     """DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), orders 1-3."""
 
     name = "dpm_solver"
+    supports_transform = True
     Config = DPMSolverConfig
 
     # x_t = ratio * x_s - K_t * [...]: the linear part for each prediction
@@ -76,12 +77,12 @@ class DPMSolver(KernelSolver):
             return g.s[j] / g.s[i], g.a[j], -h
         return g.a[j] / g.a[i], g.s[j], h
 
-    def sample(self, score, sde, x, *, generator=None, callback=None):
+    def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         if self.config.method == "multistep":
-            return self._multistep(score, sde, x, callback)
-        return self._singlestep(score, sde, x, callback)
+            return self._multistep(score, sde, x, callback, transform)
+        return self._singlestep(score, sde, x, callback, transform)
 
-    def _multistep(self, score, sde, x, callback):
+    def _multistep(self, score, sde, x, callback, transform):
         c = self.config
         g = self.grid(sde, score, x)
         steps = len(g) - 1
@@ -107,6 +108,8 @@ class DPMSolver(KernelSolver):
                     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
                     d2 = (d1_0 - d1_1) / (r0 + r1)
                     x = x - (K * p2) * d1 - (K * p3) * d2
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, g.t[i + 1])
             if i + 1 < steps:
                 ms.append(self.predict(score, x, g.t[i + 1], g.a[i + 1], g.s[i + 1], pred))
                 del ms[: -c.order]
@@ -114,7 +117,7 @@ class DPMSolver(KernelSolver):
                 callback(i + 1, steps, g.t[i + 1])
         return self.finish(score, sde, x, g.t[-1])
 
-    def _singlestep(self, score, sde, x, callback):
+    def _singlestep(self, score, sde, x, callback, transform):
         c = self.config
         g = self.grid(sde, score, x)
         steps = len(g) - 1
@@ -153,6 +156,8 @@ class DPMSolver(KernelSolver):
                 u2 = x * ra2 - (K2 * q2) * m_s - (r2 / r1 * K2 * psi22) * (m1 - m_s)
                 m2 = self.predict(score, u2, t2, a2, s2, pred)
                 x = x * ratio - (K * p1) * m_s - (K * p2 / r2) * (m2 - m_s)
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, g.t[i + 1])
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])
         return self.finish(score, sde, x, g.t[-1])

@@ -41,13 +41,14 @@ class EDMHeun(KernelSolver):
     """Heun's second-order sampler in sigma with optional churn (Karras et al. 2022)."""
 
     name = "edm"
+    supports_transform = True
     Config = EDMConfig
 
     @property
     def deterministic(self) -> bool:
         return self.config.churn == 0
 
-    def sample(self, score, sde, x, *, generator=None, callback=None):
+    def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         c = self.config
         g = self.grid(sde, score, x)
         steps = len(g) - 1
@@ -84,6 +85,8 @@ class EDMHeun(KernelSolver):
             x_e = xh + (sg_n - sg) * d
             d_n = (x_e - self.predict(score, x_e * a_n, t_n, a_n, s_n, "data")) / sg_n
             xh = xh + (0.5 * (sg_n - sg)) * (d + d_n)
+            if transform is not None:  # a guidance projection (guidance.py)
+                xh = transform(xh * a_n, i + 1, t_n) / a_n
             if callback is not None:
                 callback(i + 1, steps, t_n)
         return self.finish(score, sde, xh * g.a[-1], g.t[-1])

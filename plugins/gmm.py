@@ -20,7 +20,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from diffuse_engine import ComponentConfig, GaussianMixture, ScoreConfig, ScoreModel, hookimpl
+from diffuse_engine import (
+    Classifier,
+    ComponentConfig,
+    GaussianMixture,
+    ScoreConfig,
+    ScoreModel,
+    hookimpl,
+)
 
 
 class MixtureFields(ComponentConfig):
@@ -84,19 +91,28 @@ def build_mixture(c: MixtureFields) -> GaussianMixture:
 
 
 class GMMScore(ScoreModel):
-    """Exact score of the configured mixture under ``sde``'s kernel."""
+    """Exact score of the configured mixture under ``sde``'s kernel.
+
+    Conditional on ``cond={"label": k}`` (``k`` ``(B,)``, the mode index) it is the exact
+    class-conditional score of mode ``k``, ``-(x - a mu_k) / (a^2 sigma_k^2 + s^2)``;
+    ``cond=None`` gives the mixture's score.
+    """
 
     name = "gmm"
     Config = MixtureConfig
+    conditional = True
 
     def __init__(self, config=None, *, sde, **fields):
         super().__init__(config, sde=sde, **fields)
         self.mixture = build_mixture(self.config)
         self.data_shape = (self.mixture.dim,)
+        self.num_classes = self.mixture.weights.shape[0]
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         a, s = self.sde.marginal(t)
-        return self.mixture.score(x, a, s)
+        if cond is None or "label" not in cond:
+            return self.mixture.score(x, a, s)
+        return self.mixture.component_score(x, cond["label"], a, s)
 
     def log_prob(self, x, t=None):
         """Exact log-density of ``p_t`` at ``x`` (of the data when ``t`` is None)."""
@@ -106,6 +122,32 @@ class GMMScore(ScoreModel):
         return self.mixture.log_prob(x, a, s)
 
 
+class GMMClassifierConfig(MixtureFields):
+    """The ``gmm`` classifier: the same mixture fields as the ``gmm`` score."""
+
+
+class GMMClassifier(Classifier):
+    """The exact noise-conditional classifier of the mixture: ``log p_t(k | x)`` up to a
+    constant is ``log w_k + log N(x; a mu_k, (a^2 sigma_k^2 + s^2) I)``."""
+
+    name = "gmm"
+    Config = GMMClassifierConfig
+
+    def __init__(self, config=None, *, sde, **fields):
+        super().__init__(config, sde=sde, **fields)
+        self.mixture = build_mixture(self.config)
+        self.num_classes = self.mixture.weights.shape[0]
+
+    def logits(self, x, t):
+        a, s = self.sde.marginal(t)
+        return self.mixture.component_log_probs(x, a, s)
+
+
 @hookimpl
 def diffuse_register_score_models():
     return [GMMScore]
+
+
+@hookimpl
+def diffuse_register_classifiers():
+    return [GMMClassifier]

@@ -23,9 +23,10 @@ class ProbabilityFlowODE(Solver):
     """Deterministic sampling through the probability-flow ODE."""
 
     name = "ode"
+    supports_transform = True
     Config = ODEConfig
 
-    def sample(self, score, sde, x, *, generator=None, callback=None):
+    def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         grid = self.time_grid(sde, score, x)
         steps = len(grid) - 1
         B = x.shape[0]
@@ -57,6 +58,8 @@ class ProbabilityFlowODE(Solver):
                 k3 = f(torch.add(x, k2, alpha=0.5 * h), 3 * i + 1)
                 k4 = f(torch.add(x, k3, alpha=h), 3 * i + 2)
                 x = torch.add(x, torch.add(k1, k4).add_(torch.add(k2, k3), alpha=2.0), alpha=h / 6)
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, grid[i + 1])
             if callback is not None:
                 callback(i + 1, steps, grid[i + 1])
         return self.finish(score, sde, x, grid[-1])

@@ -37,6 +37,7 @@ class PCSampler(Solver):
     """Predictor-corrector sampling of the reverse-time SDE."""
 
     name = "pc"
+    supports_transform = True
     Config = PCConfig
 
     def __init__(self, config=None, *, catalogue=None, **fields):
@@ -48,7 +49,7 @@ class PCSampler(Solver):
     def check(self, sde):
         self.predictor.check(sde)
 
-    def sample(self, score, sde, x, *, generator=None, callback=None):
+    def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         grid = self.time_grid(sde, score, x)
         steps = len(grid) - 1
         B = x.shape[0]
@@ -61,6 +62,8 @@ class PCSampler(Solver):
                 x, _ = self.predictor.planned_step(x, t, plan[i], score, generator)
             else:
                 x, _ = self.predictor.step(x, t, full(grid[i + 1]), score, sde, generator)
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, grid[i + 1])
             if callback is not None:
                 callback(i + 1, steps, grid[i + 1])
         return self.finish(score, sde, x, grid[-1])

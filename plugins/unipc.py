@@ -63,9 +63,10 @@ class UniPC(KernelSolver):
     """UniPC multistep predictor-corrector (Zhao et al. 2023), orders 1-4."""
 
     name = "unipc"
+    supports_transform = True
     Config = UniPCConfig
 
-    def sample(self, score, sde, x, *, generator=None, callback=None):
+    def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         c = self.config
         g = self.grid(sde, score, x)
         steps = len(g) - 1
@@ -98,6 +99,8 @@ class UniPC(KernelSolver):
                 ms.append(m_t)
                 del ms[: -c.order]
             x = x_new
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, g.t[i + 1])
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])
         return self.finish(score, sde, x, g.t[-1])

@@ -19,9 +19,10 @@ from diffuse_engine.core.distributed import DistContext
 from diffuse_engine.core.errors import DiffuseError, RegistryError
 from diffuse_engine.core.plugins import Catalogue
 from diffuse_engine.core.registry import Registry
+from diffuse_engine.core.suggest import did_you_mean
 
 #: kinds whose components are bound to an SDE when built
-SDE_BOUND = ("score", "loss")
+SDE_BOUND = ("score", "loss", "classifier")
 
 
 class Builder:
@@ -128,8 +129,10 @@ class Builder:
                 allowed = sorted(
                     {f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields}
                 )
+                names = {a.rpartition(".")[2]: a for a in allowed} if not kind else {}
+                hint = did_you_mean(fname, names) if names else did_you_mean(key, allowed)
                 raise RegistryError(
-                    f"override {key!r}: no chosen entry has that field; "
+                    f"override {key!r}: no chosen entry has that field{hint}; "
                     f"allowed: {', '.join(allowed)}"
                 )
             if len(targets) > 1:

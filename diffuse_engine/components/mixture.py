@@ -71,6 +71,23 @@ class GaussianMixture:
         resp = torch.softmax(logp, dim=1)
         return (-(resp / var)[..., None] * diff).sum(1).reshape(x.shape)
 
+    def component_log_probs(
+        self, x: Tensor, mean_coeff: Tensor | None = None, std: Tensor | None = None
+    ) -> Tensor:
+        """``(B, K)``: ``log w_k + log N_k(x)`` of each (perturbed) mode at ``x``; its
+        softmax over ``k`` is the exact posterior ``p_t(k | x)`` (the exact classifier)."""
+        return self._log_joint(x, mean_coeff, std)[0]
+
+    def component_score(
+        self, x: Tensor, k: Tensor, mean_coeff: Tensor | None = None, std: Tensor | None = None
+    ) -> Tensor:
+        """``grad_x log N_k(x)`` of mode ``k[b]`` for each sample ``b`` (the exact
+        class-conditional score); ``k`` is ``(B,)`` integer."""
+        m, centres, var = self._components(x, mean_coeff, std)
+        idx = torch.arange(x.shape[0], device=x.device)
+        flat = x.reshape(x.shape[0], -1)
+        return (-(flat - centres[idx, k]) / var[idx, k, None]).reshape(x.shape)
+
     def sample(
         self, n: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
     ) -> Tensor:

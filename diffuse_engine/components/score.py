@@ -19,11 +19,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from diffuse_engine.components.guidance import is_conditional
 from diffuse_engine.components.sde import SDE, bcast
 from diffuse_engine.core.component import Component, ComponentConfig
 from diffuse_engine.core.errors import DiffuseError
 
-Parameterisation = Literal["score", "epsilon", "x0"]
+Parameterisation = Literal["score", "epsilon", "x0", "v"]
 #: what a kernel-based solver predicts from the score: clean data or the noise
 Prediction = Literal["data", "noise"]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -32,7 +33,23 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 def to_score(
     output: Tensor, x: Tensor, t: Tensor, sde: SDE, parameterisation: Parameterisation
 ) -> Tensor:
-    """Convert a model's ``output`` in ``parameterisation`` to a score at ``(x, t)``."""
+    """Convert a model's ``output`` in ``parameterisation`` to a score at ``(x, t)``.
+
+    With the kernel ``x_t = a x_0 + s z`` at ``t`` and ``r = sqrt(a^2 + s^2)``:
+
+    * ``score``:   the output is the score;
+    * ``epsilon``: ``score = -eps_hat / s``;
+    * ``x0``:      ``score = (a x0_hat - x) / s^2``;
+    * ``v``:       the velocity of Salimans & Ho (2022, "Progressive distillation",
+      Sec. 4), ``v = (a z - s x_0) / r``. For a variance-preserving kernel (``r = 1``,
+      ``a = cos phi``, ``s = sin phi``) it is their ``v = a eps - s x_0 = dx_t / dphi``.
+      For any Gaussian kernel, ``x_t / r = (a/r) x_0 + (s/r) z`` is variance-preserving
+      with angle ``phi = atan(s / a)``, and ``v`` is that kernel's velocity, so its
+      variance stays ``O(1)`` for unit-variance data whatever ``r`` is (VE's ``r``
+      grows to ``sigma_max``). Inverting the rotation, ``x0_hat = a x / r^2 - (s / r) v``
+      and ``eps_hat = s x / r^2 + (a / r) v``, hence
+      ``score = -eps_hat / s = -x / r^2 - a v / (s r)``.
+    """
     if parameterisation == "score":
         return output
     a, s = sde.marginal(t)
@@ -40,7 +57,12 @@ def to_score(
         return -output / bcast(s, x)
     if parameterisation == "x0":
         return (bcast(a, x) * output - x) / bcast(s**2, x)
-    raise ValueError(f"unknown parameterisation {parameterisation!r}; choices: score, epsilon, x0")
+    if parameterisation == "v":
+        r2 = a * a + s * s
+        return -x / bcast(r2, x) - bcast(a / (s * r2.sqrt()), x) * output
+    raise ValueError(
+        f"unknown parameterisation {parameterisation!r}; choices: score, epsilon, x0, v"
+    )
 
 
 def kernel_prediction(
@@ -67,52 +89,86 @@ class ScoreModel(Component):
 
     ``forward`` returns the raw output in ``config.parameterisation``; calling the
     model returns the score. The model is bound to one SDE, whose kernel the
-    conversion uses.
+    conversion uses. A conditional model sets ``conditional = True`` and implements
+    ``forward(x, t, cond)``, where ``cond`` is a dict of per-sample tensors (``label``
+    ``(B,)`` for class-conditional models) or ``None`` for the unconditional score.
     """
 
     kind: ClassVar[str] = "score"
     Config: ClassVar[type[ComponentConfig]] = ScoreConfig
     #: True for models that must be trained before they can sample (issue: training).
     needs_training: ClassVar[bool] = False
+    #: True for models whose ``forward`` takes ``cond`` (may be set per instance)
+    conditional: ClassVar[bool] = False
 
     def __init__(self, config: ScoreConfig | None = None, *, sde: SDE, **fields):
         super().__init__(config, **fields)
         self.sde = sde
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Raw model output at ``(x, t)`` in this model's parameterisation."""
+    def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        """Raw model output at ``(x, t)`` (given ``cond``) in this model's parameterisation."""
         raise NotImplementedError
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.forward(x, t)
+    def __call__(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        out = self.forward(x, t, cond) if self.conditional else self.forward(x, t)
         return to_score(out, x, t, self.sde, self.config.parameterisation)
 
 
 class CallableScore(ScoreModel):
-    """Wraps any ``fn(x, t)``; ``Engine.sample(score=fn, parameterisation=...)`` uses it."""
+    """Wraps any ``fn(x, t)`` or conditional ``fn(x, t, cond)``;
+    ``Engine.sample(score=fn, parameterisation=...)`` uses it."""
 
     name: ClassVar[str] = "callable"
 
-    def __init__(self, fn: ScoreFn, config: ScoreConfig | None = None, *, sde: SDE, **fields):
+    def __init__(self, fn, config: ScoreConfig | None = None, *, sde: SDE, **fields):
         super().__init__(config, sde=sde, **fields)
         self.fn = fn
+        self.conditional = is_conditional(fn)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.fn(x, t)
+    def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        return self.fn(x, t, cond) if self.conditional else self.fn(x, t)
+
+
+def model_dtype(model) -> torch.dtype | None:
+    """The floating dtype of a model's weights, if it has any (trainable networks)."""
+    params = getattr(model, "parameters", None)
+    if not callable(params):
+        return None
+    try:
+        first = next(iter(params()), None)
+    except TypeError:
+        return None
+    return first.dtype if isinstance(first, Tensor) and first.is_floating_point() else None
 
 
 class ScoreBoundary:
-    """Checks a score function's output once per call (shape and dtype, no device
-    sync) and counts evaluations. Wraps every score the engine hands a solver."""
+    """Checks a score function's output (shape, dtype, device; once per input layout,
+    no device sync) and counts evaluations. Wraps every score the engine hands a solver.
+
+    A model with weights in another floating dtype than the samples (a float32 network
+    sampled in float64) runs in its own dtype; inputs and output are converted, so
+    neither the user nor the solver touches the model.
+    """
 
     def __init__(self, fn, name: str):
         self.fn = fn
         self.name = name
         self.calls = 0
+        self.conditional = is_conditional(fn)
+        self.dtype = model_dtype(fn)
+        self._checked: tuple | None = None
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         self.calls += 1
-        out = self.fn(x, t)
+        xin, tin = x, t
+        if self.dtype is not None and x.dtype != self.dtype:
+            xin, tin = x.to(self.dtype), t.to(self.dtype)
+        out = self.fn(xin, tin, cond) if self.conditional else self.fn(xin, tin)
+        if xin is not x and isinstance(out, Tensor):
+            out = out.to(x.dtype)
+        layout = (x.shape, x.dtype, x.device)
+        if layout == self._checked:
+            return out
         if (
             not isinstance(out, Tensor)
             or out.shape != x.shape
@@ -129,4 +185,5 @@ class ScoreBoundary:
                 f"of the input's shape {tuple(x.shape)} and dtype {x.dtype} "
                 f"on {x.device}"
             )
+        self._checked = layout
         return out

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from diffuse_engine.components.guidance import StepTransform
 from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_grid
 from diffuse_engine.components.score import ScoreFn
 from diffuse_engine.components.sde import SDE
@@ -54,10 +55,20 @@ def uniform_schedule_only(config: SolverConfig, why: str) -> SolverConfig:
 
 
 class Solver(Component):
-    """Base class of samplers: ``sample(score, sde, x_T, generator=...) -> x_0``."""
+    """Base class of samplers: ``sample(score, sde, x_T, generator=...) -> x_0``.
+
+    A solver that steps in Python can apply ``transform(x, step, t_next) -> x`` to its
+    state after each step (a guidance method's projection, see
+    :mod:`diffuse_engine.components.guidance`); it says so with
+    ``supports_transform = True`` and accepts ``transform=`` in :meth:`sample`. Solvers
+    that integrate inside a library (torchsde, torchdiffeq) cannot, and the engine
+    refuses projection guidance with them.
+    """
 
     kind: ClassVar[str] = "solver"
     Config: ClassVar[type[ComponentConfig]] = SolverConfig
+    #: applies ``transform=`` after each step (see the class docstring)
+    supports_transform: ClassVar[bool] = False
 
     def __init__(self, config: SolverConfig | None = None, *, catalogue=None, **fields):
         super().__init__(config, **fields)
@@ -120,8 +131,13 @@ class Solver(Component):
         *,
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
+        transform: StepTransform | None = None,
     ) -> Tensor:
-        """Integrate from ``x`` (a prior sample at ``T``) down to ``eps``; return samples."""
+        """Integrate from ``x`` (a prior sample at ``T``) down to ``eps``; return samples.
+
+        ``transform`` (only passed to solvers with ``supports_transform``) is applied to
+        the state after each step, before ``callback``.
+        """
         raise NotImplementedError
 
     def finish(self, score: ScoreFn, sde: SDE, x: Tensor, t: float) -> Tensor:

@@ -70,6 +70,21 @@ def diffuse_register_score_models():
     Built as ``cls(config, sde=sde)``; calling the model with ``x`` ``(B, *dims)`` and
     ``t`` ``(B,)`` returns ``grad_x log p_t(x)`` of ``x``'s shape, dtype and device.
     ``forward`` may instead output epsilon or x0 per ``config.parameterisation``.
+    A conditional model sets ``conditional = True``: it is called as ``model(x, t,
+    cond)`` with ``cond`` a dict of per-sample tensors (``{"label": (B,) int64}`` for
+    class-conditional models) and returns ``grad_x log p_t(x | cond)``; ``cond=None``
+    asks for the unconditional score (a model trained with label dropout has it).
+    """
+
+
+@hookspec
+def diffuse_register_classifiers():
+    """Return noise-conditional classifier classes (:class:`diffuse_engine.Classifier`).
+
+    Built as ``cls(config, sde=sde)``; ``classifier(x, t)`` with ``x`` ``(B, *dims)`` and
+    ``t`` ``(B,)`` returns logits ``(B, K)``: ``log p_t(k | x)`` up to a per-sample
+    constant, for the ``classifier`` guidance method (its gradient in ``x`` is taken
+    by autograd, so the computation must be differentiable). ``num_classes`` is ``K``.
     """
 
 
@@ -126,6 +141,27 @@ def diffuse_register_correctors():
 
     ``step(x, t, score, sde, generator) -> (x, x_mean)`` runs ``config.steps`` MCMC
     steps targeting ``p_t`` at fixed ``t`` ``(B,)``.
+    """
+
+
+@hookspec
+def diffuse_register_guidance():
+    """Return guidance classes (:class:`diffuse_engine.Guidance`): how ``cond`` steers
+    sampling (``engine.sample(..., cond={...}, guidance="NAME")``).
+
+    Built as ``cls(config)``; ``validate(cond, shape)`` checks the condition for samples
+    of ``shape`` ``(n, *dims)`` before any sampling (one-line errors naming the key);
+    then per shard ``bind(score, sde, cond, classifier=, generator=)`` returns a
+    ``Guided`` holding any of: ``score(x, t)``, the guided score the solver calls;
+    ``transform(x, step, t_next)``, a projection of the state after each solver step
+    (set ``projects = True``: only solvers with ``supports_transform`` run it, the
+    others are refused when the call is built); ``finish(x)``, applied to the final
+    samples; ``run(solver, sde, x_T, generator=, callback=)``, which owns the whole
+    loop (particle methods; the solver lends its time grid). ``score`` there is the
+    model as ``score(x, t, cond)``, and ``score(x, t, None)`` is unconditional. ``cond``
+    holds the shard's rows of every per-sample tensor (first dimension ``n``) and the
+    whole of the keys listed in ``shared``. Solvers a method supports are declared in
+    ``solvers`` (``None``: all) and checked in ``check``. Time runs from ``T`` down.
     """
 
 

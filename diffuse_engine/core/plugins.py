@@ -40,6 +40,8 @@ REGISTRATION_HOOKS = {
     "solver": "diffuse_register_solvers",
     "predictor": "diffuse_register_predictors",
     "corrector": "diffuse_register_correctors",
+    "guidance": "diffuse_register_guidance",
+    "classifier": "diffuse_register_classifiers",
 }
 
 
@@ -54,10 +56,19 @@ class PluginInfo:
     builtin: bool
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
+    #: the name it is registered under in the plugin manager (None: never registered)
+    registered_as: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def describe(self) -> str:
+        """``plugin NAME (distribution D V, entry point E)``, for messages."""
+        where = f"{self.distribution} {self.version}".strip()
+        if not self.distribution.startswith("("):
+            where += f", entry point {self.name} = {self.entry_point}"
+        return f"plugin {self.name!r} ({where})"
 
 
 def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
@@ -97,7 +108,7 @@ def make_plugin_manager(
         infos.append(info)
         try:
             obj = ep.load()
-            pm.register(obj, name=ep.name if builtin else f"{dist}:{ep.name}")
+            info.registered_as = pm.register(obj, name=ep.name if builtin else f"{dist}:{ep.name}")
         except Exception as exc:  # a broken plugin is reported, the rest still load
             info.error = _describe(exc)
     for obj in plugins:
@@ -105,23 +116,41 @@ def make_plugin_manager(
         info = PluginInfo(name, "(passed to Engine)", "", repr(obj)[:60], False)
         infos.append(info)
         try:
-            pm.register(obj, name=name if pm.get_plugin(name) is None else None)
+            info.registered_as = pm.register(
+                obj, name=name if pm.get_plugin(name) is None else None
+            )
         except Exception as exc:
             info.error = _describe(exc)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"a plugin implements an unknown hook: {exc}") from None
+    _drop_unknown_hooks(pm, infos)
     by_name = {pm.get_name(p): p for p in pm.get_plugins()}
     for info in infos:
-        plugin = by_name.get(
-            info.name
-            if info.builtin or info.distribution.startswith("(")
-            else f"{info.distribution}:{info.name}"
-        )
+        plugin = by_name.get(info.registered_as) if info.registered_as else None
         if plugin is not None:
             info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
     return pm, infos
+
+
+def _drop_unknown_hooks(pm: pluggy.PluginManager, infos: list[PluginInfo]) -> None:
+    """``pm.check_pending()``, with each plugin implementing a hook that does not exist (a
+    misspelt name) reported on its :class:`PluginInfo` and unregistered, not fatal."""
+    by_registered = {i.registered_as: i for i in infos if i.registered_as}
+    for _ in range(len(infos) + 1):
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin)
+            info = by_registered.get(name)
+            if info is None:  # not one of ours to skip: a bug to report loudly
+                raise PluginError(f"a plugin implements an unknown hook: {exc}") from None
+            hooks = sorted(
+                h for h in dir(exc.plugin) if h.startswith("diffuse_") and not hasattr(pm.hook, h)
+            )
+            info.error = (
+                f"implements unknown hook(s) {', '.join(hooks) or '?'} (a misspelt hook name?)"
+            )
+            pm.unregister(exc.plugin)
+            info.registered_as = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffuse_engine.components.guidance import Guidance, Guided, shard_cond
 from diffuse_engine.components.score import ScoreBoundary
 from diffuse_engine.components.sde import SDE
 from diffuse_engine.components.solver import Solver
@@ -59,6 +60,12 @@ class SamplingJob:
     #: names for progress bars and errors (``sde``, ``solver``, ``score``)
     names: dict[str, str]
     check_every: int = 0
+    #: the condition (validated, whole: sharded here) and the method that applies it
+    cond: dict[str, Any] | None = None
+    guidance: Guidance | None = None
+    classifier: Any = None
+    #: the prior sample to start from, ``shape``d (default: drawn from the SDE's prior)
+    noise: Tensor | None = None
 
 
 def run_sampling(
@@ -84,11 +91,31 @@ def run_sampling(
     if fitted is not None and dist.enabled:  # round-off may differ across devices
         solver.adopt(dist.all_gather_object(fitted)[0])
 
-    def prior(j: int) -> tuple[Tensor, torch.Generator]:
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+
+    def shard(j: int) -> tuple[Tensor, torch.Generator, Guided]:
+        """Shard ``j``'s prior sample, generator and guided score (seeded by ``j``)."""
         gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, j))
-        return sde.prior_sample(
-            (sizes[j], *shape[1:]), generator=gen, device=device, dtype=dtype
-        ), gen
+        if job.noise is None:
+            x = sde.prior_sample((sizes[j], *shape[1:]), generator=gen, device=device, dtype=dtype)
+        else:
+            x = job.noise[starts[j] : starts[j] + sizes[j]].to(device=device, dtype=dtype)
+        if job.guidance is None:
+            return x, gen, Guided(score=counted)
+        g = job.guidance
+        cond = shard_cond(job.cond or {}, starts[j], starts[j] + sizes[j], g.shared, device)
+        return x, gen, g.bind(counted, sde, cond, classifier=job.classifier, generator=gen)
+
+    def solve(x, gen, guided: Guided, score_fn, callback) -> Tensor:
+        if guided.run is not None:  # the method owns the loop (particle methods)
+            out = guided.run(solver, sde, x, generator=gen, callback=callback)
+        elif guided.transform is not None:
+            out = solver.sample(
+                score_fn, sde, x, generator=gen, callback=callback, transform=guided.transform
+            )
+        else:
+            out = solver.sample(score_fn, sde, x, generator=gen, callback=callback)
+        return out if guided.finish is None else guided.finish(out)
 
     local: dict[int, Tensor] = {}
     failed, nfe, crash = None, 0, None
@@ -99,12 +126,12 @@ def run_sampling(
     ) as bar:
         for i, j in enumerate(mine):
             callback = _step_callback(bar, step_hook if dist.is_main else None, i * steps)
-            x, gen = prior(j)
-            scored = FiniteWatch(counted, job.check_every) if job.check_every else counted
+            x, gen, guided = shard(j)
+            scored = FiniteWatch(guided.score, job.check_every) if job.check_every else guided.score
             calls = counted.calls
             try:
                 with torch.no_grad():
-                    out = solver.sample(scored, sde, x, generator=gen, callback=callback)
+                    out = solve(x, gen, guided, scored, callback)
             except NonFiniteSeen:
                 out = None
             except DiffuseError:
@@ -126,15 +153,15 @@ def run_sampling(
                 f"(shard {elsewhere[0][1]}); its error says where"
             )
     if failed is not None:
+        x_T, g, guided = shard(failed)
 
         def replay(score_fn, step_callback):  # the failed shard again, same seed
-            x_T, g = prior(failed)
             with torch.no_grad():
-                return solver.sample(score_fn, sde, x_T, generator=g, callback=step_callback)
+                return solve(x_T, g, guided, score_fn, step_callback)
 
         raise locate(
             replay,
-            counted,
+            guided.score,
             score_name=counted.name,
             solver_name=job.names["solver"],
             sde_name=job.names["sde"],

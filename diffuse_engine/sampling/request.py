@@ -1,0 +1,210 @@
+"""A sampling call, checked and built: components, condition, guidance and prior noise.
+
+:func:`build_job` is what ``Engine.sampling`` runs before the loop: it resolves the
+entries with the call's overrides, builds the SDE, solver, score model, guidance method
+and classifier, checks that they fit together, and validates every argument, so a bad
+call fails with one line before any sampling starts.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffuse_engine.components.builder import Builder
+from diffuse_engine.components.guidance import check_cond, is_conditional
+from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.sampling.loop import SamplingJob
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int in ``[0, 2**63)``."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise DiffuseError(f"seed must be an integer, not {seed!r}") from None
+    if not 0 <= seed < 2**63:
+        raise DiffuseError(f"seed must be in [0, 2**63), not {seed}")
+    return seed
+
+
+def check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
+    """``shape`` as ``(n, *dims)`` of positive ints matching the score's data shape."""
+    try:
+        out = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise DiffuseError(f"shape must be (n, *dims) of integers, not {shape!r}") from None
+    if len(out) < 2 or min(out) < 1:
+        raise DiffuseError(f"shape must be (n, *dims) with n >= 1 and dims >= 1, not {out}")
+    if data_shape is not None and tuple(out[1:]) != tuple(data_shape):
+        raise DiffuseError(
+            f"shape {out}: this score model's data are {tuple(data_shape)}; "
+            f"use shape=(n, {', '.join(map(str, data_shape))}) or shape=n"
+        )
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DiffuseError(f"dtype must be a floating-point torch dtype, not {dtype!r}")
+    return out
+
+
+def check_noise(noise: Any, shape: tuple[int, ...]) -> Tensor:
+    """``noise=``: a finite floating tensor of exactly the samples' shape."""
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        got = f"{noise.dtype} tensor" if isinstance(noise, Tensor) else type(noise).__name__
+        raise DiffuseError(f"noise must be a floating-point tensor of shape {shape}, not {got}")
+    if tuple(noise.shape) != shape:
+        raise DiffuseError(f"noise has shape {tuple(noise.shape)}; the samples are {shape}")
+    if not bool(torch.isfinite(noise).all()):
+        raise DiffuseError("noise holds NaN/Inf; pass a finite prior sample x_T")
+    return noise
+
+
+def describe_cond(cond: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``config.json`` records of a condition: shapes, and the labels' counts."""
+    out: dict[str, Any] = {}
+    for key, value in cond.items():
+        if isinstance(value, Tensor):
+            item: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)[6:]}
+            if key == "label" and not value.is_floating_point():
+                labels, counts = torch.unique(value.cpu(), return_counts=True)
+                item["counts"] = dict(zip(labels.tolist(), counts.tolist(), strict=True))
+            out[key] = item
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[key] = value
+        else:
+            out[key] = type(value).__name__
+    return out
+
+
+def _guidance_name(builder: Builder, guidance: str | None, cond) -> str | None:
+    if guidance is not None:
+        if not isinstance(guidance, str):
+            raise DiffuseError(f"guidance must be a registry name, not {type(guidance).__name__}")
+        return guidance
+    if cond is None:
+        return None
+    if isinstance(cond, Mapping) and "label" in cond:
+        return "conditional"
+    keys = ", ".join(map(str, cond)) if isinstance(cond, Mapping) else type(cond).__name__
+    names = sorted(
+        set(builder.registry.names("guidance")) | set(builder.catalogue.names("guidance"))
+    )
+    raise DiffuseError(f"cond ({keys}) needs guidance=, one of: {', '.join(names)}")
+
+
+def build_job(
+    builder: Builder,
+    *,
+    score: Any,
+    sde: str,
+    solver: str,
+    shape: int | Sequence[int],
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    shard_size: int,
+    check_every: int,
+    cond: Mapping[str, Any] | None = None,
+    guidance: str | None = None,
+    classifier: Any = None,
+    noise: Tensor | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[SamplingJob, dict[str, Any]]:
+    """The checked :class:`SamplingJob` of one call and its resolved config (for
+    ``config.json``); ``overrides`` are registry fields of the chosen entries."""
+    b = builder
+    seed = check_seed(seed)
+    guidance = _guidance_name(b, guidance, cond)
+    if guidance is not None and cond is None:
+        raise DiffuseError(f"guidance {guidance!r} needs cond= (for example cond={{'label': y}})")
+    chosen = {
+        "sde": b.resolve("sde", sde)[0],
+        "solver": b.resolve("solver", solver)[0],
+        "score": b.score_class(score),
+    }
+    if guidance is not None:
+        chosen["guidance"] = b.implementation("guidance", guidance)
+    if isinstance(classifier, str):
+        chosen["classifier"] = b.implementation("classifier", classifier)
+    routed = b.route_overrides(chosen, overrides or {})
+    sde_obj = b.build("sde", sde, **routed["sde"])
+    solver_obj = b.build("solver", solver, **routed["solver"])
+    score_obj = b.bind_score(score, sde_obj, **routed["score"])
+    solver_obj.check(sde_obj)
+    data_shape = getattr(score_obj, "data_shape", None)
+    if isinstance(shape, int):
+        if data_shape is None:
+            raise DiffuseError(
+                "shape=int needs a score model that knows its data shape; pass shape=(n, *dims)"
+            )
+        shape = (shape, *data_shape)
+    shape = check_shape(shape, data_shape, dtype)
+    if noise is not None:
+        noise = check_noise(noise, shape)
+    guidance_obj = classifier_obj = None
+    if guidance is not None:
+        guidance_obj = b.build("guidance", guidance, **routed["guidance"])
+        if isinstance(classifier, str):
+            classifier_obj = b.build("classifier", classifier, sde=sde_obj, **routed["classifier"])
+        elif classifier is not None and not callable(classifier):
+            raise DiffuseError(
+                f"classifier must be a callable logits(x, t) -> (B, K) or a registry name, "
+                f"not {type(classifier).__name__}"
+            )
+        else:
+            classifier_obj = classifier
+        guidance_obj.check(solver_obj, sde_obj, score_obj, classifier_obj)
+        cond = guidance_obj.validate(check_cond(cond, shape[0], guidance_obj.shared), shape)
+        labels = cond.get("label")
+        num_classes = getattr(score_obj, "num_classes", None)
+        if labels is not None and num_classes and int(labels.max()) >= num_classes:
+            raise DiffuseError(
+                f"cond['label'] has label {int(labels.max())}; this score model knows "
+                f"{num_classes} classes (0 .. {num_classes - 1})"
+            )
+    elif classifier is not None:
+        raise DiffuseError("classifier= is used by guidance='classifier'; pass guidance= too")
+    if hasattr(score_obj, "to"):
+        score_obj = score_obj.to(device)
+    if hasattr(classifier_obj, "to"):
+        classifier_obj = classifier_obj.to(device)
+    score_name = score if isinstance(score, str) else type(score_obj).name
+    config = {
+        "sde": {"name": sde, "type": chosen["sde"].name, **sde_obj.config.model_dump()},
+        "solver": {"name": solver, "type": chosen["solver"].name, **solver_obj.config.model_dump()},
+        "score": {"name": score_name, **score_obj.config.model_dump(mode="json")},
+        "shape": list(shape),
+        "seed": seed,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "shard_size": shard_size,
+    }
+    if guidance_obj is not None:
+        config["guidance"] = {
+            "name": guidance,
+            "type": guidance_obj.name,
+            **guidance_obj.config.model_dump(mode="json"),
+        }
+        config["cond"] = describe_cond(cond)
+        if classifier is not None:
+            config["classifier"] = classifier if isinstance(classifier, str) else "callable"
+    if noise is not None:
+        config["noise"] = "given"
+    names = {"sde": sde, "solver": solver, "score": score_name}
+    job = SamplingJob(
+        sde_obj, solver_obj, score_obj, shape, seed, device, dtype, shard_size, names,
+        check_every, cond, guidance_obj, classifier_obj, noise,
+    )  # fmt: skip
+    if (
+        guidance_obj is None
+        and is_conditional(score_obj)
+        and getattr(score_obj, "requires_cond", False)
+    ):
+        raise DiffuseError(
+            f"score model {score_name!r} is conditional and was trained without label "
+            "dropout, so it has no unconditional score: pass cond={'label': y}"
+        )
+    return job, config
