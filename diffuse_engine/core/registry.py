@@ -35,7 +35,7 @@ from diffuse_engine.core.plugins import Catalogue
 from diffuse_engine.core.trust import import_implementation, is_import_path, refuse_import
 
 #: registry tables whose entries name implementations in the catalogue
-COMPONENT_TABLES = ("sde", "kernel", "score", "loss", "data", "solver")
+COMPONENT_TABLES = ("sde", "kernel", "score", "loss", "data", "solver", "guidance", "classifier")
 RUN_TABLE = "run"
 #: ``[train.NAME]`` tables: training settings, validated by the model the engine hands in
 TRAIN_TABLE = "train"
