@@ -71,14 +71,18 @@ def test_implementation_name_without_entry_gets_defaults(engine):
         ),
         (
             "[sde.vp]\nbeta = 1\n",
-            r"my.toml: \[sde.vp\] beta: unknown field; allowed: beta_max, beta_min, kernel",
+            r"my.toml: \[sde.vp\] beta: unknown field \(did you mean 'beta_min' or 'beta_max'\?\); "
+            r"allowed: beta_max, beta_min, kernel",
         ),
         ('[sde.vp]\nbeta_min = "a lot"\n', r"\[sde.vp\] beta_min: Input should be a valid number"),
         (
             '[sde.x]\ntype = "vq"\n',
             r"my.toml: \[sde.x\] type: unknown sde 'vq'; choices: .*ddpm.*subvp.*ve.*vp",
         ),
-        ('[sdee.x]\ntype = "vp"\n', r"my.toml: \[sdee\] unknown table; allowed kinds: sde"),
+        (
+            '[sdee.x]\ntype = "vp"\n',
+            r"my.toml: \[sdee\] unknown table \(did you mean 'sde'\?\); allowed kinds: sde",
+        ),
         (
             "[solver.pc]\nsteps = 0\n",
             r"\[solver.pc\] steps: Input should be greater than or equal to 1",
@@ -104,7 +108,8 @@ def test_registry_errors_name_file_table_field_and_choices(tmp_path, text, expec
 def test_override_errors(engine):
     with pytest.raises(
         RegistryError,
-        match=r"override 'stepz': no chosen entry has that field; allowed: .*solver.steps",
+        match=r"override 'stepz': no chosen entry has that field \(did you mean 'steps'\?\); "
+        r"allowed: .*solver.steps",
     ):
         engine.sample(score="gmm", shape=4, stepz=3)
     with pytest.raises(

@@ -143,9 +143,7 @@ def _drop_unknown_hooks(pm: pluggy.PluginManager, infos: list[PluginInfo]) -> No
             info = by_registered.get(name)
             if info is None:  # not one of ours to skip: a bug to report loudly
                 raise PluginError(f"a plugin implements an unknown hook: {exc}") from None
-            hooks = sorted(
-                h for h in dir(exc.plugin) if h.startswith("diffuse_") and not hasattr(pm.hook, h)
-            )
+            hooks = sorted(h.name for h in pm.get_hookcallers(exc.plugin) or () if h.spec is None)
             info.error = (
                 f"implements unknown hook(s) {', '.join(hooks) or '?'} (a misspelt hook name?)"
             )
@@ -170,35 +168,61 @@ class Catalogue:
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager, infos: list[PluginInfo]) -> Catalogue:
-        entries: dict[str, dict[str, Provided]] = {k: {} for k in REGISTRATION_HOOKS}
-        by_name = {i.name: i for i in infos}
+        """Call every registration hook once. A plugin whose hook raises, returns anything
+        but a list of classes of the hook's kind (with a ``name``, and for trainable score
+        models the training contract, :func:`trainable_problem`), or names an
+        implementation that is already taken (a built-in wins) is reported on its
+        :class:`PluginInfo`, unregistered and skipped as a whole; the rest load."""
+        by_registered = {i.registered_as: i for i in infos if i.registered_as}
+        offered: dict[str, list[tuple[str, type]]] = {}  # provider -> [(kind, class)]
+        failed: dict[str, str] = {}
         for kind, hook_name in REGISTRATION_HOOKS.items():
-            hook = getattr(pm.hook, hook_name)
-            for impl in reversed(hook.get_hookimpls()):
+            for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
                 provider = impl.plugin_name
-                try:
-                    classes = impl.function() or []
-                except Exception as exc:  # registration failure: report, keep going
-                    info = by_name.get(provider.split(":")[-1])
-                    if info is not None and info.error is None:
-                        info.error = f"{hook_name} failed: {_describe(exc)}"
+                if provider in failed:
                     continue
-                for c in classes:
-                    name = getattr(c, "name", "")
-                    if not name or getattr(c, "kind", None) != kind:
-                        raise PluginError(
-                            f"plugin {provider!r} returned {c!r} from {hook_name}: it must "
-                            f"be a class with kind {kind!r} and a non-empty name"
-                        )
-                    if name in entries[kind]:
-                        other = entries[kind][name]
-                        raise PluginError(
-                            f"two {kind} implementations named {name!r}: "
-                            f"{other.cls.__module__}.{other.cls.__qualname__} from plugin "
-                            f"{other.provider!r} and {c.__module__}.{c.__qualname__} from "
-                            f"plugin {provider!r}"
-                        )
-                    entries[kind][name] = Provided(c, provider)
+                try:
+                    result = impl.function()
+                except Exception as exc:  # registration failure: report, keep going
+                    failed[provider] = f"{hook_name} failed: {_describe(exc)}"
+                    continue
+                problem = _registration_problem(result, kind, hook_name)
+                if problem:
+                    failed[provider] = problem
+                    continue
+                offered.setdefault(provider, []).extend((kind, c) for c in result or ())
+        # built-ins first, then the others in load order: the first to claim a name keeps it
+        order = sorted(offered, key=lambda p: not getattr(by_registered.get(p), "builtin", False))
+        entries: dict[str, dict[str, Provided]] = {k: {} for k in REGISTRATION_HOOKS}
+        for provider in order:
+            if provider in failed:
+                continue
+            clash = None
+            seen: set[tuple[str, str]] = set()
+            for kind, c in offered[provider]:
+                other = entries[kind].get(c.name)
+                if other is not None or (kind, c.name) in seen:
+                    by = f"plugin {other.provider!r}" if other else "the same plugin"
+                    clash = (
+                        f"its {kind} {c.name!r} ({c.__module__}.{c.__qualname__}) clashes "
+                        f"with {kind} {c.name!r} from {by}; rename it"
+                    )
+                    break
+                seen.add((kind, c.name))
+            if clash:
+                failed[provider] = clash
+                continue
+            for kind, c in offered[provider]:
+                entries[kind][c.name] = Provided(c, provider)
+        for provider, problem in failed.items():
+            info = by_registered.get(provider)
+            if info is None:
+                raise PluginError(f"plugin {provider!r}: {problem}")
+            info.error = f"skipped: {problem}"
+            plugin = pm.get_plugin(provider)
+            if plugin is not None:  # its other hooks (observers, commands) are off too
+                pm.unregister(plugin)
+            info.hooks = []
         return cls(entries, [i for i in infos if not i.ok])
 
     def kinds(self) -> list[str]:
@@ -221,11 +245,75 @@ class Catalogue:
         return self.provided(kind, name).cls
 
     def unknown_message(self, kind: str, name: str) -> str:
-        msg = f"unknown {kind} {name!r}; choices: {', '.join(self.names(kind)) or '(none)'}"
+        from diffuse_engine.core.suggest import did_you_mean
+
+        hint = did_you_mean(name, self.names(kind))
+        msg = f"unknown {kind} {name!r}{hint}; choices: {', '.join(self.names(kind)) or '(none)'}"
         if self.failures:
             broken = ", ".join(f"{f.name} ({f.error})" for f in self.failures)
             return msg + f"; note: plugins failed to load: {broken}"
         return msg + " (is a plugin missing? `diffuse plugins` lists what is installed)"
+
+
+def _registration_problem(result: Any, kind: str, hook_name: str) -> str | None:
+    """What is wrong with what a registration hook returned, or ``None``."""
+    if result is None:
+        return None
+    if not isinstance(result, (list, tuple)):
+        return f"{hook_name} returned {_short(result)}; it must return a list of {kind} classes"
+    for c in result:
+        if not isinstance(c, type):
+            return f"{hook_name} returned {_short(c)} in its list; it must hold {kind} classes"
+        if getattr(c, "kind", None) != kind or not isinstance(getattr(c, "name", None), str):
+            return (
+                f"{hook_name} returned {c.__module__}.{c.__qualname__}: it must be a class "
+                f"with kind {kind!r} and a non-empty name"
+            )
+        if not c.name:
+            return f"{hook_name} returned {c.__qualname__} with an empty name"
+        if kind == "score" and getattr(c, "needs_training", False):
+            problem = trainable_problem(c)
+            if problem:
+                return f"{hook_name}: trainable score model {c.name!r} {problem}"
+    return None
+
+
+#: what training calls on a trainable score model (see docs/plugins.md)
+TRAINABLE_METHODS = ("parameters", "to", "train", "eval", "with_net")
+
+
+def trainable_problem(cls: type) -> str | None:
+    """Why ``cls`` (``needs_training = True``) cannot be trained, or ``None``: it needs
+    :data:`TRAINABLE_METHODS`, ``to(device=None, dtype=None)`` (sampling in another
+    dtype), and a ``shape`` config field (training fills in the data shape; the model
+    exposes it as ``data_shape``)."""
+    import inspect
+
+    missing = [m for m in TRAINABLE_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        return f"lacks {', '.join(missing)} (training needs {', '.join(TRAINABLE_METHODS)})"
+    try:
+        params = inspect.signature(cls.to).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if (
+        params
+        and "dtype" not in params
+        and not any(p.kind == p.VAR_KEYWORD for p in params.values())
+    ):
+        return "has to() without a dtype= argument (it must accept to(device=None, dtype=None))"
+    config = getattr(cls, "Config", None)
+    if "shape" not in getattr(config, "model_fields", {}):
+        return (
+            "has no 'shape' config field (training sets it to the data shape; the model "
+            "exposes it as data_shape)"
+        )
+    return None
+
+
+def _short(obj: Any) -> str:
+    text = repr(obj)
+    return f"{type(obj).__name__} {text[:60]}" if len(text) <= 60 else f"a {type(obj).__name__}"
 
 
 def module_plugin(**hooks: Any) -> ModuleType:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from diffuse_engine.core.component import ComponentRef
 from diffuse_engine.core.errors import RegistryError
 from diffuse_engine.core.plugins import Catalogue
+from diffuse_engine.core.suggest import did_you_mean
 from diffuse_engine.core.trust import import_implementation, is_import_path, refuse_import
 
 #: registry tables whose entries name implementations in the catalogue
@@ -40,6 +41,8 @@ RUN_TABLE = "run"
 #: ``[train.NAME]`` tables: training settings, validated by the model the engine hands in
 TRAIN_TABLE = "train"
 DEFAULT_SOURCE = "registry.toml (built-in)"
+#: deepest nesting of arrays / tables a registry value may have (real configs use 2)
+MAX_DEPTH = 16
 
 
 def default_registry_text() -> str:
@@ -99,9 +102,26 @@ def parse_value(text: str) -> Any:
     """Parse a ``--set`` value as a TOML value (``0.2``, ``true``, ``[1, 2]``, ``"x"``);
     anything that is not valid TOML is taken as a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise RegistryError(
+            f"--set value {text[:40]!r}...: nested deeper than {MAX_DEPTH} levels"
+        ) from None
+    check_depth(value, f"--set value {text[:40]!r}")
+    return value
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    """Refuse arrays / tables nested deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                raise RegistryError(f"{where}: nested deeper than {limit} levels")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
 
 
 def parse_assignment(item: str) -> tuple[str, Any]:
@@ -122,7 +142,8 @@ def format_validation_error(where: str, exc: ValidationError, model: type[BaseMo
         loc = ".".join(str(p) for p in err["loc"]) or "(entry)"
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(model.model_fields)) or "(none)"
-            parts.append(f"{loc}: unknown field; allowed: {allowed}")
+            hint = did_you_mean(str(err["loc"][-1]), model.model_fields)
+            parts.append(f"{loc}: unknown field{hint}; allowed: {allowed}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             given = err.get("input")
@@ -214,9 +235,12 @@ class Registry:
         if kind == TRAIN_TABLE and name == "default":  # the settings' own defaults
             return Entry(kind, name, {}, {"type": "(defaults)"})
         entries = ", ".join(sorted(table)) or "(none)"
-        types = ", ".join(self.catalogue.names(kind)) if kind in COMPONENT_TABLES else ""
-        extra = f"; implementations: {types}" if types else ""
-        raise RegistryError(f"no {kind} entry named {name!r}; registry entries: {entries}{extra}")
+        impls = self.catalogue.names(kind) if kind in COMPONENT_TABLES else []
+        extra = f"; implementations: {', '.join(impls)}" if impls else ""
+        hint = did_you_mean(name, [*table, *impls])
+        raise RegistryError(
+            f"no {kind} entry named {name!r}{hint}; registry entries: {entries}{extra}"
+        )
 
     def resolve(
         self,
@@ -291,8 +315,15 @@ class Registry:
                     raise RegistryError(f"{entry.where(kind)} {kind}: {exc}") from None
         return preset
 
-    def train_settings(self, name: str = "default", overrides: dict[str, Any] | None = None):
-        """The ``[train.NAME]`` table with ``overrides``, validated by :attr:`train_model`."""
+    def train_settings(
+        self,
+        name: str = "default",
+        overrides: dict[str, Any] | None = None,
+        override_source: str = "argument",
+    ):
+        """The ``[train.NAME]`` table with ``overrides``, validated by :attr:`train_model`;
+        an unknown name given in ``overrides`` is reported as ``override_source`` (where
+        the user wrote it), one from the table as the table."""
         TrainSettings = self.train_model  # noqa: N806 - a class
         if TrainSettings is None:
             raise RegistryError("this registry was loaded without a training settings model")
@@ -304,17 +335,22 @@ class Registry:
             raise RegistryError(
                 format_validation_error(entry.where(bad), exc, TrainSettings)
             ) from None
-        for kind, ref in (
-            ("data", settings.data),
-            ("sde", settings.sde),
-            ("score", settings.model),
-            ("loss", settings.loss),
-            ("solver", settings.plot_solver),
+        for field_name, kind in (
+            ("data", "data"),
+            ("sde", "sde"),
+            ("model", "score"),
+            ("loss", "loss"),
+            ("plot_solver", "solver"),
         ):
             try:
-                self.entry(kind, ref)
+                self.entry(kind, getattr(settings, field_name))
             except RegistryError as exc:
-                raise RegistryError(f"{entry.where()} {kind}: {exc}") from None
+                where = (
+                    f"{override_source} {field_name}"
+                    if field_name in (overrides or {})
+                    else f"{entry.where(field_name)} {field_name}"
+                )
+                raise RegistryError(f"{where}: {exc}") from None
         return settings
 
     def names(self, kind: str) -> list[str]:
@@ -332,20 +368,35 @@ def read_toml(path: str | Path) -> dict:
     """Read a registry file; a missing file or TOML syntax error is a RegistryError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        if p.exists() and not p.is_file():  # a FIFO or device would block the read
+            raise RegistryError(f"{path}: not a regular file; give a registry .toml file")
+        raw = p.read_bytes()
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read registry file ({exc.strerror})") from None
     try:
-        return tomllib.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RegistryError(
+            f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at line {line}); TOML "
+            "files are UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise RegistryError(f"{path}: arrays or tables nested too deeply") from None
+    check_depth(data, str(path), MAX_DEPTH + 2)  # + the [KIND.NAME] levels
+    return data
 
 
 def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str) -> None:
     allowed = ", ".join((*COMPONENT_TABLES, RUN_TABLE, TRAIN_TABLE))
     for kind, table in data.items():
         if kind not in COMPONENT_TABLES and kind not in (RUN_TABLE, TRAIN_TABLE):
-            raise RegistryError(f"{source}: [{kind}] unknown table; allowed kinds: {allowed}")
+            hint = did_you_mean(kind, (*COMPONENT_TABLES, RUN_TABLE, TRAIN_TABLE))
+            raise RegistryError(f"{source}: [{kind}] unknown table{hint}; allowed kinds: {allowed}")
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise RegistryError(
                 f"{source}: [{kind}] must hold named entries like "
