@@ -24,14 +24,13 @@ import pytest
 import torch
 
 from diffuse_engine import Engine
+from diffuse_engine.cli.launch import split_nproc, torchrun_args
 from diffuse_engine.core.distributed import (
     DistContext,
     DistributedError,
     ShardedBatches,
     shard_seed,
     shard_sizes,
-    split_nproc,
-    torchrun_args,
 )
 
 WORLD = 2

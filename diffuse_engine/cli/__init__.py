@@ -110,12 +110,8 @@ def main(argv: list[str] | None = None) -> None:
 def _distributed(args: list[str]) -> list[str]:
     """``--nproc N`` (N > 1) reruns the command under torchrun and exits with its status;
     in a torchrun worker other than rank 0, stdout is silenced (rank 0 reports)."""
-    from diffuse_engine.core.distributed import (
-        DistributedError,
-        launch,
-        launched_by_torchrun,
-        split_nproc,
-    )
+    from diffuse_engine.cli.launch import launch, split_nproc
+    from diffuse_engine.core.distributed import DistributedError, launched_by_torchrun
 
     try:
         nproc, args = split_nproc(args)

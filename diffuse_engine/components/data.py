@@ -16,12 +16,15 @@ class Dataset(Component):
 
     ``sample(n, generator)`` returns ``(n, *shape)`` float tensors; datasets with a
     known Gaussian-mixture law expose it as :attr:`mixture` so runs can score samples
-    against it exactly.
+    against it exactly. Labelled datasets set :attr:`num_classes` and implement
+    :meth:`sample_labelled`, which class-conditional training uses.
     """
 
     kind: ClassVar[str] = "data"
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
     mixture: GaussianMixture | None = None
+    #: ``K`` for data with integer class labels ``0 .. K - 1`` (else ``None``)
+    num_classes: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -31,3 +34,10 @@ class Dataset(Component):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` data points ``(n, *shape)`` (with replacement for finite sets)."""
         raise NotImplementedError
+
+    def sample_labelled(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(x, labels)``: ``n`` data points and their ``(n,)`` int64 class labels in
+        ``[0, num_classes)``; only for labelled datasets."""
+        raise NotImplementedError(f"dataset {self.name!r} has no labels")

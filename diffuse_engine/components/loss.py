@@ -13,9 +13,12 @@ from diffuse_engine.core.component import Component, ComponentConfig
 class Loss(Component):
     """Base class of losses (registry kind ``loss``).
 
-    ``loss(model, x0, generator)`` returns a scalar tensor to minimise, where ``model``
-    is a :class:`~diffuse_engine.components.score.ScoreModel` bound to the SDE ``self.sde`` and
-    ``x0`` a batch of data ``(B, *dims)``.
+    ``loss(model, x0, generator, cond=None)`` returns a scalar tensor to minimise, where
+    ``model`` is a :class:`~diffuse_engine.components.score.ScoreModel` bound to the SDE
+    ``self.sde`` and ``x0`` a batch of data ``(B, *dims)``. For class-conditional
+    training ``cond`` is ``{"label": (B,) int64}`` and the loss calls ``model(x, t,
+    cond)``; a model trained with label dropout replaces some labels by its null label
+    itself (``model.drop_labels(cond, generator)``).
     """
 
     kind: ClassVar[str] = "loss"
