@@ -8,6 +8,7 @@ call fails with one line before any sampling starts.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,7 +19,11 @@ from torch import Tensor
 from diffuse_engine.components.builder import Builder
 from diffuse_engine.components.guidance import check_cond, is_conditional
 from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.core.memory import check_fits
 from diffuse_engine.sampling.loop import SamplingJob
+
+#: tensors of a shard's size a solver holds at once (state, score, noise, history)
+WORKING_COPIES = 4
 
 
 def check_seed(seed) -> int:
@@ -48,6 +53,22 @@ def check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise DiffuseError(f"dtype must be a floating-point torch dtype, not {dtype!r}")
     return out
+
+
+def check_memory(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, shard_size: int
+) -> None:
+    """Refuse, before any work, samples that cannot fit: the result is one tensor of
+    ``shape`` on ``device``, and each shard works on a few tensors of its size."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_sample = math.prod(shape[1:]) * itemsize
+    working = WORKING_COPIES * min(shape[0], shard_size) * per_sample
+    check_fits(
+        shape[0] * per_sample + working,
+        device,
+        f"{shape[0]} samples of shape {tuple(shape[1:])} ({str(dtype)[6:]})",
+        "sample fewer at a time (n), or write them in parts",
+    )
 
 
 def check_noise(noise: Any, shape: tuple[int, ...]) -> Tensor:
@@ -142,6 +163,7 @@ def build_job(
             )
         shape = (shape, *data_shape)
     shape = check_shape(shape, data_shape, dtype)
+    check_memory(shape, dtype, device, shard_size)
     if noise is not None:
         noise = check_noise(noise, shape)
     guidance_obj = classifier_obj = None
