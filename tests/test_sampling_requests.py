@@ -35,5 +35,6 @@ def test_a_float32_model_samples_in_float64_without_touching_it(engine):
     assert x64.dtype == torch.float64 and x32.dtype == torch.float32
     assert next(model.net.parameters()).dtype == torch.float32
     assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in weights.items())
-    # the network ran in float32 both times; only the solver's arithmetic differs
-    assert (x64 - x32.double()).abs().max() < 1e-4
+    # the network ran in float32 both times; only the solver's arithmetic differs, by
+    # float32 round-off (eps 1.2e-7) accumulated over 4 steps, relative to |x|
+    assert torch.allclose(x64, x32.double(), rtol=1e-5, atol=1e-6)
