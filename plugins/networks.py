@@ -14,6 +14,8 @@ Diffusion-Based Generative Models" (EDM, 2022): with the kernel ``x_t = a x_0 + 
   ``x0``: EDM's ``D = c_skip x/a + c_out F`` with ``sigma = s / a``, ``c_skip =
   sigma_data^2 / (sigma^2 + sigma_data^2)``, ``c_out = sigma sigma_data / sqrt(sigma^2 +
   sigma_data^2)``;
+  ``v``: ``v_hat = F``, the velocity ``(a z - s x_0) / sqrt(a^2 + s^2)`` (Salimans & Ho
+  2022; see :func:`diffuse_engine.to_score`), unit-scale like epsilon;
 
 and :meth:`ScoreModel.__call__` converts that to a score through the same kernel. The
 backbones know nothing of SDEs or parameterisations.
@@ -71,7 +73,7 @@ def make_embedding(kind: str, dim: int, scale: float) -> nn.Module:
 # ---- the preconditioning wrapper ------------------------------------------------------------
 class NetworkConfig(ScoreConfig):
     parameterisation: Parameterisation = Field(
-        "epsilon", description="what the network predicts: score, epsilon or x0"
+        "epsilon", description="what the network predicts: score, epsilon, x0 or v"
     )
     shape: list[int] | None = Field(
         None, description="data shape (filled from the dataset by training)"
@@ -118,7 +120,7 @@ class NetworkScore(ScoreModel):
         a_, s_ = bcast(a, x), bcast(s, x)
         x_in = x * torch.rsqrt(a_**2 * c.sigma_data**2 + s_**2) if c.input_scaling else x
         out = self.net(x_in, t)
-        if c.parameterisation == "epsilon":
+        if c.parameterisation in ("epsilon", "v"):
             return out
         if c.parameterisation == "score":
             return out / s_ if c.scale_by_std else out

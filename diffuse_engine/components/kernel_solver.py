@@ -13,14 +13,29 @@ the score through the kernel (Song et al. 2021, App. C; Ho et al. 2020):
 
 Kernel coefficients on the time grid are Python floats computed once before the loop
 (float64 on the CPU), so the loops do plain tensor arithmetic with no device syncs.
+
+Two options every kernel-based solver has, both off by default:
+
+* ``times``: an explicit decreasing time grid instead of ``schedule`` and ``steps``, e.g.
+  the engine times of another tool's timesteps (:mod:`diffuse_engine.interop` builds the
+  grids of diffusers' schedulers), so runs can be compared step for step.
+* x0 clipping for data in a known range (images in ``[-1, 1]``): every data prediction
+  ``x0_hat`` (and the final denoising step) is clipped to ``[-x0_clip, x0_clip]``
+  ("static thresholding"), or, with ``x0_threshold = p``, per sample to ``[-q, q]`` and
+  rescaled by ``x0_clip / q``, where ``q`` is the ``p``-quantile of ``|x0_hat|`` but at
+  least ``x0_clip`` and at most ``x0_threshold_max`` ("dynamic thresholding", Saharia et
+  al. 2022, "Photorealistic text-to-image diffusion models", Sec. 2.3). A noise
+  prediction is then re-derived from the clipped ``x0_hat``, ``eps_hat = (x - a x0) / s``,
+  as diffusers' DPM-Solver and DDIM (with ``use_clipped_model_output``) do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from diffuse_engine.components.schedules import (
@@ -32,6 +47,7 @@ from diffuse_engine.components.schedules import (
 from diffuse_engine.components.score import ScoreFn, kernel_prediction
 from diffuse_engine.components.sde import SDE
 from diffuse_engine.components.solver import MAX_STEPS, Solver, SolverConfig
+from diffuse_engine.core.errors import IncompatibleError
 
 
 class KernelSolverConfig(SolverConfig):
@@ -39,6 +55,47 @@ class KernelSolverConfig(SolverConfig):
 
     steps: int = Field(20, ge=1, le=MAX_STEPS, description="number of time steps from T to eps")
     schedule: Schedule = Field("logsnr", description=SCHEDULE_HELP)
+    # ---- explicit grid and x0 clipping (module docstring) ----
+    times: list[float] | None = Field(
+        None,
+        min_length=2,
+        max_length=MAX_STEPS + 1,
+        description="explicit decreasing times (first <= T, last = the smallest time); "
+        "replaces schedule, steps and eps",
+    )
+    x0_clip: float | None = Field(
+        None, gt=0, description="clip predicted clean data to [-x0_clip, x0_clip] (images: 1)"
+    )
+    x0_threshold: float | None = Field(
+        None, gt=0, lt=1, description="dynamic thresholding quantile p (Saharia et al. 2022)"
+    )
+    x0_threshold_max: float | None = Field(
+        None, gt=0, description="dynamic thresholding: largest per-sample threshold"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_times(cls, data: Any) -> Any:
+        """An explicit grid fixes the number of steps (whatever an entry's ``steps`` says)."""
+        if isinstance(data, dict) and isinstance(data.get("times"), (list, tuple)):
+            data = {**data, "steps": max(len(data["times"]) - 1, 1)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_times(self):
+        if self.times is not None:
+            t = self.times
+            if not all(x > 0 for x in t) or any(b >= a for a, b in zip(t[:-1], t[1:], strict=True)):
+                raise ValueError("times must be strictly decreasing and > 0 (from T down to eps)")
+        if self.x0_threshold_max is not None:
+            if self.x0_threshold is None:
+                raise ValueError("x0_threshold_max needs x0_threshold (dynamic thresholding)")
+            if self.x0_threshold_max < (self.x0_clip or 1.0):
+                raise ValueError(
+                    f"x0_threshold_max ({self.x0_threshold_max}) must be >= x0_clip "
+                    f"({self.x0_clip or 1.0}), the smallest threshold"
+                )
+        return self
 
 
 @dataclass(frozen=True)
@@ -75,8 +132,30 @@ class KernelSolver(Solver):
         return True
 
     def check(self, sde: SDE) -> None:
-        """The kernel must exist and its log-SNR decrease strictly on ``[eps, T]``."""
+        """The kernel must exist and its log-SNR decrease strictly on ``[eps, T]``; an
+        explicit ``times`` grid must lie in ``(0, T]``."""
+        times = self.config.times
+        if times is not None and times[0] > sde.T * (1 + 1e-12):
+            raise IncompatibleError(
+                f"solver {self.name!r}: times start at {times[0]}, after the end time "
+                f"T = {sde.T} of SDE {sde.name!r}; give times in (0, {sde.T}]"
+            )
         check_monotone(sde, self.eps(sde), sde.T)
+
+    def eps(self, sde: SDE) -> float:
+        times = self.config.times
+        return times[-1] if times is not None else super().eps(sde)
+
+    def time_grid(
+        self, sde: SDE, score: ScoreFn | None = None, like: Tensor | None = None
+    ) -> list[float]:
+        """The explicit ``times`` when given, else the schedule's (:meth:`Solver.time_grid`)."""
+        if self.config.times is not None:
+            return list(self.config.times)
+        return super().time_grid(sde, score, like)
+
+    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> list[float] | None:
+        return None if self.config.times is not None else super().prepare(score, sde, like)
 
     def grid(
         self, sde: SDE, score: ScoreFn | None = None, like: Tensor | None = None
@@ -85,5 +164,34 @@ class KernelSolver(Solver):
         and ``like`` as in :meth:`Solver.time_grid`, for the fitted ``gits`` schedule)."""
         return KernelGrid.on(sde, self.time_grid(sde, score, like))
 
-    #: ``x0_hat`` (data) or ``eps_hat`` (noise) at ``(x, t)`` from one score call
-    predict = staticmethod(kernel_prediction)
+    def predict(
+        self, score: ScoreFn, x: Tensor, t: float, a: float, s: float, prediction: str
+    ) -> Tensor:
+        """``x0_hat`` (``"data"``) or ``eps_hat`` (``"noise"``) at ``(x, t)`` from one
+        score call (:func:`~diffuse_engine.components.score.kernel_prediction`), with the
+        configured x0 clipping (module docstring)."""
+        c = self.config
+        if c.x0_clip is None and c.x0_threshold is None:
+            return kernel_prediction(score, x, t, a, s, prediction)
+        x0 = self.clip_x0(kernel_prediction(score, x, t, a, s, "data"))
+        return x0 if prediction == "data" else (x - a * x0) / s
+
+    def clip_x0(self, x0: Tensor) -> Tensor:
+        """Static (``x0_clip``) or dynamic (``x0_threshold``) thresholding of ``x0``."""
+        c = self.config
+        bound = c.x0_clip if c.x0_clip is not None else 1.0
+        if c.x0_threshold is None:
+            return x0.clamp(-bound, bound)
+        flat = x0.reshape(x0.shape[0], -1)
+        mag = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.abs().float()
+        q = torch.quantile(mag, c.x0_threshold, dim=1).to(x0.dtype)
+        q = q.clamp(min=bound, max=c.x0_threshold_max)[:, None]
+        return (torch.maximum(torch.minimum(flat, q), -q) * (bound / q)).reshape(x0.shape)
+
+    def finish(self, score: ScoreFn, sde: SDE, x: Tensor, t: float) -> Tensor:
+        """The final denoising step (:meth:`Solver.finish`), clipped like every x0_hat."""
+        out = super().finish(score, sde, x, t)
+        c = self.config
+        if not c.denoise or (c.x0_clip is None and c.x0_threshold is None):
+            return out
+        return self.clip_x0(out)
