@@ -14,6 +14,10 @@ randomness comes only from ``generator`` so training is reproducible.
   scaled from [0, 16] to [-1, 1], optionally centred by the training-set mean image;
   a seeded ``holdout`` fraction is kept out of the ``train`` split for evaluation.
 * ``file``: a ``.npy`` / ``.pt`` tensor file, or a folder of images scaled to [-1, 1].
+
+Labelled datasets (``num_classes`` and ``sample_labelled``, for class-conditional
+training): ``gmm`` (the mode index), ``digits`` (the digit), ``file`` given an ``.npz``
+with ``x`` and integer ``labels``, or an image folder with one sub-folder per class.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ class _Finite(Dataset):
     def sample(self, n, generator=None):
         idx = torch.randint(0, len(self), (n,), generator=generator)
         return self.data[idx]
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Class labels ``(n,)`` aligned with :attr:`data`, or ``None`` (unlabelled)."""
+        return None
+
+    def sample_labelled(self, n, generator=None):
+        """The rows :meth:`sample` draws (same generator use) and their labels."""
+        if self.labels is None:
+            return super().sample_labelled(n, generator)
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        return self.data[idx], self.labels[idx]
 
 
 # ---- 2-D toys ---------------------------------------------------------------------------
@@ -137,8 +153,20 @@ class GMMData(Dataset):
     def shape(self):
         return (self.mixture.dim,)
 
+    @property
+    def num_classes(self) -> int:
+        """The mixture's modes are its classes: the label is the mode index."""
+        return self.mixture.weights.shape[0]
+
     def sample(self, n, generator=None):
         return self.mixture.sample(n, generator)
+
+    def sample_labelled(self, n, generator=None):
+        """``(x, k)``: the same draws as :meth:`sample` (mode, then noise) and the modes."""
+        m = self.mixture.to(None, torch.float32)
+        k = torch.multinomial(m.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, m.dim, generator=generator, dtype=torch.float32)
+        return m.means[k] + m.stds[k, None] * z, k
 
 
 # ---- 8x8 digits ---------------------------------------------------------------------------
@@ -157,6 +185,7 @@ class Digits(_Finite):
 
     name = "digits"
     Config = DigitsConfig
+    num_classes = 10
 
     def _split(self):
         from sklearn.datasets import load_digits
@@ -220,11 +249,14 @@ class FileData(_Finite):
 
     name = "file"
     Config = FileConfig
+    _file_labels: torch.Tensor | None = None
 
     def load(self):
         p = Path(self.config.path).expanduser()
         if p.is_dir():
-            x = self._images(p)
+            x = self._folder(p)
+        elif p.suffix == ".npz":
+            x = self._npz(p)
         elif p.suffix == ".npy":
             try:
                 x = torch.from_numpy(np.load(p, allow_pickle=False))
@@ -263,6 +295,63 @@ class FileData(_Finite):
         if not torch.isfinite(x).all():
             raise DiffuseError(f"data {p}: contains NaN or Inf values")
         return x
+
+    # ---- labelled files (class-conditional training) ------------------------------------
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Class labels of an ``.npz`` with ``labels`` or a folder of class sub-folders."""
+        _ = self.data
+        return self._file_labels
+
+    @property
+    def num_classes(self) -> int | None:
+        """``max(label) + 1`` for labelled files (labels are ``0 .. K - 1``), else None."""
+        labels = self.labels
+        return None if labels is None else int(labels.max()) + 1
+
+    def _npz(self, p: Path) -> torch.Tensor:
+        """``x`` (and optional integer ``labels``, one per row) of a numpy ``.npz``."""
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise DiffuseError(f"data file {p}: cannot read as .npz ({exc})") from None
+        if "x" not in arrays:
+            raise DiffuseError(
+                f"data file {p}: no array 'x' (has {', '.join(arrays) or 'none'}); an .npz "
+                "holds the data as 'x' and optional integer class labels as 'labels'"
+            )
+        x = torch.from_numpy(arrays["x"])
+        if "labels" in arrays:
+            y = arrays["labels"]
+            if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(arrays["x"]):
+                raise DiffuseError(
+                    f"data file {p}: 'labels' must be one integer per row of 'x' "
+                    f"({len(arrays['x'])}), got {y.dtype} of shape {y.shape}"
+                )
+            if len(y) and y.min() < 0:
+                raise DiffuseError(f"data file {p}: 'labels' are negative; use 0 .. K - 1")
+            self._file_labels = torch.from_numpy(y.astype(np.int64))
+        return x
+
+    def _folder(self, folder: Path) -> torch.Tensor:
+        """Images of ``folder``; with one sub-folder per class (and no loose images), the
+        classes are the sub-folders in sorted name order, as torchvision's ImageFolder."""
+        subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        loose = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not subs or loose:
+            return self._images(folder)
+        parts = [self._images(d) for d in subs]
+        if len({tuple(x.shape[1:]) for x in parts}) > 1:
+            raise DiffuseError(
+                f"data folder {folder}: the class folders hold images of different sizes; "
+                "all images must have one size"
+            )
+        self.class_names = [d.name for d in subs]
+        self._file_labels = torch.cat(
+            [torch.full((len(x),), k, dtype=torch.int64) for k, x in enumerate(parts)]
+        )
+        return torch.cat(parts)
 
     def _images(self, folder: Path) -> torch.Tensor:
         from PIL import Image

@@ -1,9 +1,11 @@
 """Built-in training objectives (registry kind ``loss``), one signature for all.
 
-``loss(model, x0, generator) -> scalar``: ``model(x, t)`` is a score model (its
-output parameterisation is converted to a score by the model itself), ``x0`` a data
-batch ``(B, *dims)``, and all randomness (times, noise, projections) comes from
-``generator`` so a resumed run reproduces the same losses.
+``loss(model, x0, generator, cond=None) -> scalar``: ``model(x, t)`` is a score model
+(its output parameterisation is converted to a score by the model itself), ``x0`` a data
+batch ``(B, *dims)``, and all randomness (times, noise, projections, label dropout) comes
+from ``generator`` so a resumed run reproduces the same losses. For class-conditional
+training ``cond = {"label": (B,)}`` and every loss evaluates ``model(x, t, cond)``, after
+the model's label dropout (drawn from ``generator`` just before the model call).
 
 * ``dsm``: continuous-time denoising score matching for any SDE with a Gaussian kernel
   (Song et al. 2021, eq. 7), ``t ~ U[eps, T]``, weighting ``std(t)^2`` or, with
@@ -64,6 +66,17 @@ def normal_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def conditioned(model, cond, generator):
+    """``model`` as ``f(x, t)``: itself without ``cond``; else ``model(x, t, cond)`` with
+    the model's label dropout applied first (``drop_labels``, from ``generator``)."""
+    if cond is None:
+        return model
+    drop = getattr(model, "drop_labels", None)
+    if drop is not None:
+        cond = drop(cond, generator)
+    return lambda x, t: model(x, t, cond)
+
+
 def _reduce(v: torch.Tensor, mean: bool) -> torch.Tensor:
     """Per-sample sum (or mean) over data dimensions: ``(B, ...) -> (B,)``."""
     flat = v.reshape(v.shape[0], -1)
@@ -101,12 +114,12 @@ class DenoisingScoreMatching(_TimeLoss):
     name = "dsm"
     Config = DSMConfig
 
-    def __call__(self, model, x0, generator=None):
+    def __call__(self, model, x0, generator=None, cond=None):
         t = uniform_times(x0.shape[0], self.sde, self.eps, generator, x0, self.config.time_sampling)
         z = normal_like(x0, generator)
         _, std = self.sde.marginal(t)
         xt = self.sde.perturb(x0, t, z)
-        score = model(xt, t)
+        score = conditioned(model, cond, generator)(xt, t)
         if self.config.likelihood_weighting:
             # g^2 |s + z / std|^2, as in score_sde_pytorch's get_sde_loss_fn
             per = _reduce((score + z / bcast(std, x0)) ** 2, self.config.reduce_mean)
@@ -135,13 +148,14 @@ class DDPMLoss(Loss):
             return self.config.N
         return int(getattr(self.sde.config, "N", 1000))
 
-    def __call__(self, model, x0, generator=None):
+    def __call__(self, model, x0, generator=None, cond=None):
         N = self.N
         i = torch.randint(1, N + 1, (x0.shape[0],), generator=generator, device=x0.device)
         t = i.to(x0.dtype) / N
         z = normal_like(x0, generator)
         _, std = self.sde.marginal(t)
-        eps_hat = -model(self.sde.perturb(x0, t, z), t) * bcast(std, x0)
+        eps_hat = -conditioned(model, cond, generator)(self.sde.perturb(x0, t, z), t)
+        eps_hat = eps_hat * bcast(std, x0)
         return _reduce((eps_hat - z) ** 2, self.config.reduce_mean).mean()
 
 
@@ -179,7 +193,7 @@ class SMLDLoss(Loss):
             )
         self._times = {}
 
-    def __call__(self, model, x0, generator=None):
+    def __call__(self, model, x0, generator=None, cond=None):
         key = (x0.device, x0.dtype)
         if key not in self._times:
             self._times[key] = self.times.to(x0.device, x0.dtype)
@@ -189,7 +203,7 @@ class SMLDLoss(Loss):
         t = self._times[key][i]
         _, sigma = self.sde.marginal(t)
         z = normal_like(x0, generator)
-        score = model(x0 + bcast(sigma, x0) * z, t)
+        score = conditioned(model, cond, generator)(x0 + bcast(sigma, x0) * z, t)
         # sigma^2 |s + z / sigma|^2 = |sigma s + z|^2 (target score -z / sigma)
         return _reduce((score * bcast(sigma, x0) + z) ** 2, self.config.reduce_mean).mean()
 
@@ -219,7 +233,7 @@ class ImplicitScoreMatching(_TimeLoss):
     name = "ism"
     Config = ISMConfig
 
-    def __call__(self, model, x0, generator=None):
+    def __call__(self, model, x0, generator=None, cond=None):
         d = x0[0].numel()
         if d > self.config.max_dim:
             raise IncompatibleError(
@@ -228,7 +242,7 @@ class ImplicitScoreMatching(_TimeLoss):
                 "ssm (sliced) or raise max_dim"
             )
         xt, t, std = _noisy(self, x0, generator)
-        s = model(xt, t)
+        s = conditioned(model, cond, generator)(xt, t)
         flat = s.reshape(s.shape[0], -1)
         trace = torch.zeros(s.shape[0], device=s.device, dtype=s.dtype)
         for j in range(d):
@@ -257,9 +271,9 @@ class SlicedScoreMatching(_TimeLoss):
     name = "ssm"
     Config = SSMConfig
 
-    def __call__(self, model, x0, generator=None):
+    def __call__(self, model, x0, generator=None, cond=None):
         xt, t, std = _noisy(self, x0, generator)
-        s = model(xt, t)
+        s = conditioned(model, cond, generator)(xt, t)
         B, d = s.shape[0], s[0].numel()
         per = torch.zeros(B, device=s.device, dtype=s.dtype)
         for _ in range(self.config.projections):

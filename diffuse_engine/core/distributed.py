@@ -306,11 +306,20 @@ class ShardedBatches:
         parameters; DDP all-reduces after the last); returns the mean loss (detached)."""
         total = None
         last = len(self.local) - 1
+        # class-conditional models and classifiers train on (x, label) batches
+        labelled = getattr(model, "conditional", False) or getattr(model, "trains_on_labels", False)
         for i, k in enumerate(self.local):
-            x0 = dataset.sample(self.shard_batch, self.data[k]).to(device)
+            if labelled:
+                x0, y = dataset.sample_labelled(self.shard_batch, self.data[k])
+                x0, cond = x0.to(device), {"label": y.to(device)}
+            else:
+                x0 = dataset.sample(self.shard_batch, self.data[k]).to(device)
             sync = nullcontext() if ddp is None or i == last else ddp.no_sync()
             with sync:
-                loss = loss_fn(model, x0, self.noise[k])
+                if labelled:
+                    loss = loss_fn(model, x0, self.noise[k], cond=cond)
+                else:
+                    loss = loss_fn(model, x0, self.noise[k])
                 if len(self.local) > 1:  # one shard: exactly the single-process loss
                     loss = loss / len(self.local)
                 loss.backward()

@@ -9,6 +9,7 @@ import math
 import warnings
 
 from diffuse_engine.components.builder import Builder
+from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.core.memory import check_fits, training_bytes
 from diffuse_engine.training.plots import sample_overrides
 from diffuse_engine.training.settings import TrainSettings
@@ -27,6 +28,7 @@ def check_before_work(builder: Builder, s: TrainSettings, config, model, dataset
             chosen, {"steps": s.plot_steps, **sample_overrides(config)}, with_sets=False
         )
         builder.resolve("solver", s.plot_solver, **routed["solver"])
+    check_labels_fit(model, dataset, config)
     n_params = sum(p.numel() for p in model.parameters())
     per_sample = math.prod(dataset.shape)
     check_fits(
@@ -43,4 +45,25 @@ def check_before_work(builder: Builder, s: TrainSettings, config, model, dataset
             f"{s.lr:.3g}; set warmup below steps (--set warmup=...)",
             UserWarning,
             stacklevel=4,
+        )
+
+
+def check_labels_fit(model, dataset, config) -> None:
+    """A class-conditional model (or a classifier) needs labelled data with as many
+    classes as the model was built for."""
+    if not (getattr(model, "conditional", False) or getattr(model, "trains_on_labels", False)):
+        return
+    want = getattr(model, "num_classes", None)
+    have = getattr(dataset, "num_classes", None)
+    what = f"{config['data']['name']!r}"
+    if have is None:
+        raise DiffuseError(
+            f"model {type(model).name!r} is class-conditional (num_classes = {want}) but "
+            f"dataset {what} has no labels; use a labelled dataset (gmm, digits, an .npz "
+            "with labels, an image folder of class sub-folders) or drop num_classes"
+        )
+    if want != have:
+        raise DiffuseError(
+            f"model {type(model).name!r} has num_classes = {want} but dataset {what} has "
+            f"{have} classes; set num_classes = {have}"
         )
