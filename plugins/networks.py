@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from diffuse_engine import DiffuseError, ScoreConfig, ScoreModel, bcast, hookimpl
 from diffuse_engine.components.score import Parameterisation
+from diffuse_engine.core.memory import FLOAT32, check_fits
 
 
 # ---- time embeddings -----------------------------------------------------------------------
@@ -86,9 +87,16 @@ class NetworkConfig(ScoreConfig):
     )
     sigma_data: float = Field(0.5, gt=0, description="data std assumed by the scalings")
     embedding: Literal["fourier", "sinusoidal"] = Field("fourier", description="time embedding")
-    embedding_dim: int = Field(64, ge=2, description="time-embedding width (even)")
+    embedding_dim: int = Field(64, ge=2, multiple_of=2, description="time-embedding width (even)")
     fourier_scale: float = Field(16.0, gt=0, description="std of the Fourier frequencies")
-    init_seed: int = Field(0, description="seed of the weight initialisation")
+    init_seed: int = Field(0, ge=0, lt=2**63, description="seed of the weight initialisation")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v):
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"shape must be a non-empty list of sizes >= 1, got {v}")
+        return v
 
 
 class NetworkScore(ScoreModel):
@@ -106,8 +114,23 @@ class NetworkScore(ScoreModel):
             )
         self.data_shape = tuple(self.config.shape)
         with torch.random.fork_rng(devices=[]):
+            self._check_size()
             torch.manual_seed(self.config.init_seed)
             self.net = self.build_net(self.data_shape)
+
+    def _check_size(self) -> None:
+        """Refuse, before allocating, a network whose weights alone exceed free memory: the
+        backbone is first built on the ``meta`` device (shapes only) to count them."""
+        if torch.empty(0).device.type == "meta":
+            return  # being built for its shapes only: nothing is allocated
+        with torch.device("meta"):
+            n = sum(p.numel() for p in self.build_net(self.data_shape).parameters())
+        check_fits(
+            n * FLOAT32,
+            "cpu",
+            f"score model {self.name!r} ({n:,} parameters for data {list(self.data_shape)})",
+            "make it smaller (hidden, depth, channels, channel_mult)",
+        )
 
     def build_net(self, shape: tuple[int, ...]) -> nn.Module:
         """The backbone ``F(x_in, t)`` for data of ``shape``."""
@@ -206,7 +229,9 @@ class MLPScore(NetworkScore):
 class UNetConfig(NetworkConfig):
     embedding: Literal["fourier", "sinusoidal"] = Field("sinusoidal", description="time embedding")
     channels: int = Field(64, ge=8, description="channels at the first level")
-    channel_mult: list[int] = Field([1, 2], min_length=1, description="per-level multipliers")
+    channel_mult: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2], min_length=1, description="per-level multipliers (each >= 1)"
+    )
     res_blocks: int = Field(2, ge=1, description="residual blocks per level")
     attention: list[int] = Field([4], description="resolutions with self-attention ([] = none)")
     groups: int = Field(8, ge=1, description="GroupNorm groups")

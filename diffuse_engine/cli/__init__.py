@@ -68,18 +68,60 @@ def build_app(with_plugin_commands: bool = True) -> typer.Typer:
     ):
         common.STATE.debug = debug
         common.STATE.allow_imports = allow_imports
-        if log_metrics:  # the metrics-logger plugin reads it when the engine is built
+        if log_metrics is not None:  # the metrics-logger plugin reads it when built
+            problem = _unwritable_log(log_metrics)
+            if problem:
+                common.err(f"error: --log-metrics {log_metrics!r}: {problem}")
+                raise typer.Exit(2)
             os.environ["DIFFUSE_LOG_METRICS"] = log_metrics
 
     for module in COMMAND_MODULES:
         module.register(app)
     if with_plugin_commands:
-        try:
-            pm, _ = make_plugin_manager()
-            pm.hook.diffuse_register_commands(app=app)
-        except Exception as exc:  # a broken plugin must not take the CLI down
-            common.err(f"warning: plugin commands unavailable: {exc}")
+        _plugin_commands(app)
     return app
+
+
+def _plugin_commands(app: typer.Typer) -> None:
+    """Each plugin's ``diffuse_register_commands``, one at a time: a plugin that fails
+    (or was skipped when loading) is reported and the others' commands still come."""
+    from diffuse_engine.core.plugins import Catalogue
+
+    try:
+        pm, infos = make_plugin_manager()
+        Catalogue.from_plugin_manager(pm, infos)  # unregisters plugins that fail to load
+    except Exception as exc:  # a broken plugin must not take the CLI down
+        common.err(f"warning: plugin commands unavailable: {exc}")
+        return
+    for impl in pm.hook.diffuse_register_commands.get_hookimpls():
+        try:
+            impl.function(app=app)
+        except Exception as exc:
+            common.err(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}")
+
+
+def _unwritable_log(value: str) -> str | None:
+    """Why the metrics log ``value`` cannot be appended to, or ``None`` (checked before
+    the command does any work; nothing is created here)."""
+    from pathlib import Path
+
+    if not value.strip():
+        return "empty path; give a .csv or .jsonl file"
+    p = Path(value).expanduser()
+    if p.is_dir():
+        return "is a folder; give a .csv or .jsonl file"
+    if p.exists() and not p.is_file():
+        return "not a regular file (a FIFO or device would block); give a .csv or .jsonl file"
+    if p.exists():
+        return None if os.access(p, os.W_OK) else "not writable (permission denied or read-only)"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it: {parent} is not writable (permission denied or read-only)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,9 @@
-"""``diffuse bench``: the sampling benchmark (quality per score evaluation, overhead)."""
+"""``diffuse bench``: the sampling benchmark (quality per score evaluation, overhead).
+
+Everything goes into one folder, ``--out`` (default ``runs/bench-TIME``): the JSON-lines
+results, the markdown report and its plots. Rerunning with the same ``--out`` skips the
+finished cells. The repository's own report is regenerated with ``--out docs``.
+"""
 
 from __future__ import annotations
 
@@ -35,12 +40,22 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(
             None, help="torch CPU threads (1 is fastest on a busy machine)"
         ),
-        results: Path = typer.Option(
-            Path("docs/benchmarks.jsonl"),
-            help="JSON-lines results (appended; finished cells are skipped)",
+        out_: str | None = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="folder for results, report and plots (default runs/bench-TIME; "
+            "the same folder again skips finished cells)",
         ),
-        report: Path = typer.Option(Path("docs/benchmarks.md"), help="markdown report"),
-        img_dir: Path = typer.Option(Path("docs/img"), help="folder for the plots"),
+        results: Path | None = typer.Option(
+            None,
+            help="JSON-lines results (default OUT/benchmarks.jsonl; appended, finished "
+            "cells are skipped)",
+        ),
+        report: Path | None = typer.Option(
+            None, help="markdown report (default OUT/benchmarks.md)"
+        ),
+        img_dir: Path | None = typer.Option(None, help="folder for the plots (default OUT/img)"),
         fresh: bool = typer.Option(False, help="ignore earlier results in --results"),
         quality: bool = typer.Option(True, help="run the quality sweep"),
         overhead: bool = typer.Option(True, help="time the engine against a hand-written loop"),
@@ -51,11 +66,14 @@ def register(app: typer.Typer) -> None:
         """Quality of every solver and schedule per score evaluation on the exact GMM,
         throughput, and the engine's overhead; writes a markdown report and plots."""
         import json
+        import time
 
         import torch
 
+        from diffuse_engine.cli.common import out_option
         from diffuse_engine.components.schedules import ALL_SCHEDULES
         from diffuse_engine.core.errors import DiffuseError
+        from diffuse_engine.output.files import FolderLock, make_folder
         from diffuse_engine.testbed import bench as B
 
         if threads is not None:
@@ -75,6 +93,10 @@ def register(app: typer.Typer) -> None:
             )
         if any(b < 1 for b in budgets) or n < 1:
             raise DiffuseError("--nfe budgets and --n must be positive integers")
+        out = out_option(out_) or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        results = results or out / "benchmarks.jsonl"
+        report = report or out / "benchmarks.md"
+        img_dir = img_dir or out / "img"
         for s in solver_list:  # unknown names fail here, before any sampling
             engine.resolve("solver", B.resolve_variant(s)[0])
         for p in _csv(problems):
@@ -87,6 +109,10 @@ def register(app: typer.Typer) -> None:
             for b in budgets
         ]
         log = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
+        lock = FolderLock(out).acquire()  # released when the process ends
+        for folder in (out, results.parent, report.parent, img_dir):
+            make_folder(folder)
+        log(f"writing into {out}")
         records = B.load_results(results) if not fresh else {}
         if quality:
             records = B.sweep(
@@ -109,4 +135,5 @@ def register(app: typer.Typer) -> None:
         elif over_path.exists():
             rows = json.loads(over_path.read_text())
         md = B.write_report(records, rows, report, img_dir)
+        lock.release()
         log(f"wrote {md}")

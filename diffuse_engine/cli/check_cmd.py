@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from diffuse_engine.cli.common import RegistryOpt, SetOpt, handle_errors, make_engine, print_table
+from diffuse_engine.cli.common import (
+    RegistryOpt,
+    SetOpt,
+    check_names,
+    handle_errors,
+    make_engine,
+    print_table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +26,7 @@ def register(app: typer.Typer) -> None:
         solver: str = typer.Option("pc", help="reference solver for an SDE's sample quality"),
         score: str = typer.Option("gmm", help="exact-mixture score entry"),
         steps: int | None = typer.Option(
-            None, help="solver steps for sample quality (default: the solver entry's)"
+            None, min=1, help="solver steps for sample quality (default: the solver entry's)"
         ),
         n: int = typer.Option(20000, "--n", "-n", min=100, help="samples per statistical check"),
         seed: int = typer.Option(0, help="random seed"),
@@ -44,6 +51,7 @@ def register(app: typer.Typer) -> None:
 
         _check_device(device)
         engine = make_engine(registry, set_)
+        check_names(engine, sde=("sde", sde), solver=("solver", solver), score=("score", score))
         common = dict(score=score, steps=steps, n=n, seed=seed, device=device, z=z)
         kind_found = kind or _kind(engine, name)
         extra = dict(solver=solver, mc_steps=mc_steps) if kind_found == "sde" else dict(sde=sde)

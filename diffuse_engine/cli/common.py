@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import sys
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,37 @@ from diffuse_engine.core.errors import DiffuseError
 class _State:
     debug: bool = False
     allow_imports: bool = False
+    reported: set[str] = field(default_factory=set)  # plugins whose failure was reported
 
 
 STATE = _State()
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _width(stream) -> int | None:
+    """rich's own width on a terminal (or with ``COLUMNS`` set); otherwise wide enough
+    that tables and lines piped into a file or ``grep`` are never wrapped at 80."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else 10_000
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
+
+#: OSErrors that are the environment's, not a bug: reported in one line
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EIO,
+}
 
 
 def err(message: str) -> None:
@@ -32,23 +62,82 @@ def err(message: str) -> None:
     err_console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _old=None):
+    """Our own warnings as one ``warning: ...`` line; others as Python prints them."""
+    if issubclass(category, UserWarning) and any(
+        part in str(filename) for part in ("diffuse_engine", "diffuse_plugins", "plugins")
+    ):
+        err(f"warning: {message}")
+    elif _old is not None:
+        _old(message, category, filename, lineno, file, line)
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn user-fixable errors into one line on stderr and exit status 2."""
+    """Turn user-fixable errors into one line on stderr and exit status 2: every
+    :class:`DiffuseError`, and, as a last line of defence, the environment's (a full disk,
+    a read-only folder) and running out of memory. Warnings print as ``warning: ...``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DiffuseError as exc:
-            if STATE.debug:
-                raise
-            err(f"error: {exc}")
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:
-            err(f"interrupted: {exc}" if str(exc) else "interrupted")
-            raise typer.Exit(130) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, _old=warnings.showwarning)
+            try:
+                return fn(*args, **kwargs)
+            except DiffuseError as exc:
+                if STATE.debug:
+                    raise
+                err(f"error: {exc}")
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt as exc:
+                err(f"interrupted: {exc}" if str(exc) else "interrupted")
+                raise typer.Exit(130) from None
+            except OSError as exc:
+                if STATE.debug or exc.errno not in ENVIRONMENT_ERRNOS:
+                    raise
+                from diffuse_engine.output.files import describe_os_error
+
+                where = f"{exc.filename}: " if exc.filename else ""
+                err(f"error: {where}{describe_os_error(exc)}")
+                raise typer.Exit(2) from None
+            except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError too
+                if STATE.debug or not (
+                    isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+                ):
+                    raise
+                first = (str(exc).splitlines() or [""])[0][:160]
+                err(
+                    f"error: out of memory ({first or type(exc).__name__}); ask for less "
+                    "(--batch-size, -n, a smaller model) or use a bigger device"
+                )
+                raise typer.Exit(2) from None
 
     return wrapper
+
+
+def out_option(value: str | None, option: str = "--out") -> Path | None:
+    """An ``--out`` value checked before any work (not empty, not a symlink, not a file,
+    writable), or ``None`` when the option was not given."""
+    if value is None:
+        return None
+    from diffuse_engine.output.files import check_out_path
+
+    return check_out_path(value, option)
+
+
+def check_names(engine, **options: tuple[str, str | None]) -> None:
+    """Check registry names given as options, e.g. ``check_names(engine, model=("score",
+    "mpl"))``, so a mistake names the option the user typed (``--model 'mpl': ... did you
+    mean 'mlp'?``) rather than the registry table it would have filled."""
+    from diffuse_engine.core.errors import RegistryError
+
+    for option, (kind, value) in options.items():
+        if value is None:
+            continue
+        flag = "--" + option.replace("_", "-")
+        try:
+            engine.registry.entry(kind, value)
+        except RegistryError as exc:
+            raise RegistryError(f"{flag} {value!r}: {exc}") from None
 
 
 RegistryOpt = typer.Option(
@@ -85,21 +174,34 @@ def make_engine(registry: list[Path] | None = None, sets: list[str] | None = Non
     from diffuse_engine.core.distributed import launched_by_torchrun
     from diffuse_engine.engine import Engine
 
-    return Engine(
+    engine = Engine(
         registry=registry or [],
         sets=sets or [],
         allow_imports=STATE.allow_imports,
         distributed=launched_by_torchrun(),
     )  # a torchrun worker: all ranks work
+    report_failed_plugins(engine.plugin_infos)
+    return engine
+
+
+def report_failed_plugins(infos) -> None:
+    """One ``warning:`` line per plugin that failed to load (once per process)."""
+    for info in infos:
+        if not info.ok and info.name not in STATE.reported:
+            STATE.reported.add(info.name)
+            err(f"warning: {info.describe()} did not load: {info.error}")
 
 
 def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> None:
-    """Print a rich table to stdout."""
-    table = Table(title=title, title_justify="left")
+    """Print a rich table to stdout; cells are text, never rich markup (a formula such as
+    ``[f - g^2 s]`` shows as written)."""
+    from rich.markup import escape
+
+    table = Table(title=escape(title), title_justify="left")
     for c in columns:
-        table.add_column(c)
+        table.add_column(escape(c))
     for row in rows:
-        table.add_row(*(fmt(v) for v in row))
+        table.add_row(*(escape(fmt(v)) for v in row))
     console.print(table)
 
 

@@ -1,10 +1,16 @@
-"""``diffuse plugins``: what is installed, from where, and what failed."""
+"""``diffuse plugins``: what is installed, from where, and what failed.
+
+It needs only the plugins, not the registry, so it always runs: a plugin that fails to
+import, to register, or clashes with a taken name is listed with its error (and exit
+status 1) while the rest are shown. Docstrings and formulas print as written (``[f - g^2
+s]`` is text, not rich markup).
+"""
 
 from __future__ import annotations
 
 import typer
 
-from diffuse_engine.cli.common import console, handle_errors, make_engine, print_table
+from diffuse_engine.cli.common import console, handle_errors, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -16,11 +22,17 @@ def register(app: typer.Typer) -> None:
         ),
     ):
         """List plugins (distribution, version, status) and the implementations they add."""
-        from diffuse_engine.core.plugins import REGISTRATION_HOOKS
 
-        engine = make_engine()
+        from diffuse_engine.core.plugins import (
+            REGISTRATION_HOOKS,
+            Catalogue,
+            make_plugin_manager,
+        )
+
+        pm, infos = make_plugin_manager()
+        catalogue = Catalogue.from_plugin_manager(pm, infos)
         rows = []
-        for info in engine.plugin_infos:
+        for info in infos:
             status = "ok" if info.ok else f"FAILED: {info.error}"
             rows.append(
                 (
@@ -36,8 +48,8 @@ def register(app: typer.Typer) -> None:
         print_table("plugins", [r[: len(cols)] for r in rows], cols)
         impl_rows = []
         for kind in REGISTRATION_HOOKS:
-            for name in engine.catalogue.names(kind):
-                p = engine.catalogue.provided(kind, name)
+            for name in catalogue.names(kind):
+                p = catalogue.provided(kind, name)
                 impl_rows.append(
                     (kind, name, p.provider, (p.cls.__doc__ or "").strip().split("\n")[0])
                 )
@@ -45,18 +57,13 @@ def register(app: typer.Typer) -> None:
         if verbose:  # each implementation's config schema, as the registry validates it
             from diffuse_engine.core.introspect import config_rows
 
-            infos = {
-                i.name
-                if i.builtin or i.distribution.startswith("(")
-                else f"{i.distribution}:{i.name}": i
-                for i in engine.plugin_infos
-            }
+            by_provider = {i.registered_as: i for i in infos if i.registered_as}
             for kind in REGISTRATION_HOOKS:
-                for name in engine.catalogue.names(kind):
-                    p = engine.catalogue.provided(kind, name)
-                    info = infos.get(p.provider)
+                for name in catalogue.names(kind):
+                    p = catalogue.provided(kind, name)
+                    info = by_provider.get(p.provider)
                     origin = f"{info.distribution} {info.version}".strip() if info else p.provider
-                    rows = config_rows(p.cls.Config, engine.catalogue)
+                    rows = config_rows(p.cls.Config, catalogue)
                     title = (
                         f'{kind} type = "{name}": {p.cls.__module__}.'
                         f"{p.cls.__qualname__} (plugin {p.provider}, {origin})"
@@ -67,5 +74,5 @@ def register(app: typer.Typer) -> None:
                         )
                     else:
                         console.print(title + ": no config fields", markup=False, highlight=False)
-        if any(not i.ok for i in engine.plugin_infos):
+        if any(not i.ok for i in infos):
             raise typer.Exit(1)

@@ -8,13 +8,17 @@ from pathlib import Path
 import typer
 
 from diffuse_engine.cli.common import (
+    NprocOpt,
     RegistryOpt,
     SetOpt,
+    check_names,
     console,
     err,
     handle_errors,
     make_engine,
+    out_option,
     print_table,
+    refuse_nproc_here,
 )
 from diffuse_engine.core.errors import DiffuseError
 
@@ -31,7 +35,7 @@ def register(app: typer.Typer) -> None:
         n: int | None = typer.Option(None, "--n", "-n", help="number of samples"),
         seed: int | None = typer.Option(None, help="random seed"),
         device: str | None = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
-        out: Path | None = typer.Option(
+        out_: str | None = typer.Option(
             None, "--out", "-o", help="run folder (default runs/PRESET-SDE-SOLVER-TIME)"
         ),
         registry: list[Path] | None = RegistryOpt,
@@ -40,11 +44,15 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and stop"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
+        nproc: int | None = NprocOpt,
     ):
         """Sample with a preset, score samples against the exact law, write a run folder."""
         from diffuse_engine.runs import default_out
 
+        refuse_nproc_here(nproc)
+        out = out_option(out_)
         engine = make_engine(registry, set_)
+        check_names(engine, sde=("sde", sde), solver=("solver", solver), score=("score", score))
         plan = engine.plan_run(
             preset, sde=sde, solver=solver, score=score, n=n, seed=seed, device=device, steps=steps
         )

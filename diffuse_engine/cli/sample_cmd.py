@@ -1,4 +1,9 @@
-"""``diffuse sample``: sample a trained checkpoint, write samples, a plot and metrics."""
+"""``diffuse sample``: sample a trained checkpoint, write samples, a plot and metrics.
+
+Everything is checked before the output folder is made (the checkpoint, the solver and
+its overrides, ``--out``); the folder is locked while written. Ctrl-C or SIGTERM stops
+the run, marks ``NAME.partial`` interrupted and exits 130.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from diffuse_engine.cli.common import (
     NprocOpt,
     RegistryOpt,
     SetOpt,
+    check_names,
+    err,
     handle_errors,
     make_engine,
+    out_option,
     print_table,
     refuse_nproc_here,
 )
@@ -31,7 +39,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="random seed"),
         device: str = typer.Option("cpu", help="torch device (cpu, cuda, cuda:1)"),
         ema: bool = typer.Option(True, "--ema/--no-ema", help="sample with the EMA weights"),
-        out: Path | None = typer.Option(
+        out_: str | None = typer.Option(
             None, "--out", "-o", help="output folder (default runs/sample-NAME-SOLVER-TIME)"
         ),
         sample_format: str = typer.Option("pt", "--format", help="samples file: pt or npz"),
@@ -44,11 +52,12 @@ def register(app: typer.Typer) -> None:
         """Sample from a trained checkpoint with any solver; write samples, plot, metrics."""
         from diffuse_engine.cli.run_cmd import _check_device
         from diffuse_engine.cli.train_cmd import split_sets
-        from diffuse_engine.components.mixture import mode_statistics
+        from diffuse_engine.core.distributed import on_main
         from diffuse_engine.core.errors import DiffuseError
-        from diffuse_engine.output.files import RunFolder, write_json
-        from diffuse_engine.runs import SAMPLE_FORMATS, save_tensor
-        from diffuse_engine.training import load_trained, plot_result, sample_overrides
+        from diffuse_engine.output.files import RunFolder
+        from diffuse_engine.output.interrupts import TerminateAsInterrupt
+        from diffuse_engine.runs import SAMPLE_FORMATS
+        from diffuse_engine.training import load_trained, sample_overrides
 
         if sample_format not in SAMPLE_FORMATS:
             raise DiffuseError(
@@ -58,73 +67,108 @@ def register(app: typer.Typer) -> None:
             raise DiffuseError(f"--n must be >= 1, got {n}")
         _check_device(device)
         refuse_nproc_here(nproc)
+        out = out_option(out_)
         registry_sets, overrides = split_sets(set_)
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
+        check_names(engine, solver=("solver", solver))
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
         if steps is not None:
             overrides["steps"] = steps
-        cfg = ckpt.config
+        overrides = {**sample_overrides(ckpt.config), **overrides}
+        _check_sampling(engine, model, ckpt.config, solver, overrides)
         name = (checkpoint if checkpoint.is_dir() else checkpoint.parent).name or "checkpoint"
         out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
-        from diffuse_engine.core.distributed import on_main
-
-        # under torchrun every rank samples its shards; rank 0 alone writes the folder
-        with on_main(engine.dist, RunFolder(out, overwrite)) as folder:
-            result = engine.sampling(
-                score=model,
-                sde=cfg["sde"]["type"],
-                solver=solver,
-                shape=(n, *model.data_shape),
-                seed=seed,
-                device=device,
-                progress=not quiet,
-                **{**sample_overrides(cfg), **overrides},
-            )
-            if folder is None:
-                return
-            x = result.samples.cpu()
-            metrics = {
-                "nfe": result.nfe,
-                "seconds": round(result.seconds, 4),
-                "checkpoint_step": ckpt.step,
-            }
-            if result.setup_nfe:  # a fitted schedule's pilot, spent once for the run
-                metrics["setup_nfe"] = result.setup_nfe
-            mix = getattr(model, "mixture", None)
-            if mix is not None:
-                metrics.update(mode_statistics(x, mix))
-            write_json(
-                folder.path / "config.json",
-                {"checkpoint": str(checkpoint), "sampling": result.config, "training": cfg},
-            )
-            save_tensor(x, folder.path / f"samples.{sample_format}")
-            dataset = engine.builder.build_recorded("data", cfg["data"])
-            plot_result(
-                x,
-                folder.path / "samples.png",
-                dataset=dataset,
-                title=f"{cfg['score']['type']} step {ckpt.step}: {solver}, "
-                f"{result.nfe} score evaluations",
-            )
-            write_json(folder.path / "metrics.json", metrics)
-        if quiet:
+        run_folder = RunFolder(out, overwrite)
+        run_folder.check()  # the output exists, is a file, ...: refused before sampling
+        job = dict(solver=solver, n=n, seed=seed, device=device, progress=not quiet)
+        try:  # SIGTERM (a scheduler's stop) ends it like Ctrl-C: marked, exit 130
+            # under torchrun every rank samples its shards; rank 0 alone writes the folder
+            with TerminateAsInterrupt(), on_main(engine.dist, run_folder) as folder:
+                result = _sample(engine, model, ckpt, overrides, **job)
+                metrics = _write(
+                    engine, folder, result, model, ckpt, checkpoint, sample_format, solver
+                )
+        except (DiffuseError, KeyboardInterrupt):
+            if run_folder.path.is_dir():  # say where the incomplete output is
+                err(f"sampling stopped: incomplete output left in {run_folder.path}")
+            raise
+        if metrics is None or quiet:  # another rank of a distributed run, or --quiet
             return
-        rows = [
-            ("samples", n, str(out / f"samples.{sample_format}")),
-            ("score evaluations", result.nfe, ""),
-        ]
-        if result.setup_nfe:
-            rows.append(("setup evaluations (pilot batch)", result.setup_nfe, ""))
-        rows.append(("seconds", metrics["seconds"], ""))
-        for key, label in (
-            ("weight_max", "largest mode weight error"),
-            ("std_error", "mode std error (relative)"),
-            ("centre_error", "mode centre error (in stds)"),
-        ):
-            if key in metrics:
-                rows.append((label, metrics[key], ""))
-        print_table(
-            f"{cfg['score']['type']} ({cfg['data']['name']}, step {ckpt.step}) / {solver} -> {out}",
-            rows,
-            ["", "value", "note"],
-        )
+        _table(result, metrics, ckpt, solver, n, out / f"samples.{sample_format}", out)
+
+
+def _check_sampling(engine, model, cfg, solver: str, overrides: dict) -> None:
+    """The solver and overrides resolve (as ``Engine.sampling`` will) before any folder."""
+    chosen = {
+        "sde": engine.catalogue.get("sde", cfg["sde"]["type"]),
+        "solver": engine.resolve("solver", solver)[0],
+        "score": type(model),
+    }
+    routed = engine.route_overrides(chosen, overrides)
+    engine.resolve("solver", solver, **routed["solver"])
+
+
+def _sample(engine, model, ckpt, overrides, *, solver, n, seed, device, progress):
+    return engine.sampling(
+        score=model,
+        sde=ckpt.config["sde"]["type"],
+        solver=solver,
+        shape=(n, *model.data_shape),
+        seed=seed,
+        device=device,
+        progress=progress,
+        **overrides,
+    )
+
+
+def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solver):
+    """Samples, plot, metrics and config into ``folder`` (rank 0); the metrics."""
+    from diffuse_engine.components.mixture import mode_statistics
+    from diffuse_engine.output.files import write_json
+    from diffuse_engine.runs import save_tensor
+    from diffuse_engine.training import plot_result
+
+    if folder is None:  # another rank: its shards are in rank 0's samples
+        return None
+    cfg = ckpt.config
+    x = result.samples.cpu()
+    metrics = {"nfe": result.nfe, "seconds": round(result.seconds, 4), "checkpoint_step": ckpt.step}
+    if result.setup_nfe:  # a fitted schedule's pilot, spent once for the run
+        metrics["setup_nfe"] = result.setup_nfe
+    mix = getattr(model, "mixture", None)
+    if mix is not None:
+        metrics.update(mode_statistics(x, mix))
+    write_json(
+        folder.path / "config.json",
+        {"checkpoint": str(checkpoint), "sampling": result.config, "training": cfg},
+    )
+    save_tensor(x, folder.path / f"samples.{sample_format}")
+    dataset = engine.builder.build_recorded("data", cfg["data"])
+    plot_result(
+        x,
+        folder.path / "samples.png",
+        dataset=dataset,
+        title=f"{cfg['score']['type']} step {ckpt.step}: {solver}, {result.nfe} score evaluations",
+    )
+    write_json(folder.path / "metrics.json", metrics)
+    return metrics
+
+
+def _table(result, metrics, ckpt, solver, n, samples_path, out) -> None:
+    cfg = ckpt.config
+    rows = [("samples", n, str(samples_path)), ("score evaluations", result.nfe, "")]
+    if result.setup_nfe:
+        rows.append(("setup evaluations (pilot batch)", result.setup_nfe, ""))
+    rows.append(("seconds", metrics["seconds"], ""))
+    for key, label in (
+        ("weight_max", "largest mode weight error"),
+        ("std_error", "mode std error (relative)"),
+        ("centre_error", "mode centre error (in stds)"),
+    ):
+        if key in metrics:
+            rows.append((label, metrics[key], ""))
+    print_table(
+        f"{cfg['score']['type']} ({cfg['data']['name']}, step {ckpt.step}) / {solver} -> {out}",
+        rows,
+        ["", "value", "note"],
+    )

@@ -11,9 +11,11 @@ from diffuse_engine.cli.common import (
     NprocOpt,
     RegistryOpt,
     SetOpt,
+    check_names,
     console,
     handle_errors,
     make_engine,
+    out_option,
     print_table,
     refuse_nproc_here,
 )
@@ -55,7 +57,7 @@ def register(app: typer.Typer) -> None:
         max_seconds: float | None = typer.Option(
             None, "--max-seconds", help="stop (and checkpoint) after this long"
         ),
-        out: Path | None = typer.Option(
+        out_: str | None = typer.Option(
             None, "--out", "-o", help="training folder (default runs/train-DATA-SDE-MODEL-TIME)"
         ),
         resume: bool = typer.Option(False, help="continue the run in --out from its checkpoint"),
@@ -67,10 +69,14 @@ def register(app: typer.Typer) -> None:
     ):
         """Train a score model (data + SDE + network + loss); checkpoints go to --out."""
         from diffuse_engine.core.errors import DiffuseError
+        from diffuse_engine.training.settings import split_overrides
 
         refuse_nproc_here(nproc)
+        out = out_option(out_)
         registry_sets, overrides = split_sets(set_)
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
+        check_names(engine, data=("data", data), sde=("sde", sde), model=("score", model))
+        check_names(engine, loss=("loss", loss))
         explicit = {
             "steps": steps,
             "batch_size": batch_size,
@@ -83,6 +89,16 @@ def register(app: typer.Typer) -> None:
         overrides.update({k: v for k, v in explicit.items() if v is not None})
         if resume and out is None:
             raise DiffuseError("--resume needs --out, the training folder to continue")
+        if not resume:  # every setting is checked, and named as typed, before any work
+            choices = {"data": data, "sde": sde, "model": model, "loss": loss}
+            engine.registry.train_settings(
+                preset,
+                {
+                    **{k: v for k, v in choices.items() if v is not None},
+                    **split_overrides(overrides)[0],
+                },
+                override_source="command line",
+            )
         if out is None:
             s = engine.registry.train_settings(
                 preset,
@@ -131,4 +147,6 @@ def register(app: typer.Typer) -> None:
             rows,
             ["", "value", "note"],
         )
-        console.print(f"plot: {out / 'samples.png'}", markup=False, highlight=False)
+        for label, name in (("plot", "samples.png"), ("loss curve", "loss.png")):
+            if (out / name).is_file():
+                console.print(f"{label}: {out / name}", markup=False, highlight=False)

@@ -332,9 +332,8 @@ class Registry:
             settings = TrainSettings.model_validate({**entry.fields, **(overrides or {})})
         except ValidationError as exc:
             bad = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None
-            raise RegistryError(
-                format_validation_error(entry.where(bad), exc, TrainSettings)
-            ) from None
+            where = f"{override_source}:" if bad in (overrides or {}) else entry.where(bad)
+            raise RegistryError(format_validation_error(where, exc, TrainSettings)) from None
         for field_name, kind in (
             ("data", "data"),
             ("sde", "sde"),
