@@ -13,7 +13,9 @@ randomness comes only from ``generator`` so training is reproducible.
 * ``digits``: the 1797 8x8 handwritten digits bundled with scikit-learn (no download),
   scaled from [0, 16] to [-1, 1], optionally centred by the training-set mean image;
   a seeded ``holdout`` fraction is kept out of the ``train`` split for evaluation.
-* ``file``: a ``.npy`` / ``.pt`` tensor file, or a folder of images scaled to [-1, 1].
+* ``file``: a ``.npy`` / ``.pt`` tensor file, or a folder of images scaled to [-1, 1],
+  read as untrusted input (:mod:`diffuse_plugins.data_files`: validated before anything
+  is allocated, never blocking on a FIFO or device, never running code).
 
 Labelled datasets (``num_classes`` and ``sample_labelled``, for class-conditional
 training): ``gmm`` (the mode index), ``digits`` (the digit), ``file`` given an ``.npz``
@@ -31,6 +33,7 @@ import torch
 from pydantic import Field
 
 from diffuse_engine import ComponentConfig, Dataset, DiffuseError, hookimpl
+from diffuse_plugins.data_files import read_images, read_npy, read_pt
 from diffuse_plugins.gmm import MixtureFields, build_mixture
 
 
@@ -230,8 +233,7 @@ class Digits(_Finite):
         return x.reshape(len(x), 8, 8) + self.mean_image
 
 
-# ---- the user's files -------------------------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+# ---- the user's files (read by diffuse_plugins.data_files, as untrusted input) ----------
 
 
 class FileConfig(ComponentConfig):
@@ -254,25 +256,11 @@ class FileData(_Finite):
     def load(self):
         p = Path(self.config.path).expanduser()
         if p.is_dir():
-            x = self._folder(p)
-        elif p.suffix == ".npz":
-            x = self._npz(p)
+            x = read_images(p, self.config.channels)
         elif p.suffix == ".npy":
-            try:
-                x = torch.from_numpy(np.load(p, allow_pickle=False))
-            except (OSError, ValueError) as exc:
-                raise DiffuseError(f"data file {p}: cannot read as .npy ({exc})") from None
+            x = read_npy(p)
         elif p.suffix == ".pt":
-            try:
-                x = torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises many types for bad files
-                raise DiffuseError(
-                    f"data file {p}: cannot read as a tensor .pt file ({type(exc).__name__})"
-                ) from None
-            if not isinstance(x, torch.Tensor):
-                raise DiffuseError(
-                    f"data file {p}: holds a {type(x).__name__}; expected a single tensor"
-                )
+            x = read_pt(p)
         elif not p.exists():
             raise DiffuseError(
                 f"data path {p} does not exist; give a .npy/.pt file or an image folder"
@@ -281,10 +269,6 @@ class FileData(_Finite):
             raise DiffuseError(
                 f"data file {p}: unsupported suffix {p.suffix!r}; allowed: "
                 ".npy, .pt or a folder of images"
-            )
-        if x.dim() < 2 or x.shape[0] == 0 or x.is_complex() or x.dtype == torch.bool:
-            raise DiffuseError(
-                f"data {p}: expected a (n, *dims) array with n >= 1, got shape {tuple(x.shape)}"
             )
         x = x.float()
         if self.config.scale is not None and not p.is_dir():
@@ -295,86 +279,6 @@ class FileData(_Finite):
         if not torch.isfinite(x).all():
             raise DiffuseError(f"data {p}: contains NaN or Inf values")
         return x
-
-    # ---- labelled files (class-conditional training) ------------------------------------
-    @property
-    def labels(self) -> torch.Tensor | None:
-        """Class labels of an ``.npz`` with ``labels`` or a folder of class sub-folders."""
-        _ = self.data
-        return self._file_labels
-
-    @property
-    def num_classes(self) -> int | None:
-        """``max(label) + 1`` for labelled files (labels are ``0 .. K - 1``), else None."""
-        labels = self.labels
-        return None if labels is None else int(labels.max()) + 1
-
-    def _npz(self, p: Path) -> torch.Tensor:
-        """``x`` (and optional integer ``labels``, one per row) of a numpy ``.npz``."""
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise DiffuseError(f"data file {p}: cannot read as .npz ({exc})") from None
-        if "x" not in arrays:
-            raise DiffuseError(
-                f"data file {p}: no array 'x' (has {', '.join(arrays) or 'none'}); an .npz "
-                "holds the data as 'x' and optional integer class labels as 'labels'"
-            )
-        x = torch.from_numpy(arrays["x"])
-        if "labels" in arrays:
-            y = arrays["labels"]
-            if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(arrays["x"]):
-                raise DiffuseError(
-                    f"data file {p}: 'labels' must be one integer per row of 'x' "
-                    f"({len(arrays['x'])}), got {y.dtype} of shape {y.shape}"
-                )
-            if len(y) and y.min() < 0:
-                raise DiffuseError(f"data file {p}: 'labels' are negative; use 0 .. K - 1")
-            self._file_labels = torch.from_numpy(y.astype(np.int64))
-        return x
-
-    def _folder(self, folder: Path) -> torch.Tensor:
-        """Images of ``folder``; with one sub-folder per class (and no loose images), the
-        classes are the sub-folders in sorted name order, as torchvision's ImageFolder."""
-        subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-        loose = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not subs or loose:
-            return self._images(folder)
-        parts = [self._images(d) for d in subs]
-        if len({tuple(x.shape[1:]) for x in parts}) > 1:
-            raise DiffuseError(
-                f"data folder {folder}: the class folders hold images of different sizes; "
-                "all images must have one size"
-            )
-        self.class_names = [d.name for d in subs]
-        self._file_labels = torch.cat(
-            [torch.full((len(x),), k, dtype=torch.int64) for k, x in enumerate(parts)]
-        )
-        return torch.cat(parts)
-
-    def _images(self, folder: Path) -> torch.Tensor:
-        from PIL import Image
-
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DiffuseError(f"data folder {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        mode = "L" if self.config.channels == 1 else "RGB"
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(np.asarray(im.convert(mode), dtype=np.float32))
-            except OSError as exc:
-                raise DiffuseError(f"data folder {folder}: cannot read {f.name} ({exc})") from None
-            if arrays[-1].shape != arrays[0].shape:
-                raise DiffuseError(
-                    f"data folder {folder}: {f.name} is {arrays[-1].shape[:2]}, "
-                    f"{files[0].name} is {arrays[0].shape[:2]}; all images must "
-                    "have one size"
-                )
-        x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
-        return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 @hookimpl

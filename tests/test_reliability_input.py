@@ -248,15 +248,15 @@ DATA_MISTAKES = {
     "empty array": (lambda p: _save_npy(p / "a.npy", np.zeros((0, 2))), "n >= 1"),
     "complex dtype": (
         lambda p: _save_npy(p / "a.npy", np.zeros((4, 2), np.complex64)),
-        "expected a (n, *dims) array",
+        "holds complex values",
     ),
     "boolean dtype": (
         lambda p: _save_npy(p / "a.npy", np.zeros((4, 2), bool)),
-        "expected a (n, *dims) array",
+        "holds boolean values",
     ),
     "object array (needs pickle)": (
         lambda p: _save_npy(p / "a.npy", np.array([{"a": 1}, None], dtype=object)),
-        "cannot read as .npy",
+        "holds object (pickled) values",
     ),
     "NaN values": (lambda p: _save_npy(p / "a.npy", np.full((4, 2), np.nan)), "NaN or Inf"),
     "not a tensor in .pt": (

@@ -1,0 +1,194 @@
+"""Reading the user's data files for the ``file`` dataset, as untrusted input.
+
+Every check happens before the data are allocated, and nothing ever blocks or runs code:
+
+* only regular files are opened (``stat.S_ISREG``): a FIFO or a device would block the
+  read forever or stream without end;
+* ``.npy``: the header is read first (``numpy.lib.format``), never pickles
+  (``allow_pickle=False``); its dtype must be a plain number (no structured, string,
+  datetime, object or complex arrays), its shape must be ``(n, *dims)`` with every size
+  >= 1, and the file must hold as many bytes as the header claims (a crafted header
+  could otherwise ask for terabytes); the array is then mapped (``mmap_mode="r"``) and
+  copied as float32 only once it is known to fit in memory. An ``.npz`` archive under an
+  ``.npy`` name is recognised by its zip signature;
+* ``.pt``: ``torch.load(weights_only=True)`` (no code), a single dense (strided) tensor
+  on a real device: sparse, quantised and meta tensors are refused;
+* image folders: each image's size is read from its header before decoding, and images
+  above Pillow's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: a small file that
+  decodes to gigapixels) or a folder that would not fit in memory are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffuse_engine import DiffuseError
+from diffuse_engine.core.memory import FLOAT32, check_fits
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def regular_file(p: Path, what: str = "data file") -> int:
+    """The size of ``p`` if it is a regular file (never opens it); else a one-line error."""
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise DiffuseError(f"{what} {p}: cannot read it ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DiffuseError(
+            f"{what} {p}: not a regular file (a FIFO, socket or device would block or "
+            "never end); give a .npy/.pt file or an image folder"
+        )
+    if st.st_size == 0:
+        raise DiffuseError(f"{what} {p}: the file is empty (0 bytes)")
+    return st.st_size
+
+
+def check_shape(p: Path, shape: tuple[int, ...]) -> None:
+    """``(n, *dims)`` with ``n >= 1`` and every dimension >= 1."""
+    if len(shape) < 2 or min(shape) < 1:
+        raise DiffuseError(
+            f"data {p}: expected a (n, *dims) array with n >= 1 and every dimension >= 1, "
+            f"got shape {tuple(shape)}"
+        )
+
+
+def _fits(p: Path, shape: tuple[int, ...]) -> None:
+    check_fits(
+        math.prod(shape) * FLOAT32,
+        "cpu",
+        f"data {p} (shape {tuple(shape)} as float32)",
+        "use a smaller file or a subset of it",
+    )
+
+
+def read_npy(p: Path) -> torch.Tensor:
+    """A ``.npy`` array as a float32 tensor (see the module doc for what is checked)."""
+    size = regular_file(p)
+    fmt = np.lib.format
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+            if head.startswith(ZIP_MAGIC):
+                raise DiffuseError(
+                    f"data file {p}: is a .npz (zip) archive, not an .npy array; save one "
+                    "array with numpy.save, or rename it .npz and extract the array"
+                )
+            f.seek(0)
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            offset = f.tell()
+    except DiffuseError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise DiffuseError(
+            f"data file {p}: cannot read as .npy ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]})"
+        ) from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+        kind = (
+            "structured"
+            if dtype.fields is not None
+            else {
+                "U": "string",
+                "S": "bytes",
+                "M": "datetime",
+                "m": "timedelta",
+                "O": "object (pickled)",
+                "c": "complex",
+                "V": "raw bytes",
+            }.get(dtype.kind, dtype.kind)
+        )
+        raise DiffuseError(
+            f"data file {p}: holds {kind} values (dtype {dtype}); expected real numbers "
+            "(float or integer)"
+        )
+    if dtype.kind == "b":
+        raise DiffuseError(f"data file {p}: holds boolean values; expected real numbers")
+    check_shape(p, tuple(shape))
+    need = math.prod(shape) * dtype.itemsize
+    if size - offset < need:
+        raise DiffuseError(
+            f"data file {p}: its header claims shape {tuple(shape)} ({need:,} bytes) but the "
+            f"file holds {size - offset:,} bytes of data; it is truncated or crafted"
+        )
+    _fits(p, tuple(shape))
+    try:
+        mapped = np.load(p, mmap_mode="r", allow_pickle=False)
+        return torch.from_numpy(np.array(mapped, dtype=np.float32))
+    except (OSError, ValueError) as exc:
+        raise DiffuseError(f"data file {p}: cannot read as .npy ({exc})") from None
+
+
+def read_pt(p: Path) -> torch.Tensor:
+    """A ``.pt`` file holding one dense tensor, loaded without running code."""
+    regular_file(p)
+    try:
+        x = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        raise DiffuseError(
+            f"data file {p}: cannot read as a tensor .pt file ({type(exc).__name__})"
+        ) from None
+    if not isinstance(x, torch.Tensor):
+        raise DiffuseError(f"data file {p}: holds a {type(x).__name__}; expected a single tensor")
+    if x.layout != torch.strided or x.is_quantized:
+        raise DiffuseError(
+            f"data file {p}: holds a {x.layout} tensor; expected a dense one (sparse: "
+            "save x.to_dense())"
+        )
+    if x.device.type == "meta":
+        raise DiffuseError(f"data file {p}: holds a meta tensor (shapes only, no values)")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise DiffuseError(f"data file {p}: holds a {x.dtype} tensor; expected real numbers")
+    check_shape(p, tuple(x.shape))
+    return x
+
+
+def read_images(folder: Path, channels: int) -> torch.Tensor:
+    """A folder of equally sized images as ``(n, C, H, W)`` in [-1, 1]."""
+    from PIL import Image
+
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DiffuseError(f"data folder {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    mode = "L" if channels == 1 else "RGB"
+    limit = Image.MAX_IMAGE_PIXELS
+    arrays: list[np.ndarray] = []
+    for f in files:
+        regular_file(f, "image")
+        try:
+            with warnings.catch_warnings():  # we refuse bombs ourselves, in one line
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(f)  # reads the header only
+            with im:
+                w, h = im.size
+                if limit is not None and w * h > limit:
+                    raise DiffuseError(
+                        f"data folder {folder}: {f.name} is {w}x{h} = {w * h:,} pixels, over "
+                        f"Pillow's MAX_IMAGE_PIXELS ({limit:,}): a decompression bomb?"
+                    )
+                if not arrays:
+                    _fits(folder, (len(files), channels, h, w))
+                arrays.append(np.asarray(im.convert(mode), dtype=np.float32))
+        except DiffuseError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DiffuseError(f"data folder {folder}: cannot read {f.name} ({exc})") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise DiffuseError(
+                f"data folder {folder}: {f.name} is {arrays[-1].shape[:2]}, "
+                f"{files[0].name} is {arrays[0].shape[:2]}; all images must have one size"
+            )
+    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
+    return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
