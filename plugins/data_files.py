@@ -11,6 +11,8 @@ Every check happens before the data are allocated, and nothing ever blocks or ru
   could otherwise ask for terabytes); the array is then mapped (``mmap_mode="r"``) and
   copied as float32 only once it is known to fit in memory. An ``.npz`` archive under an
   ``.npy`` name is recognised by its zip signature;
+* ``.npz``: ``x`` (and optional integer ``labels``), each member's unpacked size read
+  from the zip directory and checked against memory before it is decompressed;
 * ``.pt``: ``torch.load(weights_only=True)`` (no code), a single dense (strided) tensor
   on a real device: sparse, quantised and meta tensors are refused;
 * image folders: each image's size is read from its header before decoding, and images
@@ -96,26 +98,7 @@ def read_npy(p: Path) -> torch.Tensor:
             f"data file {p}: cannot read as .npy ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:120]})"
         ) from None
-    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
-        kind = (
-            "structured"
-            if dtype.fields is not None
-            else {
-                "U": "string",
-                "S": "bytes",
-                "M": "datetime",
-                "m": "timedelta",
-                "O": "object (pickled)",
-                "c": "complex",
-                "V": "raw bytes",
-            }.get(dtype.kind, dtype.kind)
-        )
-        raise DiffuseError(
-            f"data file {p}: holds {kind} values (dtype {dtype}); expected real numbers "
-            "(float or integer)"
-        )
-    if dtype.kind == "b":
-        raise DiffuseError(f"data file {p}: holds boolean values; expected real numbers")
+    check_dtype(p, dtype)
     check_shape(p, tuple(shape))
     need = math.prod(shape) * dtype.itemsize
     if size - offset < need:
@@ -129,6 +112,74 @@ def read_npy(p: Path) -> torch.Tensor:
         return torch.from_numpy(np.array(mapped, dtype=np.float32))
     except (OSError, ValueError) as exc:
         raise DiffuseError(f"data file {p}: cannot read as .npy ({exc})") from None
+
+
+def check_dtype(p: Path, dtype: np.dtype, what: str = "") -> None:
+    """A plain real number dtype (no structured, string, datetime, object, complex, bool)."""
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "iuf":
+        kind = (
+            "structured"
+            if dtype.fields is not None
+            else {
+                "U": "string",
+                "S": "bytes",
+                "M": "datetime",
+                "m": "timedelta",
+                "O": "object (pickled)",
+                "c": "complex",
+                "V": "raw bytes",
+                "b": "boolean",
+            }.get(dtype.kind, dtype.kind)
+        )
+        raise DiffuseError(
+            f"data file {p}: {what}holds {kind} values (dtype {dtype}); expected real numbers "
+            "(float or integer)"
+        )
+
+
+def read_npz(p: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` and optional integer ``labels`` (one per row) of a numpy ``.npz``; each
+    member's uncompressed size is read from the zip directory and checked against
+    memory before it is decompressed (a small archive can inflate to terabytes)."""
+    import zipfile
+
+    regular_file(p)
+    try:
+        with zipfile.ZipFile(p) as zf:
+            sizes = {i.filename.removesuffix(".npy"): i.file_size for i in zf.infolist()}
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise DiffuseError(f"data file {p}: cannot read as .npz ({exc})") from None
+    if "x" not in sizes:
+        raise DiffuseError(
+            f"data file {p}: no array 'x' (has {', '.join(sizes) or 'none'}); an .npz "
+            "holds the data as 'x' and optional integer class labels as 'labels'"
+        )
+    check_fits(
+        sum(sizes.get(k, 0) for k in ("x", "labels")) * 2,
+        "cpu",
+        f"data {p} (its arrays unpacked)",
+        "use a smaller file or a subset of it",
+    )
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("x", "labels") if k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DiffuseError(f"data file {p}: cannot read as .npz ({exc})") from None
+    x_np = arrays["x"]
+    check_dtype(p, x_np.dtype, "'x' ")
+    check_shape(p, tuple(x_np.shape))
+    labels = None
+    if "labels" in arrays:
+        y = arrays["labels"]
+        if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x_np):
+            raise DiffuseError(
+                f"data file {p}: 'labels' must be one integer per row of 'x' "
+                f"({len(x_np)}), got {y.dtype} of shape {y.shape}"
+            )
+        if len(y) and y.min() < 0:
+            raise DiffuseError(f"data file {p}: 'labels' are negative; use 0 .. K - 1")
+        labels = torch.from_numpy(y.astype(np.int64))
+    return torch.from_numpy(np.asarray(x_np, dtype=np.float32)), labels
 
 
 def read_pt(p: Path) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from diffuse_engine import ComponentConfig, Dataset, DiffuseError, hookimpl
-from diffuse_plugins.data_files import read_images, read_npy, read_pt
+from diffuse_plugins.data_files import IMAGE_SUFFIXES, read_images, read_npy, read_npz, read_pt
 from diffuse_plugins.gmm import MixtureFields, build_mixture
 
 
@@ -247,7 +247,7 @@ class FileConfig(ComponentConfig):
 
 
 class FileData(_Finite):
-    """Your own data: a .npy/.pt tensor file or a folder of equally sized images."""
+    """Your own data: a .npy/.npz/.pt tensor file or a folder of equally sized images."""
 
     name = "file"
     Config = FileConfig
@@ -256,7 +256,11 @@ class FileData(_Finite):
     def load(self):
         p = Path(self.config.path).expanduser()
         if p.is_dir():
-            x = read_images(p, self.config.channels)
+            x = self._folder(p)
+        elif p.suffix == ".npz":
+            x, labels = read_npz(p)
+            if labels is not None:
+                self._file_labels = labels
         elif p.suffix == ".npy":
             x = read_npy(p)
         elif p.suffix == ".pt":
@@ -268,7 +272,7 @@ class FileData(_Finite):
         else:
             raise DiffuseError(
                 f"data file {p}: unsupported suffix {p.suffix!r}; allowed: "
-                ".npy, .pt or a folder of images"
+                ".npy, .npz, .pt or a folder of images"
             )
         x = x.float()
         if self.config.scale is not None and not p.is_dir():
@@ -279,6 +283,38 @@ class FileData(_Finite):
         if not torch.isfinite(x).all():
             raise DiffuseError(f"data {p}: contains NaN or Inf values")
         return x
+
+    # ---- labelled files (class-conditional training) ------------------------------------
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Class labels of an ``.npz`` with ``labels`` or a folder of class sub-folders."""
+        _ = self.data
+        return self._file_labels
+
+    @property
+    def num_classes(self) -> int | None:
+        """``max(label) + 1`` for labelled files (labels are ``0 .. K - 1``), else None."""
+        labels = self.labels
+        return None if labels is None else int(labels.max()) + 1
+
+    def _folder(self, folder: Path) -> torch.Tensor:
+        """Images of ``folder``; with one sub-folder per class (and no loose images), the
+        classes are the sub-folders in sorted name order, as torchvision's ImageFolder."""
+        subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        loose = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not subs or loose:
+            return read_images(folder, self.config.channels)
+        parts = [read_images(d, self.config.channels) for d in subs]
+        if len({tuple(x.shape[1:]) for x in parts}) > 1:
+            raise DiffuseError(
+                f"data folder {folder}: the class folders hold images of different sizes; "
+                "all images must have one size"
+            )
+        self.class_names = [d.name for d in subs]
+        self._file_labels = torch.cat(
+            [torch.full((len(x),), k, dtype=torch.int64) for k, x in enumerate(parts)]
+        )
+        return torch.cat(parts)
 
 
 @hookimpl
