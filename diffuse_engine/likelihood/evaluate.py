@@ -239,6 +239,13 @@ def ode_log_likelihood(
         )
     if not torch.is_floating_point(x):
         raise DiffuseError(f"log_likelihood needs floating-point data, got {x.dtype}")
+    finite = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    if not bool(finite.all()):  # the ODE solver would stall on them ("underflow in dt")
+        rows = (~finite).nonzero().flatten()
+        raise DiffuseError(
+            f"log_likelihood: {rows.numel()} of {x.shape[0]} data points contain NaN/Inf "
+            f"(first: row {int(rows[0])}); clean or drop them"
+        )
     eps = sde.sampling_eps if c.eps is None else c.eps
     T = float(sde.T)
     D = x[0].numel()
@@ -347,6 +354,13 @@ def evaluate(
     routed = builder.route_overrides(chosen, rest, with_sets=False)  # sets are in `rest`
     sde_obj = builder.build("sde", sde, **routed["sde"])
     score_obj = builder.bind_score(score, sde_obj, **routed["score"])
+    data_shape = getattr(score_obj, "data_shape", None)
+    if data_shape is not None and tuple(x.shape[1:]) != tuple(data_shape):
+        raise DiffuseError(
+            f"log_likelihood: data of shape {tuple(x.shape)} but score model "
+            f"{score if isinstance(score, str) else score_cls.name!r} is for data "
+            f"{tuple(data_shape)}; give points of shape (n, {', '.join(map(str, data_shape))})"
+        )
     if hasattr(score_obj, "to"):
         score_obj = score_obj.to(device)
     counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)

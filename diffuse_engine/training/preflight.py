@@ -18,6 +18,7 @@ from diffuse_engine.training.settings import TrainSettings
 def check_before_work(builder: Builder, s: TrainSettings, config, model, dataset, device):
     """What would otherwise fail after training: the plots' sampling settings, memory for
     the batch and the model, and a warm-up the run never finishes (a warning)."""
+    _check_model(model, dataset, config)
     if s.plot_n:  # the final plot samples with these; a mistake must not wait for the end
         chosen = {
             "sde": builder.catalogue.get("sde", config["sde"]["type"]),
@@ -66,4 +67,29 @@ def check_labels_fit(model, dataset, config) -> None:
         raise DiffuseError(
             f"model {type(model).name!r} has num_classes = {want} but dataset {what} has "
             f"{have} classes; set num_classes = {have}"
+        )
+
+
+def _check_model(model, dataset, config) -> None:
+    """The trainable model keeps the contract training relies on (docs/plugins.md): a
+    ``torch.nn.Module`` backbone ``net`` and a ``data_shape`` equal to the data's."""
+    import torch
+
+    name = config["score"]["type"]
+    if not isinstance(getattr(model, "net", None), torch.nn.Module):
+        raise DiffuseError(
+            f"score model {name!r} has no torch.nn.Module backbone 'net'; trainable models "
+            "must expose one (docs/plugins.md, trainable score models)"
+        )
+    shape = getattr(model, "data_shape", None)
+    if shape is None:
+        raise DiffuseError(
+            f"score model {name!r} has no data_shape; trainable models must set it from "
+            "their 'shape' config field (docs/plugins.md, trainable score models)"
+        )
+    if tuple(shape) != tuple(dataset.shape):
+        raise DiffuseError(
+            f"score model {name!r} is built for data of shape {list(shape)} but data "
+            f"{config['data']['name']!r} has shape {list(dataset.shape)}; drop the model's "
+            "shape setting (training fills it from the data) or use matching data"
         )
