@@ -129,14 +129,16 @@ class TrainingFolder:
     def fail(self, exc: BaseException) -> None:
         """Clean up after a failed run: a replacing run's sibling goes, ``out`` stays; a
         folder that is kept records the error in ``status.json`` (best effort)."""
-        if not self.opened or isinstance(exc, KeyboardInterrupt):
-            return  # an interrupted run's status.json already says where it stopped
-        if self.replacing:
+        if not self.opened:
+            return
+        if self.replacing:  # the old run stays as it was; the unfinished new one goes
             try:
                 remove_tree(self.path)
-            except OSError:
+            except (OSError, OutputError):
                 pass
             return
+        if isinstance(exc, KeyboardInterrupt):
+            return  # an interrupted run's status.json already says where it stopped
         status = self.path / "status.json"
         try:
             previous = json.loads(status.read_text()) if status.is_file() else {}
