@@ -157,6 +157,25 @@ SetOpt = typer.Option(
     "-s",
     help="KEY=VALUE override: FIELD, KIND.FIELD or KIND.NAME.FIELD (repeatable)",
 )
+LogOpt = typer.Option(
+    None,
+    "--log",
+    metavar="LOGGER",
+    help="also log to: tensorboard (event files in OUT/tensorboard; needs the extra "
+    "diffuse-engine[tensorboard]); csv (losses.csv, metrics.json) is always written",
+)
+LOGGERS = ("csv", "tensorboard")
+
+
+def use_loggers(names: list[str] | None) -> None:
+    """``--log NAME`` (repeatable): set ``DIFFUSE_LOG`` for the logger plugins the engine
+    enables when built (the tensorboard observer reads it), as ``--log-metrics`` does."""
+    bad = [n for n in names or [] if n not in LOGGERS]
+    if bad:
+        raise DiffuseError(f"--log {bad[0]!r}: unknown logger; choices: {', '.join(LOGGERS)}")
+    extra = sorted({n for n in names or [] if n != "csv"})
+    if extra:
+        os.environ["DIFFUSE_LOG"] = ",".join(extra)
 
 
 def refuse_nproc_here(nproc: int | None) -> None:

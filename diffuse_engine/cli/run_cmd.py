@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from diffuse_engine.cli.common import (
+    LogOpt,
     NprocOpt,
     RegistryOpt,
     SetOpt,
@@ -19,6 +20,7 @@ from diffuse_engine.cli.common import (
     out_option,
     print_table,
     refuse_nproc_here,
+    use_loggers,
 )
 from diffuse_engine.core.errors import DiffuseError
 
@@ -45,12 +47,14 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and stop"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
         nproc: int | None = NprocOpt,
+        log: list[str] | None = LogOpt,
     ):
         """Sample with a preset, score samples against the exact law, write a run folder."""
         from diffuse_engine.runs import default_out
 
         refuse_nproc_here(nproc)
         out = out_option(out_)
+        use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, set_)
         check_names(engine, sde=("sde", sde), solver=("solver", solver), score=("score", score))
         plan = engine.plan_run(

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from diffuse_engine.cli.common import (
+    LogOpt,
     NprocOpt,
     RegistryOpt,
     SetOpt,
@@ -23,6 +24,7 @@ from diffuse_engine.cli.common import (
     out_option,
     print_table,
     refuse_nproc_here,
+    use_loggers,
 )
 
 
@@ -48,6 +50,7 @@ def register(app: typer.Typer) -> None:
         set_: list[str] | None = SetOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
         nproc: int | None = NprocOpt,
+        log: list[str] | None = LogOpt,
     ):
         """Sample from a trained checkpoint with any solver; write samples, plot, metrics."""
         from diffuse_engine.cli.run_cmd import _check_device
@@ -69,6 +72,7 @@ def register(app: typer.Typer) -> None:
         refuse_nproc_here(nproc)
         out = out_option(out_)
         registry_sets, overrides = split_sets(set_)
+        use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
         check_names(engine, solver=("solver", solver))
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
@@ -81,6 +85,19 @@ def register(app: typer.Typer) -> None:
         run_folder = RunFolder(out, overwrite)
         run_folder.check()  # the output exists, is a file, ...: refused before sampling
         job = dict(solver=solver, n=n, seed=seed, device=device, progress=not quiet)
+        run = {
+            "command": "sample",
+            "out": str(out),
+            "config": {
+                "checkpoint": str(checkpoint),
+                "solver": solver,
+                "n": n,
+                "seed": seed,
+                "overrides": overrides,
+            },
+        }
+        if engine.dist.is_main:  # events for observers (metrics and tensorboard loggers)
+            engine.hook.diffuse_run_start(run=run)
         try:  # SIGTERM (a scheduler's stop) ends it like Ctrl-C: marked, exit 130
             # under torchrun every rank samples its shards; rank 0 alone writes the folder
             with TerminateAsInterrupt(), on_main(engine.dist, run_folder) as folder:
@@ -92,6 +109,8 @@ def register(app: typer.Typer) -> None:
             if run_folder.path.is_dir():  # say where the incomplete output is
                 err(f"sampling stopped: incomplete output left in {run_folder.path}")
             raise
+        if metrics is not None:
+            engine.hook.diffuse_run_end(run=run, metrics=metrics)
         if metrics is None or quiet:  # another rank of a distributed run, or --quiet
             return
         _table(result, metrics, ckpt, solver, n, out / f"samples.{sample_format}", out)

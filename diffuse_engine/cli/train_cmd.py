@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from diffuse_engine.cli.common import (
+    LogOpt,
     NprocOpt,
     RegistryOpt,
     SetOpt,
@@ -18,6 +19,7 @@ from diffuse_engine.cli.common import (
     out_option,
     print_table,
     refuse_nproc_here,
+    use_loggers,
 )
 
 
@@ -66,6 +68,7 @@ def register(app: typer.Typer) -> None:
         set_: list[str] | None = SetOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
         nproc: int | None = NprocOpt,
+        log: list[str] | None = LogOpt,
     ):
         """Train a score model (data + SDE + network + loss); checkpoints go to --out."""
         from diffuse_engine.core.errors import DiffuseError
@@ -74,6 +77,7 @@ def register(app: typer.Typer) -> None:
         refuse_nproc_here(nproc)
         out = out_option(out_)
         registry_sets, overrides = split_sets(set_)
+        use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
         check_names(engine, data=("data", data), sde=("sde", sde), model=("score", model))
         check_names(engine, loss=("loss", loss))

@@ -189,7 +189,13 @@ def diffuse_configure(engine):
 @hookspec
 def diffuse_run_start(run):
     """A run begins. ``run`` is a dict with ``command``, ``out`` (a path or None) and
-    ``config`` (the fully resolved configuration, JSON-serialisable)."""
+    ``config`` (the fully resolved configuration, JSON-serialisable).
+
+    ``command`` is ``"run"``, ``"sample"`` or ``"train"``; a ``diffuse run`` that trains
+    first nests a ``"train"`` run (``out`` its training folder) inside its own. For
+    ``run`` and ``sample`` ``out`` is where the finished folder will be (it is complete at
+    ``diffuse_run_end``); for ``train`` it is the folder being written now.
+    """
 
 
 @hookspec
@@ -213,3 +219,20 @@ def diffuse_training_step(step, loss):
 @hookspec
 def diffuse_checkpoint_saved(path, step):
     """A checkpoint was written completely (atomically) to ``path`` at ``step``."""
+
+
+@hookspec
+def diffuse_training_stats(step, stats):
+    """Training reached ``step``, a loss read-back step (every ``log_every`` steps and
+    the last): ``stats`` is a dict of floats, ``loss`` (the mean since the previous
+    read-back), ``lr`` (this step's learning rate), ``grad_norm`` (this step's total
+    gradient norm before clipping) and ``ema_lag`` (``|theta_ema - theta| / |theta|``,
+    how far the EMA weights trail the trained ones). Called on rank 0 only, and only if
+    implemented: the norms cost nothing otherwise.
+    """
+
+
+@hookspec
+def diffuse_plot_saved(path, step):
+    """A sample plot (image grid or scatter, a PNG) was written to ``path`` at training
+    ``step`` (every ``plot_every`` steps and at the end)."""

@@ -62,6 +62,22 @@ from diffuse_engine.training.resolve import resolve_config
 from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings
 
 
+def _training_stats(values, lr, params, grad_norm, ema_params, net_params) -> dict[str, float]:
+    """What ``diffuse_training_stats`` reports (computed only when a plugin listens)."""
+    if grad_norm is None:  # no clipping: this step's norm (inf max_norm scales by 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    with torch.no_grad():
+        pairs = list(zip(ema_params, net_params, strict=True))
+        lag = sum(float((e.double() - w.double()).pow(2).sum()) for e, w in pairs)
+        size = sum(float(w.double().pow(2).sum()) for _, w in pairs)
+    return {
+        "loss": sum(values) / len(values),
+        "lr": float(lr),
+        "grad_norm": float(grad_norm),
+        "ema_lag": math.sqrt(lag / size) if size > 0 else 0.0,
+    }
+
+
 def _write_losses(path: Path, losses: list[float]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -187,6 +203,9 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
         write_json(
             folder.path / "status.json", {"complete": False, "step": start, "steps": s.steps}
         )
+    run = {"command": "train", "out": str(folder.path) if folder else None, "config": config}
+    if ctx.is_main:  # observers: the metrics and tensorboard loggers
+        builder.hook.diffuse_run_start(run=run)
 
     def save(step: int) -> Path:
         # one sync per checkpoint: never replace the last good checkpoint with bad weights
@@ -241,8 +260,9 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss = batches.step(train_model, loss_fn, dataset, device, ddp)
+            grad_norm = None
             if s.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
             ema.update_parameters(model.net)
             pending.append(loss.detach())
@@ -281,6 +301,11 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
                         f"lower lr ({s.lr}) or keep grad_clip on; the last good checkpoint "
                         "is kept" + (f" in {out}" if out is not None else "")
                     )
+                if ctx.is_main and builder.has_observers("diffuse_training_stats"):
+                    stats = _training_stats(
+                        values, lr, params, grad_norm, ema.module.parameters(), params
+                    )
+                    builder.hook.diffuse_training_stats(step=done, stats=stats)
                 if bar is not None:
                     bar(
                         done,
@@ -312,6 +337,10 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
                     done,
                 )
                 model.train()
+                if ctx.is_main:
+                    builder.hook.diffuse_plot_saved(
+                        path=str(folder.path / f"samples-step{done:07d}.png"), step=done
+                    )
             if over_time and not last:
                 stopped_early = True
                 break
@@ -330,6 +359,8 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
             plot_losses_of(losses, config, out / "loss.png")
         if not interrupted and s.plot_n:  # a Ctrl-C should not wait for a sample plot
             plot_model(sample, ctx, ema_model, config, dataset, out / "samples.png", s, done)
+            if ctx.is_main:
+                builder.hook.diffuse_plot_saved(path=str(out / "samples.png"), step=done)
     if out is not None and ctx.is_main:
         write_json(
             out / "status.json",
@@ -350,6 +381,17 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
                 if out is not None
                 else "nothing saved (no output folder)"
             )
+        )
+    if ctx.is_main:
+        tail = losses[-100:]
+        builder.hook.diffuse_run_end(
+            run=run,
+            metrics={
+                "step": done,
+                "seconds": round(seconds, 2),
+                "loss": sum(tail) / max(len(tail), 1),
+                "stopped_early": stopped_early,
+            },
         )
     return TrainResult(
         model=ema_model,
