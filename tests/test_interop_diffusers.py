@@ -373,3 +373,23 @@ def test_without_diffusers_the_plugin_says_how_to_install(monkeypatch, tmp_path)
     assert str(info.value) == INSTALL_HINT and "pip install" in INSTALL_HINT
     with pytest.raises(DiffuseError, match="pip install"):
         Engine(autoload=False).build("sde", "diffusers", scheduler=str(tmp_path))
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_cli_samples_a_diffusers_folder(ddim_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    monkeypatch.delenv("DIFFUSE_LOG", raising=False)
+    app, out = build_app(with_plugin_commands=False), tmp_path / "s"
+    args = ["sample", "--diffusers", str(ddim_folder), "--like-diffusers", "--steps", "10"]
+    result = CliRunner().invoke(app, [*args, "-n", "3", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 10  # as diffusers' loop
+    assert torch.load(out / "samples.pt").shape == (3, 1, 8, 8)
+    assert (out / "samples.png").is_file()
+    config = json.loads((out / "config.json").read_text())["sampling"]
+    assert config["sde"]["type"] == "diffusers" and config["solver"]["type"] == "ddim"
+    result = CliRunner().invoke(app, ["sample", "-n", "3", "-q", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--diffusers" in result.output

@@ -103,9 +103,7 @@ def test_run_logs_its_metrics(tmp_path):
     acc = events(out)
     assert acc.Scalars("run/nfe")[0].value == saved["nfe"]
     assert acc.Scalars("run/std_error")[0].value == pytest.approx(saved["std_error"])
-    assert acc.Scalars("run/floor/std_error")[0].value == pytest.approx(
-        saved["floor"]["std_error"]
-    )
+    assert acc.Scalars("run/floor/std_error")[0].value == pytest.approx(saved["floor"]["std_error"])
 
 
 def test_csv_stays_the_default(tmp_path):

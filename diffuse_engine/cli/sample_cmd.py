@@ -32,8 +32,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def sample(
-        checkpoint: Path = typer.Option(
-            ..., "--checkpoint", "-c", help="checkpoint file or training folder"
+        checkpoint: Path | None = typer.Option(
+            None, "--checkpoint", "-c", help="checkpoint file or training folder"
+        ),
+        diffusers: Path | None = typer.Option(
+            None, "--diffusers", help="a local diffusers model folder instead of --checkpoint"
+        ),
+        like_diffusers: bool = typer.Option(
+            False, "--like-diffusers", help="with --diffusers: its scheduler's own steps"
         ),
         solver: str = typer.Option("pc", help="solver entry, e.g. pc, ode, ancestral"),
         n: int = typer.Option(1000, "--n", "-n", help="number of samples"),
@@ -75,6 +81,16 @@ def register(app: typer.Typer) -> None:
         use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
         check_names(engine, solver=("solver", solver))
+        if (checkpoint is None) == (diffusers is None):
+            raise DiffuseError("give one of --checkpoint (a training run) or --diffusers PATH")
+        if diffusers is not None:  # a diffusers model folder: diffusers_cmd.py
+            from diffuse_engine.cli.diffusers_cmd import sample_diffusers
+
+            return sample_diffusers(
+                engine, diffusers, solver=solver, n=n, steps=steps, seed=seed, device=device,
+                out=out, sample_format=sample_format, overwrite=overwrite, overrides=overrides,
+                like=like_diffusers, quiet=quiet,
+            )  # fmt: skip
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
         if steps is not None:
             overrides["steps"] = steps
