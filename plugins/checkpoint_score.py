@@ -37,6 +37,10 @@ class CheckpointScore(ScoreModel):
             builder, self.config.path, ema=self.config.ema, sde=self.sde
         )
         self.data_shape = self.inner.data_shape
+        # a class-conditional network: its labels, and whether it has an unconditional score
+        self.conditional = getattr(self.inner, "conditional", False)
+        self.requires_cond = getattr(self.inner, "requires_cond", False)
+        self.num_classes = getattr(self.inner, "num_classes", None)
         self.mixture = getattr(self.inner, "mixture", None)
         self.step = ckpt.step
 
@@ -52,10 +56,14 @@ class CheckpointScore(ScoreModel):
         self._model().to(device, dtype)
         return self
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
+        if self.conditional:
+            return self._model().forward(x, t, cond)
         return self._model().forward(x, t)
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
+        if self.conditional:
+            return self._model()(x, t, cond)
         return self._model()(x, t)
 
 

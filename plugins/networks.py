@@ -20,6 +20,11 @@ Diffusion-Based Generative Models" (EDM, 2022): with the kernel ``x_t = a x_0 + 
 and :meth:`ScoreModel.__call__` converts that to a score through the same kernel. The
 backbones know nothing of SDEs or parameterisations.
 
+Class-conditional networks (``num_classes = K``) add a learned embedding of the label
+(``K`` classes and a reserved null label ``K``, the unconditional score) to the time
+embedding; ``label_dropout`` trains that share of each batch with the null label, so one
+network gives both scores classifier-free guidance needs (Ho & Salimans 2022).
+
 The data shape is a config field (``shape``); training fills it from the dataset and
 the checkpoint records it.
 """
@@ -90,6 +95,12 @@ class NetworkConfig(ScoreConfig):
     embedding_dim: int = Field(64, ge=2, multiple_of=2, description="time-embedding width (even)")
     fourier_scale: float = Field(16.0, gt=0, description="std of the Fourier frequencies")
     init_seed: int = Field(0, ge=0, lt=2**63, description="seed of the weight initialisation")
+    num_classes: int | None = Field(
+        None, ge=1, description="class-conditional: K labels 0 .. K-1 (embedding + time emb.)"
+    )
+    label_dropout: float = Field(
+        0.0, ge=0, lt=1, description="probability of training with the null label (for cfg)"
+    )
 
     @field_validator("shape")
     @classmethod
@@ -113,6 +124,10 @@ class NetworkScore(ScoreModel):
                 "[2] or [1, 8, 8]); training sets it from the dataset"
             )
         self.data_shape = tuple(self.config.shape)
+        # class-conditional: labels 0 .. K-1, the null label K (see drop_labels)
+        self.num_classes = self.config.num_classes
+        self.conditional = self.num_classes is not None
+        self.requires_cond = self.conditional and self.config.label_dropout == 0
         with torch.random.fork_rng(devices=[]):
             self._check_size()
             torch.manual_seed(self.config.init_seed)
@@ -136,13 +151,40 @@ class NetworkScore(ScoreModel):
         """The backbone ``F(x_in, t)`` for data of ``shape``."""
         raise NotImplementedError
 
+    # ---- class labels ---------------------------------------------------------------------
+    def labels_of(self, cond, batch: int, device) -> torch.Tensor:
+        """The ``(B,)`` label indices for ``cond``: its ``label``, or the null label
+        ``num_classes`` for ``cond=None`` (the unconditional score, classifier-free
+        guidance; Ho & Salimans 2022)."""
+        if cond is not None and cond.get("label") is not None:
+            return cond["label"].to(device=device, dtype=torch.long)
+        if self.requires_cond:
+            raise DiffuseError(
+                f"score model {self.name!r} is conditional and was trained without label "
+                "dropout, so it has no unconditional score: pass a label (cond={'label': y})"
+            )
+        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+
+    def drop_labels(self, cond, generator=None):
+        """``cond`` with each label replaced by the null label with probability
+        ``label_dropout``, drawn from the loss's ``generator`` (so runs reproduce)."""
+        p = self.config.label_dropout
+        if not self.conditional or cond is None or p == 0:
+            return cond
+        y = cond["label"]
+        drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+        return {**cond, "label": torch.where(drop, torch.full_like(y, self.num_classes), y)}
+
     # ---- preconditioning ------------------------------------------------------------------
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         c = self.config
         a, s = self.sde.marginal(t)
         a_, s_ = bcast(a, x), bcast(s, x)
         x_in = x * torch.rsqrt(a_**2 * c.sigma_data**2 + s_**2) if c.input_scaling else x
-        out = self.net(x_in, t)
+        if self.conditional:
+            out = self.net(x_in, t, self.labels_of(cond, x.shape[0], x.device))
+        else:
+            out = self.net(x_in, t)
         if c.parameterisation in ("epsilon", "v"):
             return out
         if c.parameterisation == "score":
@@ -205,10 +247,14 @@ class MLPNet(nn.Module):
             for _ in range(c.depth)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, dim))
+        # labels 0 .. K-1 and the null label K, added to the time embedding
+        self.label = None if c.num_classes is None else nn.Embedding(c.num_classes + 1, c.hidden)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         shape = x.shape
         emb = self.temb(self.embed(t))
+        if self.label is not None:
+            emb = emb + self.label(y)
         h = self.inp(x.reshape(shape[0], -1))
         for proj, block in zip(self.t_proj, self.blocks, strict=True):
             h = h + block(h + proj(emb))
@@ -330,6 +376,8 @@ class UNet(nn.Module):
                 )
                 res *= 2
         self.out = nn.Sequential(_norm(ch, c.groups), nn.SiLU(), nn.Conv2d(ch, cin, 3, padding=1))
+        # labels 0 .. K-1 and the null label K, added to the time embedding
+        self.label = None if c.num_classes is None else nn.Embedding(c.num_classes + 1, tdim)
 
     @staticmethod
     def _run(blk, h, temb):
@@ -337,8 +385,10 @@ class UNet(nn.Module):
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         temb = self.temb(self.embed(t))
+        if self.label is not None:
+            temb = temb + self.label(y)
         h = self.inp(x)
         hs = [h]
         for blk in self.down:

@@ -50,6 +50,8 @@ SAMPLE_GITS = dict(
     fine=30,
     shard_size=7,
 )
+# a class-conditional sample: each shard (and rank) gets its rows of the labels
+SAMPLE_COND = dict(SAMPLE, cond={"label": torch.arange(50) % 8}, guidance="cfg", scale=1.0)
 TRAIN = dict(
     steps=16,
     batch_size=32,
@@ -79,6 +81,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     try:
         engine = Engine(autoload=False, distributed=True)
         got = {"samples": engine.sample(**SAMPLE), "gits": engine.sample(**SAMPLE_GITS)}
+        got["cond"] = engine.sample(**SAMPLE_COND)
         full = engine.training(out=os.path.join(folder, "full"), **TRAIN)
         got.update(
             losses=torch.tensor(full.losses),
@@ -116,9 +119,11 @@ def test_distributed_sampling_equals_single_process_bit_for_bit(ranks, engine):
     _, got = ranks
     single = engine.sample(**SAMPLE)
     single_gits = engine.sample(**SAMPLE_GITS)
+    single_cond = engine.sample(**SAMPLE_COND)
     for r in range(WORLD):
         assert torch.equal(got[r]["samples"], single), r
         assert torch.equal(got[r]["gits"], single_gits), r
+        assert torch.equal(got[r]["cond"], single_cond), r
 
 
 def test_weights_and_ema_identical_on_all_ranks(ranks):

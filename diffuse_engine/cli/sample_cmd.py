@@ -57,6 +57,16 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
         nproc: int | None = NprocOpt,
         log: list[str] | None = LogOpt,
+        label: str | None = typer.Option(
+            None, help="class label(s): 3, 0..9 or 0,4,7 (several: --n per class, one row each)"
+        ),
+        guidance: str | None = typer.Option(
+            None, help="guidance entry: conditional (default with --label), cfg, classifier"
+        ),
+        scale: float | None = typer.Option(None, help="guidance scale (cfg: s_c + w (s_c - s_u))"),
+        classifier: str | None = typer.Option(
+            None, help="classifier guidance: a classifier entry or a classifier checkpoint"
+        ),
     ):
         """Sample from a trained checkpoint with any solver; write samples, plot, metrics."""
         from diffuse_engine.cli.run_cmd import _check_device
@@ -96,11 +106,14 @@ def register(app: typer.Typer) -> None:
             overrides["steps"] = steps
         overrides = {**sample_overrides(ckpt.config), **overrides}
         _check_sampling(engine, model, ckpt.config, solver, overrides)
+        n, per_class, conditioning = _conditioning(label, guidance, scale, classifier, n, model)
+        _check_conditioning(engine, conditioning)
         name = (checkpoint if checkpoint.is_dir() else checkpoint.parent).name or "checkpoint"
         out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_folder = RunFolder(out, overwrite)
         run_folder.check()  # the output exists, is a file, ...: refused before sampling
         job = dict(solver=solver, n=n, seed=seed, device=device, progress=not quiet)
+        job["conditioning"] = conditioning  # cond, guidance, scale, classifier (--label)
         run = {
             "command": "sample",
             "out": str(out),
@@ -119,8 +132,9 @@ def register(app: typer.Typer) -> None:
             with TerminateAsInterrupt(), on_main(engine.dist, run_folder) as folder:
                 result = _sample(engine, model, ckpt, overrides, **job)
                 metrics = _write(
-                    engine, folder, result, model, ckpt, checkpoint, sample_format, solver
-                )
+                    engine, folder, result, model, ckpt, checkpoint, sample_format, solver,
+                    per_class,
+                )  # fmt: skip
         except (DiffuseError, KeyboardInterrupt):
             if run_folder.path.is_dir():  # say where the incomplete output is
                 err(f"sampling stopped: incomplete output left in {run_folder.path}")
@@ -143,7 +157,7 @@ def _check_sampling(engine, model, cfg, solver: str, overrides: dict) -> None:
     engine.resolve("solver", solver, **routed["solver"])
 
 
-def _sample(engine, model, ckpt, overrides, *, solver, n, seed, device, progress):
+def _sample(engine, model, ckpt, overrides, *, solver, n, seed, device, progress, conditioning):
     return engine.sampling(
         score=model,
         sde=ckpt.config["sde"]["type"],
@@ -153,10 +167,11 @@ def _sample(engine, model, ckpt, overrides, *, solver, n, seed, device, progress
         device=device,
         progress=progress,
         **overrides,
+        **conditioning,
     )
 
 
-def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solver):
+def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solver, per_class=None):
     """Samples, plot, metrics and config into ``folder`` (rank 0); the metrics."""
     from diffuse_engine.components.mixture import mode_statistics
     from diffuse_engine.output.files import write_json
@@ -179,12 +194,11 @@ def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solve
     )
     save_tensor(x, folder.path / f"samples.{sample_format}")
     dataset = engine.builder.build_recorded("data", cfg["data"])
-    plot_result(
-        x,
-        folder.path / "samples.png",
-        dataset=dataset,
-        title=f"{cfg['score']['type']} step {ckpt.step}: {solver}, {result.nfe} score evaluations",
-    )
+    title = f"{cfg['score']['type']} step {ckpt.step}: {solver}, {result.nfe} score evaluations"
+    if per_class is not None and x.dim() == 4:  # several labels: one row per class
+        _plot_class_rows(x, per_class, dataset, folder.path / "samples.png", title)
+    else:
+        plot_result(x, folder.path / "samples.png", dataset=dataset, title=title)
     write_json(folder.path / "metrics.json", metrics)
     return metrics
 
@@ -207,3 +221,81 @@ def _table(result, metrics, ckpt, solver, n, samples_path, out) -> None:
         rows,
         ["", "value", "note"],
     )
+
+
+# ---- conditional sampling (--label, --guidance, --scale, --classifier) ------------------------
+def parse_labels(text: str) -> list[int]:
+    """``3`` -> [3]; ``0..9`` -> [0, ..., 9] (inclusive); ``0,4,7`` -> [0, 4, 7]."""
+    from diffuse_engine.core.errors import DiffuseError
+
+    try:
+        if ".." in text:
+            lo, hi = (int(v) for v in text.split(".."))
+            labels = list(range(lo, hi + 1))
+        else:
+            labels = [int(v) for v in text.split(",")]
+    except ValueError:
+        labels = []
+    if not labels or min(labels) < 0:
+        raise DiffuseError(
+            f"--label {text!r}: give a class label >= 0 (3), a range (0..9) or a list (0,4,7)"
+        )
+    return labels
+
+
+def _conditioning(label, guidance, scale, classifier, n, model):
+    """``(total samples, samples per class or None, sampling keywords)`` of the
+    conditioning options: ``cond``, ``guidance``, ``scale``, ``classifier`` (checked
+    against ``model`` before any folder is made)."""
+    import torch
+
+    from diffuse_engine.core.errors import DiffuseError
+
+    if label is None:
+        given = [f"--{k}" for k, v in (("guidance", guidance), ("scale", scale),
+                                        ("classifier", classifier)) if v is not None]  # fmt: skip
+        if given:
+            raise DiffuseError(f"{', '.join(given)} steer(s) toward a class: pass --label too")
+        return n, None, {}
+    labels = parse_labels(label)
+    classes = getattr(model, "num_classes", None)
+    if classes is not None and max(labels) >= classes:
+        raise DiffuseError(
+            f"--label {label}: this model knows {classes} classes (0 .. {classes - 1})"
+        )
+    if guidance is None and not getattr(model, "conditional", False):
+        raise DiffuseError(
+            "this checkpoint is an unconditional score model: --label needs --guidance "
+            "classifier --classifier NAME_OR_CHECKPOINT (or train with --set num_classes=K)"
+        )
+    kw = {"cond": {"label": torch.tensor(labels).repeat_interleave(n)}}
+    if guidance is not None:
+        kw["guidance"] = guidance
+    if scale is not None:
+        kw["guidance.scale"] = scale
+    if classifier is not None:
+        if Path(classifier).exists():  # a classifier checkpoint (diffuse train --task classifier)
+            kw["classifier"] = "checkpoint"
+            kw["classifier.path"] = classifier
+        else:
+            kw["classifier"] = classifier
+    return n * len(labels), (n if len(labels) > 1 else None), kw
+
+
+def _plot_class_rows(x, per_class: int, dataset, path: Path, title: str) -> None:
+    """Image grid with one row per class (up to 10 images each)."""
+    from diffuse_engine.output.image_grid import plot_image_grid
+
+    if hasattr(dataset, "to_pixels"):
+        x = dataset.to_pixels(x).reshape(x.shape)
+    k, cols = x.shape[0] // per_class, min(per_class, 10)
+    rows = x.reshape(k, per_class, *x.shape[1:])[:, :cols].reshape(-1, *x.shape[1:])
+    plot_image_grid(rows, path, title=title, nrow=cols, max_images=len(rows))
+
+
+def _check_conditioning(engine, kw: dict) -> None:
+    """The guidance and classifier names resolve before any folder is made."""
+    if "guidance" in kw:
+        engine.builder.implementation("guidance", kw["guidance"])
+    if "classifier" in kw:
+        engine.builder.implementation("classifier", kw["classifier"])

@@ -69,6 +69,11 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
         nproc: int | None = NprocOpt,
         log: list[str] | None = LogOpt,
+        task: str | None = typer.Option(
+            None,
+            help="score (default), or classifier: a noise-conditional classifier for "
+            "classifier guidance (--model mlp, loss cross_entropy)",
+        ),
     ):
         """Train a score model (data + SDE + network + loss); checkpoints go to --out."""
         from diffuse_engine.core.errors import DiffuseError
@@ -79,7 +84,10 @@ def register(app: typer.Typer) -> None:
         registry_sets, overrides = split_sets(set_)
         use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, registry_sets)  # honours --allow-imports
-        check_names(engine, data=("data", data), sde=("sde", sde), model=("score", model))
+        if task == "classifier" and loss is None:
+            loss = "cross_entropy"  # what a classifier trains with unless told otherwise
+        model_kind = "classifier" if task == "classifier" else "score"
+        check_names(engine, data=("data", data), sde=("sde", sde), model=(model_kind, model))
         check_names(engine, loss=("loss", loss))
         explicit = {
             "steps": steps,
@@ -89,6 +97,7 @@ def register(app: typer.Typer) -> None:
             "device": device,
             "threads": threads,
             "max_seconds": max_seconds,
+            "task": task,
         }
         overrides.update({k: v for k, v in explicit.items() if v is not None})
         if resume and out is None:

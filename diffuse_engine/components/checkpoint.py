@@ -189,14 +189,15 @@ def _check_meta(info: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"checkpoint {path}: malformed metadata ({problem})")
 
 
-def check_recorded_model(catalogue, ckpt: Checkpoint, sde, where: str) -> None:
+def check_recorded_model(catalogue, ckpt: Checkpoint, sde, where: str, kind: str = "score") -> None:
     """Refuse, before the model is allocated, a recorded score-model config whose weights
     would not be the file's tensors (e.g. metadata asking for ``hidden = 10**7`` beside
     32-wide tensors): the model is built on the ``meta`` device (shapes, no memory) and
-    its ``state_dict`` shapes are compared with the checkpoint's."""
+    its ``state_dict`` shapes are compared with the checkpoint's. ``kind``: the recorded
+    model's kind (``classifier`` for ``task = "classifier"`` runs)."""
     spec = dict(ckpt.config["score"])
     try:
-        cls = catalogue.get("score", spec.pop("type"))
+        cls = catalogue.get(kind, spec.pop("type"))
     except DiffuseError as exc:
         raise CheckpointError(f"{where}: recorded score: {exc}") from None
     spec.pop("name", None)

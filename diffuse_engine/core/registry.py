@@ -67,6 +67,13 @@ class RunPreset(BaseModel):
     n: int = Field(20000, ge=1, description="number of samples")
     seed: int = Field(0, ge=0, lt=2**63, description="random seed")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    label: int | None = Field(
+        None, ge=0, description="sample class `label` only (cond={'label': label}); gmm: a mode"
+    )
+    guidance: str | None = Field(
+        None, description="guidance entry with label (default: conditional), e.g. cfg"
+    )
+    classifier: str | None = Field(None, description="classifier entry for guidance classifier")
 
 
 @dataclass
@@ -337,7 +344,11 @@ class Registry:
         for field_name, kind in (
             ("data", "data"),
             ("sde", "sde"),
-            ("model", "score"),
+            # task = "classifier" trains a classifier entry
+            (
+                "model",
+                "classifier" if getattr(settings, "task", "score") == "classifier" else "score",
+            ),
             ("loss", "loss"),
             ("plot_solver", "solver"),
         ):

@@ -43,6 +43,9 @@ class RunPlan:
     device: str
     overrides: dict[str, Any]
     train: str | None = None  # [train.NAME] used when the score model needs training
+    label: int | None = None  # class-conditional run: every sample asks for this class
+    guidance: str | None = None
+    classifier: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -52,7 +55,8 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
     """Combine ``[run.PRESET]`` with ``choices`` (sde, solver, score, data, n, seed,
     device; ``None`` keeps the preset's value); other keys are field overrides."""
     run_fields = {k: choices.pop(k) for k in list(choices)
-                  if k in ("sde", "solver", "score", "data", "n", "seed", "device", "train")}
+                  if k in ("sde", "solver", "score", "data", "n", "seed", "device", "train",
+                           "label", "guidance", "classifier")}
     p = builder.registry.preset(preset, {k: v for k, v in run_fields.items() if v is not None})
     overrides = {k: v for k, v in choices.items() if v is not None}
     # validate the overrides now, so a mistake never leaves a half-made run folder behind
@@ -60,7 +64,7 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
     for kind, fields in builder.route_overrides(chosen, overrides).items():
         builder.resolve(kind, getattr(p, kind), **fields)
     return RunPlan(preset, p.sde, p.solver, p.score, p.data, p.n, p.seed, p.device, overrides,
-                   p.train)
+                   p.train, p.label, p.guidance, p.classifier)
 
 
 def reference_mixture(builder: Builder, plan: RunPlan, score_model) -> GaussianMixture | None:
@@ -90,11 +94,13 @@ def execute_run(builder: Builder, plan: RunPlan, out: str | Path, *, sample: Sam
             score = train(plan, run_folder.path / "train", progress=progress)
         result = sample(score=score, sde=plan.sde, solver=plan.solver,
                                  shape=plan.n, seed=plan.seed, device=plan.device,
-                                 progress=progress, **plan.overrides)
+                                 progress=progress, **conditioning(plan), **plan.overrides)
         if folder is None:  # another rank: its shards are in rank 0's samples
             return {"nfe": result.nfe, "seconds": round(result.seconds, 4)}
         x = result.samples.cpu()
         mix = reference_mixture(builder, plan, result.score)
+        if mix is not None and plan.label is not None:  # a class of the mixture: its mode
+            mix = mode_of(mix, plan.label)
         metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": round(result.seconds, 4),
                                    "samples_per_second": round(x.shape[0] / result.seconds, 1)}
         if result.setup_nfe:  # a fitted schedule's pilot, spent once for the whole run
@@ -122,6 +128,29 @@ def execute_run(builder: Builder, plan: RunPlan, out: str | Path, *, sample: Sam
     builder.hook.diffuse_run_end(run={"command": "run", "out": str(out),
                                      "config": plan.as_dict()}, metrics=metrics)
     return metrics
+
+
+def conditioning(plan: RunPlan) -> dict[str, Any]:
+    """The ``cond`` / ``guidance`` / ``classifier`` keywords of a class-conditional plan."""
+    if plan.label is None:
+        for key in ("guidance", "classifier"):
+            if getattr(plan, key) is not None:
+                raise DiffuseError(f"run preset {plan.preset!r}: {key} needs a label")
+        return {}
+    kw: dict[str, Any] = {"cond": {"label": torch.full((plan.n,), plan.label)}}
+    if plan.guidance is not None:
+        kw["guidance"] = plan.guidance
+    if plan.classifier is not None:
+        kw["classifier"] = plan.classifier
+    return kw
+
+
+def mode_of(mix: GaussianMixture, k: int) -> GaussianMixture | None:
+    """Mode ``k`` of ``mix`` as a one-mode mixture (the exact law of class ``k``)."""
+    if not 0 <= k < mix.weights.shape[0]:
+        return None
+    one = torch.ones_like(mix.weights[:1])
+    return GaussianMixture(mix.means[k : k + 1], mix.stds[k : k + 1], one)
 
 
 def _version() -> str:

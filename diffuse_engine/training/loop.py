@@ -59,7 +59,7 @@ from diffuse_engine.training.folder import TrainingFolder
 from diffuse_engine.training.plots import plot_losses_of, plot_model
 from diffuse_engine.training.preflight import check_before_work
 from diffuse_engine.training.resolve import resolve_config
-from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings
+from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings, model_kind
 
 
 def _training_stats(values, lr, params, grad_norm, ema_params, net_params) -> dict[str, float]:
@@ -162,8 +162,12 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
     dataset = builder.build_recorded("data", config["data"])
     sde = builder.build_recorded("sde", config["sde"])
     if ckpt is not None:  # the recorded model must fit the file's tensors: check, then build
-        check_recorded_model(builder.catalogue, ckpt, sde, f"checkpoint {out}")
-    model = builder.build_recorded("score", config["score"], sde=sde).to(device)
+        check_recorded_model(
+            builder.catalogue, ckpt, sde, f"checkpoint {out}", kind=model_kind(config["train"])
+        )
+    # config["score"] records the trained model: a classifier for task = "classifier"
+    model = builder.build_recorded(model_kind(config["train"]), config["score"], sde=sde)
+    model = model.to(device)
     loss_fn = builder.build_recorded("loss", config["loss"], sde=sde)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)

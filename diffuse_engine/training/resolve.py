@@ -8,7 +8,22 @@ from typing import Any
 from diffuse_engine.components.builder import Builder
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.core.trust import is_import_path
-from diffuse_engine.training.settings import TrainSettings
+from diffuse_engine.training.settings import TrainSettings, model_kind
+
+
+def check_task_loss(settings: TrainSettings, loss_cls: type) -> None:
+    """A classifier trains with a classifier loss (``for_classifiers``), a score model
+    with a score-matching loss."""
+    if settings.task == "classifier" and not getattr(loss_cls, "for_classifiers", False):
+        raise DiffuseError(
+            f"task 'classifier' trains with a classifier loss (cross_entropy), not loss "
+            f"{settings.loss!r}; pass --loss cross_entropy"
+        )
+    if settings.task == "score" and getattr(loss_cls, "for_classifiers", False):
+        raise DiffuseError(
+            f"loss {settings.loss!r} trains classifiers; use --task classifier, or a "
+            "score-matching loss (dsm, ddpm, smld, ism, ssm)"
+        )
 
 
 def resolve_config(
@@ -21,15 +36,18 @@ def resolve_config(
         "score": settings.model,
         "loss": settings.loss,
     }
+    # the trained model's kind: a score model, or a classifier (task = "classifier")
+    kinds = {**{k: k for k in names}, "score": model_kind(settings)}
     # the classes only: a required field (the file dataset's path) may come from overrides
-    chosen = {k: builder.implementation(k, n) for k, n in names.items()}
+    chosen = {k: builder.implementation(kinds[k], n) for k, n in names.items()}
     routed = builder.route_overrides(chosen, overrides)
     score_cls = chosen["score"]
+    check_task_loss(settings, chosen["loss"])
     if not getattr(score_cls, "needs_training", False):
         trainable = [
             n
-            for n in builder.catalogue.names("score")
-            if builder.catalogue.get("score", n).needs_training
+            for n in builder.catalogue.names(kinds["score"])
+            if builder.catalogue.get(kinds["score"], n).needs_training
         ]
         raise DiffuseError(
             f"score model {settings.model!r} ({score_cls.name}) is not trainable;"
@@ -41,13 +59,20 @@ def resolve_config(
     if "shape" in fields and "shape" not in routed["score"]:
         routed["score"]["shape"] = list(dataset.shape)
     if "init_seed" in fields and "init_seed" not in routed["score"]:
-        entry = builder.registry.entry("score", names["score"])
+        entry = builder.registry.entry(kinds["score"], names["score"])
         if "init_seed" not in entry.fields:
             routed["score"]["init_seed"] = settings.seed
+    if kinds["score"] == "classifier" and "num_classes" not in routed["score"]:
+        if getattr(dataset, "num_classes", None) is None:
+            raise DiffuseError(
+                f"task 'classifier' needs labelled data; dataset {settings.data!r} has no "
+                "labels (use gmm, digits, an .npz with labels or class sub-folders)"
+            )
+        routed["score"]["num_classes"] = dataset.num_classes
     config: dict[str, Any] = {"train": settings.model_dump(mode="json")}
     for kind, name in names.items():
-        cls, cfg = builder.resolve(kind, name, **routed[kind])
-        typ = builder.registry.entry(kind, name).type
+        cls, cfg = builder.resolve(kinds[kind], name, **routed[kind])
+        typ = builder.registry.entry(kinds[kind], name).type
         if isinstance(typ, str) and is_import_path(typ):  # checkpoints name installed code
             raise DiffuseError(
                 f"{kind} {name!r} is imported from {typ!r}; training records "

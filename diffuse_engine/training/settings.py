@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainSettings(BaseModel):
@@ -16,7 +16,14 @@ class TrainSettings(BaseModel):
 
     data: str = Field("gmm", description="dataset entry")
     sde: str = Field("vp", description="SDE entry")
-    model: str = Field("mlp", description="trainable score-model entry")
+    model: str = Field(
+        "mlp", description="trainable score-model entry (a classifier entry for task classifier)"
+    )
+    task: Literal["score", "classifier"] = Field(
+        "score",
+        description="what to train: a score model, or a noise-conditional classifier for "
+        "classifier guidance (model: a classifier entry, loss: cross_entropy)",
+    )
     loss: str = Field("dsm", description="loss entry")
     steps: int = Field(2000, ge=1, description="optimiser steps in total")
     batch_size: int = Field(512, ge=1, description="samples per step")
@@ -54,6 +61,15 @@ class TrainSettings(BaseModel):
         "equals one process with shards = N",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _classifier_defaults(cls, data):
+        """A classifier makes no sample plots and, unless told, sees the data in their
+        own units (so it guides any score model of those data)."""
+        if isinstance(data, dict) and data.get("task") == "classifier":
+            data = {"normalise": "none", **data, "plot_n": 0}
+        return data
+
 
 #: settings a resumed run may change (everything else comes from the checkpoint)
 RESUMABLE = (
@@ -68,6 +84,14 @@ RESUMABLE = (
     "threads",
 )
 COMPONENT_KINDS = ("data", "sde", "score", "loss")
+
+
+def model_kind(settings) -> str:
+    """The registry kind of the trained model (recorded as the configuration's ``score``):
+    ``classifier`` for ``task = "classifier"``, else ``score``. ``settings``: a
+    :class:`TrainSettings` or a recorded ``config["train"]`` dict."""
+    task = settings.get("task") if isinstance(settings, dict) else settings.task
+    return "classifier" if task == "classifier" else "score"
 
 
 @dataclass
