@@ -152,7 +152,10 @@ class DiffusersScore(ScoreModel):
         return self.net.parameters()
 
     def to(self, device=None, dtype=None):
-        self.net.to(device=device, dtype=dtype)
+        if device is not None:  # apart: diffusers warns about any dtype= argument
+            self.net.to(device)
+        if dtype is not None:
+            self.net.to(dtype)
         return self
 
 
