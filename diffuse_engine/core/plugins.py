@@ -284,9 +284,10 @@ TRAINABLE_METHODS = ("parameters", "to", "train", "eval", "with_net")
 
 def trainable_problem(cls: type) -> str | None:
     """Why ``cls`` (``needs_training = True``) cannot be trained, or ``None``: it needs
-    :data:`TRAINABLE_METHODS`, ``to(device=None, dtype=None)`` (sampling in another
-    dtype), and a ``shape`` config field (training fills in the data shape; the model
-    exposes it as ``data_shape``)."""
+    :data:`TRAINABLE_METHODS` and a ``to(device=None, dtype=None)`` that takes ``dtype``
+    (sampling in another dtype). What only an instance shows (a ``torch.nn.Module``
+    backbone ``net`` and ``data_shape`` equal to the data's) is checked when training
+    builds it, before the first step (:mod:`diffuse_engine.training.preflight`)."""
     import inspect
 
     missing = [m for m in TRAINABLE_METHODS if not callable(getattr(cls, m, None))]
@@ -296,18 +297,9 @@ def trainable_problem(cls: type) -> str | None:
         params = inspect.signature(cls.to).parameters
     except (TypeError, ValueError):
         params = {}
-    if (
-        params
-        and "dtype" not in params
-        and not any(p.kind == p.VAR_KEYWORD for p in params.values())
-    ):
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    if params and "dtype" not in params and not takes_kwargs:
         return "has to() without a dtype= argument (it must accept to(device=None, dtype=None))"
-    config = getattr(cls, "Config", None)
-    if "shape" not in getattr(config, "model_fields", {}):
-        return (
-            "has no 'shape' config field (training sets it to the data shape; the model "
-            "exposes it as data_shape)"
-        )
     return None
 
 
