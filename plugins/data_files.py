@@ -234,7 +234,12 @@ def read_images(folder: Path, channels: int) -> torch.Tensor:
                 arrays.append(np.asarray(im.convert(mode), dtype=np.float32))
         except DiffuseError:
             raise
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:  # Pillow's own check, above 2x the limit
+            raise DiffuseError(
+                f"data folder {folder}: {f.name}: {str(exc).rstrip('.')}; refused (Pillow's "
+                f"MAX_IMAGE_PIXELS is {limit:,})"
+            ) from None
+        except (OSError, ValueError) as exc:
             raise DiffuseError(f"data folder {folder}: cannot read {f.name} ({exc})") from None
         if arrays[-1].shape != arrays[0].shape:
             raise DiffuseError(

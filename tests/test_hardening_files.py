@@ -123,6 +123,18 @@ def test_a_decompression_bomb_image_is_refused(engine, tmp_path, monkeypatch):
     data_error(engine, images, "1,600 pixels, over Pillow's MAX_IMAGE_PIXELS (1,000)")
 
 
+def test_a_real_decompression_bomb(engine, tmp_path):
+    """A 50 kB PNG that decodes to 400 million pixels: Pillow's own check (above twice
+    MAX_IMAGE_PIXELS) fires on open and is reported in one line, nothing decoded."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("1", (20000, 20000)).save(images / "a.png")
+    assert (images / "a.png").stat().st_size < 200_000
+    data_error(engine, images, "a.png: Image size (400000000 pixels) exceeds limit")
+
+
 def test_log_likelihood_data_mistakes(engine):
     x = torch.zeros(4, 2)
     x[2, 1] = float("nan")
