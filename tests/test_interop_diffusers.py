@@ -393,3 +393,20 @@ def test_cli_samples_a_diffusers_folder(ddim_folder, tmp_path, monkeypatch):
     assert config["sde"]["type"] == "diffusers" and config["solver"]["type"] == "ddim"
     result = CliRunner().invoke(app, ["sample", "-n", "3", "-q", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--diffusers" in result.output
+
+
+def test_registry_entries_name_a_diffusers_model(ddim_folder, tmp_path):
+    """[score.NAME] type = "diffusers" with its [sde.NAME]: sampled by name."""
+    reg = tmp_path / "models.toml"
+    reg.write_text(
+        f'[sde.tiny]\ntype = "diffusers"\nscheduler = "{ddim_folder}"\n\n'
+        f'[score.tiny]\ntype = "diffusers"\npath = "{ddim_folder}"\n'
+    )
+    engine = Engine(registry=reg, autoload=False)
+    x = x_T()
+    ref = diffusers_loop(load_net(ddim_folder), DDIMScheduler.from_pretrained(ddim_folder), x, 10)
+    settings = like_diffusers(ddim_folder, 10)
+    ours = engine.sample(score="tiny", sde="tiny", shape=x.shape, noise=x, **settings)
+    assert rel_error(ours, ref).max() < RTOL
+    with pytest.raises(DiffuseError, match="needs scheduler=PATH"):
+        engine.sample(score="tiny", sde="diffusers", shape=2, solver="ddim", steps=2)
