@@ -254,7 +254,7 @@ class Engine:
     def sample(
         self,
         score: Any = "gmm",
-        sde: str = "vp",
+        sde: str | None = None,
         solver: str = "pc",
         shape: int | Sequence[int] = 1000,
         seed: int = 0,
@@ -273,7 +273,7 @@ class Engine:
     def sampling(
         self,
         score: Any = "gmm",
-        sde: str = "vp",
+        sde: str | None = None,
         solver: str = "pc",
         shape: int | Sequence[int] = 1000,
         seed: int = 0,

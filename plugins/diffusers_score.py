@@ -132,6 +132,12 @@ class DiffusersScore(ScoreModel):
             out = out[:, : x.shape[1]]
         return out
 
+    @classmethod
+    def own_sde(cls, config) -> dict:
+        """The VP chain of the folder's own scheduler: what ``engine.sample(score=
+        "diffusers", path=...)`` samples with when the call names no SDE."""
+        return {"type": "diffusers", "scheduler": config.path}
+
     def check_sde(self, sde) -> None:
         """Refuse an SDE whose kernel is not the scheduler's ``alphas_cumprod``."""
         t = (torch.arange(self.N, dtype=torch.float64) + 1) / self.N
@@ -144,8 +150,8 @@ class DiffusersScore(ScoreModel):
             raise IncompatibleError(
                 f"diffusers model {self.config.path} was trained on its scheduler's "
                 f"alphas_cumprod, not SDE {sde.name!r}'s kernel; sample with "
-                f'sde="diffusers" and scheduler="{self.config.path}" (or a [sde.NAME] '
-                'table with type = "diffusers")'
+                f'no sde= (the model\'s own scheduler), or sde="diffusers" and '
+                f'scheduler="{self.config.path}" (or a [sde.NAME] table with type = "diffusers")'
             )
 
     def parameters(self):

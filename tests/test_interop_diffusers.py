@@ -252,6 +252,20 @@ def test_dpm_solver_pp_entry_through_engine_sample(engine, dpm_folder):
     assert rel_error(ours, ref).max() < RTOL
 
 
+def test_the_model_brings_its_own_sde(engine, dpm_folder):
+    """No sde=: the engine samples with the chain of the folder's own scheduler, exactly
+    as with sde="diffusers", scheduler=PATH."""
+    x = x_T()
+    settings = like_diffusers(dpm_folder, 10)
+    settings.pop("solver")
+    kw = dict(score="diffusers", solver="dpm_solver_pp", path=str(dpm_folder), noise=x,
+              shape=x.shape, **settings)  # fmt: skip
+    implicit = engine.sampling(**kw)
+    explicit = engine.sample(**kw, sde="diffusers", scheduler=str(dpm_folder))
+    assert torch.equal(implicit.samples, explicit)
+    assert implicit.config["sde"]["type"] == "diffusers"
+
+
 def test_ddim_through_engine_sample(engine, ddim_folder):
     """engine.sample(score="diffusers", ..., noise=x_T) is the DDIM loop's result."""
     x = x_T()

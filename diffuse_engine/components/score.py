@@ -105,6 +105,13 @@ class ScoreModel(Component):
         super().__init__(config, **fields)
         self.sde = sde
 
+    @classmethod
+    def own_sde(cls, config: ScoreConfig) -> dict | None:
+        """The SDE this model was made for, as ``{"type": NAME, **fields}``, when the
+        model itself fixes it (a diffusers model's scheduler); the engine then samples
+        with it unless the call names an SDE. ``None`` (the default): no own SDE."""
+        return None
+
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         """Raw model output at ``(x, t)`` (given ``cond``) in this model's parameterisation."""
         raise NotImplementedError

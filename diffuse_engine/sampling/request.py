@@ -18,10 +18,15 @@ from torch import Tensor
 
 from diffuse_engine.components.builder import Builder
 from diffuse_engine.components.guidance import check_cond, is_conditional
+from diffuse_engine.components.score import ScoreModel
+from diffuse_engine.components.sde import SDE
+from diffuse_engine.core.distributed import shard_size_for
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.core.memory import check_fits
 from diffuse_engine.sampling.loop import SamplingJob
 
+#: the SDE of a call that names none and whose score model brings none
+DEFAULT_SDE = "vp"
 #: tensors of a shard's size a solver holds at once (state, score, noise, history)
 WORKING_COPIES = 4
 
@@ -116,11 +121,34 @@ def _guidance_name(builder: Builder, guidance: str | None, cond) -> str | None:
     raise DiffuseError(f"cond ({keys}) needs guidance=, one of: {', '.join(names)}")
 
 
+def _sde_choice(b: Builder, sde: str | None, score: Any, overrides: Mapping[str, Any]):
+    """``(sde name, spec)`` of the call. ``sde=None`` takes the score model's own SDE: a
+    ready model's (``spec`` is that SDE object), or the ``{"type": ..., **fields}`` an
+    entry's class derives from its config (``ScoreModel.own_sde``, e.g. a diffusers model
+    and its scheduler); otherwise ``vp``."""
+    if sde is not None:
+        return sde, None
+    if isinstance(score, ScoreModel):
+        return type(score.sde).name, score.sde
+    if isinstance(score, str):
+        cls = b.implementation("score", score)
+        fields = {
+            k.removeprefix("score."): v
+            for k, v in {**b.set_overrides, **overrides}.items()
+            if k.removeprefix("score.") in cls.Config.model_fields
+            and ("." not in k or k.startswith("score."))
+        }
+        spec = cls.own_sde(b.resolve("score", score, **fields)[1])
+        if spec is not None:
+            return spec["type"], dict(spec)
+    return DEFAULT_SDE, None
+
+
 def build_job(
     builder: Builder,
     *,
     score: Any,
-    sde: str,
+    sde: str | None,
     solver: str,
     shape: int | Sequence[int],
     seed: int,
@@ -141,8 +169,9 @@ def build_job(
     guidance = _guidance_name(b, guidance, cond)
     if guidance is not None and cond is None:
         raise DiffuseError(f"guidance {guidance!r} needs cond= (for example cond={{'label': y}})")
+    sde, sde_spec = _sde_choice(b, sde, score, overrides or {})
     chosen = {
-        "sde": b.resolve("sde", sde)[0],
+        "sde": b.implementation("sde", sde) if sde_spec is None else b.catalogue.get("sde", sde),
         "solver": b.resolve("solver", solver)[0],
         "score": b.score_class(score),
     }
@@ -151,7 +180,14 @@ def build_job(
     if isinstance(classifier, str):
         chosen["classifier"] = b.implementation("classifier", classifier)
     routed = b.route_overrides(chosen, overrides or {})
-    sde_obj = b.build("sde", sde, **routed["sde"])
+    if isinstance(sde_spec, SDE):  # a ready model's own SDE
+        if routed["sde"]:
+            raise DiffuseError("sde fields cannot change the SDE a trained model is bound to")
+        sde_obj = sde_spec
+    elif sde_spec is not None:
+        sde_obj = b.build_recorded("sde", {**sde_spec, **routed["sde"]})
+    else:
+        sde_obj = b.build("sde", sde, **routed["sde"])
     solver_obj = b.build("solver", solver, **routed["solver"])
     score_obj = b.bind_score(score, sde_obj, **routed["score"])
     solver_obj.check(sde_obj)
@@ -163,6 +199,8 @@ def build_job(
             )
         shape = (shape, *data_shape)
     shape = check_shape(shape, data_shape, dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shard_size = shard_size_for(shard_size, shape[1:], itemsize)  # a byte budget per shard
     check_memory(shape, dtype, device, shard_size)
     if noise is not None:
         noise = check_noise(noise, shape)
