@@ -2,13 +2,15 @@
 
 A score model maps ``(x, t)`` with ``x`` of shape ``(B, *dims)`` and ``t`` of shape
 ``(B,)`` to ``grad_x log p_t(x)``, same shape and dtype as ``x``. Networks may instead
-predict the noise (``epsilon``) or the clean data (``x0``); :func:`to_score` converts
-through the SDE's Gaussian kernel ``x_t = a x_0 + s z`` (Song et al. 2021, App. C;
-Ho et al. 2020; Karras et al. 2022 for the x0 form):
+predict the noise (``epsilon``), the clean data (``x0``) or the velocity (``v``);
+:func:`to_score` converts through the SDE's Gaussian kernel ``x_t = a x_0 + s z`` (Song
+et al. 2021, App. C; Ho et al. 2020; Karras et al. 2022 for the x0 form; Salimans & Ho
+2022 for v):
 
 * score:   ``s``
 * epsilon: ``s = -eps_hat / std``
 * x0:      ``s = (a * x0_hat - x) / std^2``
+* v:       see :func:`to_score` (``v = (a eps - s x0) / sqrt(a^2 + s^2)``)
 """
 
 from __future__ import annotations
