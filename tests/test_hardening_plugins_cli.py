@@ -152,11 +152,15 @@ def test_engine_type_mistakes_raise_the_engine_error(sets):
         (["run", "--solver", "dpm_solverpp"], "(did you mean 'dpm_solver_pp'"),
         (["run", "--set", "stepz=3"], "(did you mean 'steps'?)"),
         (["check", "vp", "--solver", "odee"], "--solver 'odee'"),
+        (["run", "--set", "predictor=reverse_difusion"], "(did you mean 'reverse_diffusion'?)"),
+        (["train", "--set", "embedding=fourer"], "(got 'fourer') (did you mean 'fourier'?)"),
+        (["likelihood", "--set", "rtoll=1e-3"], "(did you mean 'rtol' or 'atol'?)"),
+        (["bench", "--schedules", "karas"], "(did you mean 'karras'?)"),
     ],
 )  # fmt: skip
 def test_unknown_names_say_where_and_suggest(tmp_path, args, needle):
-    res = runner.invoke(build_app(), [*args, "--out", str(tmp_path / "o")] if args[0] != "check"
-                        else args)  # fmt: skip
+    out = ["--out", str(tmp_path / "o")] if args[0] in ("run", "train", "bench") else []
+    res = runner.invoke(build_app(), [*args, *out])
     assert res.exit_code == 2, res.output
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "[train.default]" not in res.stderr

@@ -88,8 +88,11 @@ def register(app: typer.Typer) -> None:
             ) from None
         bad = [s for s in schedule_list if s not in ALL_SCHEDULES]
         if bad:
+            from diffuse_engine.core.suggest import did_you_mean
+
             raise DiffuseError(
-                f"--schedules: unknown {', '.join(bad)}; choices: " + ", ".join(ALL_SCHEDULES)
+                f"--schedules: unknown {', '.join(bad)}{did_you_mean(bad[0], ALL_SCHEDULES)}; "
+                "choices: " + ", ".join(ALL_SCHEDULES)
             )
         if any(b < 1 for b in budgets) or n < 1:
             raise DiffuseError("--nfe budgets and --n must be positive integers")

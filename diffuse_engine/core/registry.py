@@ -20,6 +20,7 @@ allowed, on one line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -155,6 +156,9 @@ def format_validation_error(where: str, exc: ValidationError, model: type[BaseMo
             msg = err["msg"].removeprefix("Value error, ")
             given = err.get("input")
             shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            if err["type"] == "literal_error":  # one of fixed names: the closest ones
+                expected = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+                shown += did_you_mean(given, expected)
             parts.append(f"{loc}: {msg}{shown}")
     return f"{where} " + "; ".join(parts)
 

@@ -316,9 +316,12 @@ def split_overrides(
                 {f"{k}.{f}" for k, c in chosen.items() for f in c.Config.model_fields}
                 | {f"likelihood.{f}" for f in fields}
             )
+            from diffuse_engine.core.suggest import did_you_mean
+
+            hint = did_you_mean(key, {a.rpartition(".")[2] for a in allowed})
             raise RegistryError(
                 f"override {key!r}: no likelihood setting or chosen entry has "
-                f"that field; allowed: {', '.join(allowed)}"
+                f"that field{hint}; allowed: {', '.join(allowed)}"
             )
         else:
             rest[key] = value
