@@ -207,7 +207,7 @@ def check_observation(cond: Mapping[str, Any], shape: tuple[int, ...]) -> dict[s
         else:
             raise DiffuseError(
                 f"cond['mask'] has shape {tuple(mask.shape)}; for x of shape {tuple(shape)} "
-                f"it must be {dims}, ({d},) or {tuple(shape)}"
+                f"it must be {' or '.join(map(str, dict.fromkeys([dims, (d,), tuple(shape)])))}"
             )
         if tuple(y.shape) != tuple(shape):
             raise DiffuseError(
