@@ -2,7 +2,8 @@
 
 Every method of :data:`diffuse_engine.testbed.inverse.METHODS` on every problem at every
 budget, the particle trend of ``smc``, and the floor of exact posterior samples of the
-same size; writes JSON lines to ``--results`` and markdown tables to ``--report``.
+same size (:func:`diffuse_engine.testbed.inverse.sweep`); writes JSON lines to
+``--results`` and markdown tables to ``--report``. ``diffuse bench --inverse`` runs the same.
 
     flock /tmp/heavy.lock python benchmarks/inverse.py [--n 1000] [--budgets 20,50,100,1000]
 """
@@ -10,7 +11,6 @@ same size; writes JSON lines to ``--results`` and markdown tables to ``--report`
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -33,29 +33,19 @@ def main(argv=None) -> None:
     p.add_argument("--report", type=Path, default=ROOT / "docs/inverse-tables.md")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # fastest on a shared machine for these batch sizes
-    engine = Engine()
-    budgets = [int(b) for b in a.budgets.split(",")]
-    cells, floors = [], {}
-    with a.results.open("w") as out:
-        for prob in I.problems(engine.builder, a.problems.split(","), seed=a.seed):
-            n = 2 * a.n if prob.name == "ring-x0" else a.n
-            floors[prob.name] = I.floor(prob, n, a.seed)
-            print(prob.name, "floor", floors[prob.name], flush=True)
-            runs = [(m, b, 16) for m in a.methods.split(",") for b in budgets]
-            if "smc" in a.methods:
-                runs += [("smc", 100, int(k)) for k in a.particles.split(",") if int(k) != 16]
-            for method, budget, k in runs:
-                extra = {"particles": k} if method == "smc" else {}
-                cell = I.run_cell(engine, prob, method, budget, n, a.seed, **extra)
-                cells.append(cell)
-                out.write(json.dumps(cell) + "\n")
-                out.flush()
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in cell.items()},
-                      flush=True)  # fmt: skip
-    parts = [f"<!-- written by benchmarks/inverse.py, n = {a.n} (ring: {2 * a.n}) -->"]
-    for metric in I.METRICS:
-        parts += [f"\n### {metric}\n", I.table(cells, floors, metric)]
-    a.report.write_text("\n".join(parts) + "\n")
+    a.results.unlink(missing_ok=True)
+    cells, floors = I.sweep(
+        Engine(),
+        names=a.problems.split(","),
+        methods=tuple(a.methods.split(",")),
+        budgets=tuple(int(b) for b in a.budgets.split(",")),
+        particles=tuple(int(k) for k in a.particles.split(",")),
+        n=a.n,
+        seed=a.seed,
+        results=a.results,
+        log=lambda msg: print(msg, flush=True),
+    )
+    a.report.write_text(I.report(cells, floors, a.n))
 
 
 if __name__ == "__main__":

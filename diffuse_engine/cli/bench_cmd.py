@@ -62,6 +62,9 @@ def register(app: typer.Typer) -> None:
         overhead_steps: int = typer.Option(1000, help="steps of the overhead runs"),
         overhead_batch: int = typer.Option(4096, help="batch of the overhead runs"),
         overhead_repeats: int = typer.Option(3, help="alternating repeats of the overhead runs"),
+        inverse: bool = typer.Option(
+            False, "--inverse", help="the inverse-problem benchmark instead (docs/inverse.md)"
+        ),
     ):
         """Quality of every solver and schedule per score evaluation on the exact GMM,
         throughput, and the engine's overhead; writes a markdown report and plots."""
@@ -78,6 +81,16 @@ def register(app: typer.Typer) -> None:
 
         if threads is not None:
             torch.set_num_threads(threads)
+        if inverse:  # method x NFE against the exact posterior (testbed/inverse.py)
+            from diffuse_engine.testbed import inverse as I
+
+            default = (n == 50000, nfe == "5,10,20,50,100,1000")  # the sampling sweep's
+            budgets = I.BUDGETS if default[1] else _csv(nfe, int)
+            log = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
+            I.cli_bench(
+                make_engine(), out_option(out_), 1000 if default[0] else n, budgets, seed, log
+            )
+            return
         engine = make_engine()
         solver_list, schedule_list = _csv(solvers), _csv(schedules)
         try:

@@ -157,3 +157,65 @@ def table(cells: list[dict], floors: dict[str, dict], metric: str) -> str:
         vals = " | ".join(f"{row[b]:.3f}" if b in row else "" for b in budgets)
         lines.append(f"| {prob} | {label} | {vals} | {floors[prob][metric]:.3f} |")
     return "\n".join(lines)
+
+
+def sweep(
+    engine,
+    *,
+    names: list[str] | None = None,
+    methods: tuple[str, ...] = METHODS,
+    budgets: tuple[int, ...] = BUDGETS,
+    particles: tuple[int, ...] = (1, 4, 16, 32),
+    n: int = 1000,
+    seed: int = 0,
+    results=None,
+    log=print,
+) -> tuple[list[dict], dict[str, dict]]:
+    """Every method at every budget on every problem (the ring with ``2 n`` samples),
+    plus ``smc`` with each of ``particles`` at NFE 100; appends each cell to the
+    JSON-lines file ``results`` as it finishes. Returns ``(cells, floors)``."""
+    import json
+
+    cells, floors = [], {}
+    for prob in problems(engine.builder, names, seed=seed):
+        size = 2 * n if prob.name == "ring-x0" else n
+        floors[prob.name] = floor(prob, size, seed)
+        log(f"{prob.name} floor {floors[prob.name]}")
+        runs = [(m, b, 16) for m in methods for b in budgets]
+        if "smc" in methods:
+            runs += [("smc", 100, k) for k in particles if k != 16]
+        for method, budget, k in runs:
+            extra = {"particles": k} if method == "smc" else {}
+            cell = run_cell(engine, prob, method, budget, size, seed, **extra)
+            cells.append(cell)
+            if results is not None:
+                with open(results, "a") as out:
+                    out.write(json.dumps(cell) + "\n")
+            log(str({k: (round(v, 4) if isinstance(v, float) else v) for k, v in cell.items()}))
+    return cells, floors
+
+
+def report(cells: list[dict], floors: dict[str, dict], n: int) -> str:
+    """The markdown tables of every metric."""
+    parts = [f"<!-- written by diffuse_engine.testbed.inverse, n = {n} (ring: {2 * n}) -->"]
+    for metric in METRICS:
+        parts += [f"\n#### {metric}\n", table(cells, floors, metric)]
+    return "\n".join(parts) + "\n"
+
+
+def cli_bench(engine, out, n: int, budgets: list[int], seed: int, log) -> None:
+    """``diffuse bench --inverse``: :func:`sweep` into ``out`` (``inverse.jsonl`` and
+    ``inverse.md``)."""
+    from pathlib import Path
+
+    from diffuse_engine.output.files import FolderLock, make_folder
+
+    out = Path(out or f"runs/bench-inverse-{time.strftime('%Y%m%d-%H%M%S')}")
+    lock = FolderLock(out).acquire()
+    make_folder(out)
+    results = out / "inverse.jsonl"
+    results.unlink(missing_ok=True)
+    cells, floors = sweep(engine, budgets=tuple(budgets), n=n, seed=seed, results=results, log=log)
+    (out / "inverse.md").write_text(report(cells, floors, n))
+    lock.release()
+    log(f"wrote {out / 'inverse.md'}")
