@@ -84,7 +84,8 @@ def test_broken_plugins_are_reported_skipped_and_the_rest_load(broken_plugins):
     assert "pc" in engine.catalogue.names("solver")
 
 
-def test_plugins_command_always_runs_and_names_the_culprits(broken_plugins):
+def test_plugins_command_always_runs_and_names_the_culprits(broken_plugins, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)  # pytest-xdist workers set 80
     res = runner.invoke(build_app(), ["plugins"])
     assert res.exit_code == 1, res.output  # something failed: say so in the status too
     assert "clash-plugin" in res.stdout and "dict-plugin" in res.stdout

@@ -221,6 +221,9 @@ def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> 
         table.add_column(escape(c))
     for row in rows:
         table.add_row(*(escape(fmt(v)) for v in row))
+    wide = _width(console.file)  # where stdout is now (CliRunner replaces it)
+    if wide is not None:
+        console.width = wide
     console.print(table)
 
 
