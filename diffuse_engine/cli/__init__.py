@@ -16,6 +16,7 @@ from diffuse_engine.cli import (
     bench_cmd,
     check_cmd,
     common,
+    inpaint_cmd,
     likelihood_cmd,
     plugins_cmd,
     registry_cmd,
@@ -35,6 +36,7 @@ COMMAND_MODULES = [
     registry_cmd,
     check_cmd,
     bench_cmd,
+    inpaint_cmd,
 ]
 
 
