@@ -32,6 +32,7 @@ and EMA updates are identical).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
@@ -67,6 +68,25 @@ def stream_seed(seed: int, *key: int) -> int:
 def shard_seed(seed: int, shard: int) -> int:
     """The seed of sampling shard ``shard``: ``seed`` itself for shard 0, else a hash."""
     return int(seed) if shard == 0 else stream_seed(seed, SAMPLE_STREAM, shard)
+
+
+#: the memory budget of one sampling shard: its sample tensor holds at most this many
+#: bytes (16 MiB), so image-sized samples get fewer per shard and the time per sample
+#: stays flat as ``n`` grows; 2-D or 64-D samples keep ``DEFAULT_SHARD_SIZE``
+DEFAULT_SHARD_BYTES = 16 * 2**20
+
+
+def shard_size_for(
+    shard_size: int, sample_shape, itemsize: int, max_bytes: int | None = None
+) -> int:
+    """``shard_size`` samples, fewer when that many of ``sample_shape`` (of ``itemsize``
+    bytes per value) would pass ``max_bytes`` (default :data:`DEFAULT_SHARD_BYTES`).
+
+    Depends only on its arguments, so every rank of a distributed run makes the same
+    shards and ``--nproc N`` runs still equal one process."""
+    budget = DEFAULT_SHARD_BYTES if max_bytes is None else max_bytes
+    per_sample = max(1, itemsize * math.prod(sample_shape))
+    return max(1, min(int(shard_size), budget // per_sample))
 
 
 def shard_sizes(n: int, shard_size: int) -> list[int]:
@@ -371,4 +391,6 @@ __all__ = [
     "gather_shards",
     "ShardedBatches",
     "DEFAULT_SHARD_SIZE",
+    "DEFAULT_SHARD_BYTES",
+    "shard_size_for",
 ]
