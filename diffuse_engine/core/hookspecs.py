@@ -92,8 +92,10 @@ def diffuse_register_classifiers():
 def diffuse_register_losses():
     """Return loss classes (:class:`diffuse_engine.Loss`).
 
-    Built as ``cls(config, sde=sde)``; ``loss(model, x0, generator)`` returns a scalar
-    tensor for a data batch ``x0`` ``(B, *dims)``, sampling ``t`` in ``[eps, T]``.
+    Built as ``cls(config, sde=sde)``; ``loss(model, x0, generator, cond=None)`` returns
+    a scalar tensor for a data batch ``x0`` ``(B, *dims)``, sampling ``t`` in ``[eps,
+    T]``. Class-conditional training passes ``cond={"label": (B,) int64}`` (only then),
+    and the loss calls ``model(x, t, cond)``; all randomness comes from ``generator``.
     """
 
 
@@ -102,7 +104,9 @@ def diffuse_register_datasets():
     """Return dataset classes (:class:`diffuse_engine.Dataset`).
 
     ``sample(n, generator)`` returns float tensors ``(n, *shape)`` on the CPU; the
-    engine moves batches to the run's device.
+    engine moves batches to the run's device. Labelled datasets set ``num_classes`` and
+    implement ``sample_labelled(n, generator) -> (x, labels)`` with ``(n,)`` int64 labels
+    in ``[0, num_classes)``, for class-conditional models and classifiers.
     """
 
 
