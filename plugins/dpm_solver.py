@@ -22,7 +22,9 @@ lowers the std error of singlestep runs at 10-20 evaluations up to five-fold.
 
 Score evaluations: ``steps`` for multistep; for singlestep the sum of the steps' orders
 (``order * steps`` without ``lower_order_final`` or from 15 steps up); plus one for the
-final denoising step when ``denoise`` is on.
+final denoising step when ``denoise`` is on. ``nfe = N`` spends exactly ``N``: multistep
+takes ``N - 1`` steps, singlestep the order recipe of Lu et al. (2022a, Sec. 3.4) in
+``orders`` (:meth:`DPMSolverConfig.budget`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffuse_engine import hookimpl
 from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
@@ -49,6 +51,40 @@ class DPMSolverConfig(KernelSolverConfig):
         True,
         description="fewer than 15 steps: order k at the k-th last step (stabilises few-step runs)",
     )
+    orders: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="singlestep: the order of each step (replaces steps and lower_order_final)",
+    )
+
+    def budget(self, nfe: int) -> dict:
+        """Multistep: one evaluation per step. Singlestep: the order recipe of Lu et al.
+        (2022a, Sec. 3.4, "DPM-Solver-fast") for the ``M`` evaluations left after the
+        final denoising step: ``K = M // 3 + 1`` steps of order 3 ending ``[..., 2, 1]``,
+        ``[..., 1]`` or ``[..., 2]`` as ``M % 3`` is 0, 1 or 2 (order 2: ``[2, ..., 2]``
+        and a final 1 when ``M`` is odd)."""
+        out = super().budget(nfe)
+        if self.method == "multistep":
+            return out
+        M = nfe - int(out["denoise"])
+        if self.order == 1:
+            orders = [1] * M
+        elif self.order == 2:
+            orders = [2] * (M // 2) + [1] * (M % 2)
+        else:
+            K = M // 3 + 1
+            orders = [3] * (K - 2) + [2, 1] if M % 3 == 0 else [3] * (K - 1) + [M % 3]
+        return {**out, "steps": len(orders), "orders": orders}
+
+    @model_validator(mode="after")
+    def _check_orders(self):
+        if self.orders is not None:
+            if self.method != "singlestep":
+                raise ValueError("orders applies to method = 'singlestep'")
+            if any(o not in (1, 2, 3) for o in self.orders):
+                raise ValueError(f"orders must be 1, 2 or 3, not {self.orders}")
+            self.__dict__["steps"] = len(self.orders)  # the frozen config's one write
+        return self
 
 
 #: as in the reference implementation, lower final orders only matter for short runs
@@ -123,7 +159,9 @@ class DPMSolver(KernelSolver):
         steps = len(g) - 1
         pred = c.prediction
         orders = [c.order] * steps
-        if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
+        if c.orders is not None:
+            orders = list(c.orders)
+        elif c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
             orders = [min(c.order, steps - i) for i in range(steps)]
         rs = [{1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}[o] for o in orders]
         # intermediate times at lambda_s + r h, found once before the loop

@@ -11,7 +11,9 @@ spacing (``schedule = "karras"``, ``rho = 7``). With ``churn > 0`` each step in
 ``[s_tmin, s_tmax]`` first raises the noise level by ``gamma = min(churn / steps,
 sqrt(2) - 1)`` and adds the matching fresh noise (``s_noise`` times it), Alg. 2 lines
 5-7. EDM's final Euler step to ``sigma = 0`` is the final denoising step here
-(``denoise``, one more evaluation): it equals Tweedie's formula.
+(``denoise``, one more evaluation): it equals Tweedie's formula. Score evaluations:
+``2 * steps - euler_steps``, plus one for the denoising step; ``nfe = N`` spends
+exactly ``N`` (:meth:`EDMConfig.budget`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ class EDMConfig(KernelSolverConfig):
     s_tmin: float = Field(0.0, ge=0, description="churn only where sigma >= s_tmin")
     s_tmax: float = Field(float("inf"), gt=0, description="churn only where sigma <= s_tmax")
     s_noise: float = Field(1.0, gt=0, description="scale of the churn noise")
+    euler_steps: int = Field(
+        0, ge=0, description="how many of the first steps are Euler (1 evaluation, not 2)"
+    )
+
+    def budget(self, nfe: int) -> dict:
+        """Heun steps cost 2 evaluations: ``M = nfe - denoise`` gives ``ceil(M / 2)``
+        steps, the first one Euler when ``M`` is odd (at the largest noise levels the
+        trajectory is nearly straight, so the lost order costs least there)."""
+        out = super().budget(nfe)
+        M = out["steps"]
+        steps = (M + 1) // 2
+        return {**out, "steps": steps, "euler_steps": 2 * steps - M}
 
 
 class EDMHeun(KernelSolver):
@@ -83,8 +97,11 @@ class EDMHeun(KernelSolver):
             t_n, a_n, s_n, sg_n = g.t[i + 1], g.a[i + 1], g.s[i + 1], sig[i + 1]
             d = (xh - self.predict(score, xh * a, t, a, s, "data")) / sg
             x_e = xh + (sg_n - sg) * d
-            d_n = (x_e - self.predict(score, x_e * a_n, t_n, a_n, s_n, "data")) / sg_n
-            xh = xh + (0.5 * (sg_n - sg)) * (d + d_n)
+            if i < c.euler_steps:
+                xh = x_e
+            else:
+                d_n = (x_e - self.predict(score, x_e * a_n, t_n, a_n, s_n, "data")) / sg_n
+                xh = xh + (0.5 * (sg_n - sg)) * (d + d_n)
             if transform is not None:  # a guidance projection (guidance.py)
                 xh = transform(xh * a_n, i + 1, t_n) / a_n
             if callback is not None:

@@ -10,6 +10,12 @@ sigma_k^2 + s^2) I)`` and its score is exact. Mixture layouts:
 * ``random``: ``modes`` modes in ``dim`` dimensions with centres drawn (seeded) from
   ``N(0, radius^2 / dim I)``, same weight and std pattern.
 * ``explicit``: ``means``, ``stds`` and ``weights`` given in full.
+
+``weight_ratio`` sets the largest over the smallest weight of the ring and random
+layouts (default 3). The score (not the dataset) also takes ``elongation``: every
+mode's std along the first coordinate is ``elongation`` times its std along the
+others (anisotropic modes), and ``shape``: the data shape of a ``random`` mixture
+(``[3, 8, 8]`` for image-shaped samples; its product is ``dim``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class MixtureFields(ComponentConfig):
     means: list[list[float]] | None = Field(None, description="explicit means (K x d)")
     stds: list[float] | None = Field(None, description="explicit per-mode stds (K)")
     weights: list[float] | None = Field(None, description="explicit weights (K), normalised")
+    weight_ratio: float = Field(
+        3.0, ge=1, description="largest / smallest mode weight (ring, random)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -66,6 +75,22 @@ class MixtureConfig(MixtureFields, ScoreConfig):
     """The ``gmm`` score model: the mixture's exact score (never another parameterisation)."""
 
     parameterisation: Literal["score"] = "score"
+    elongation: float = Field(
+        1.0, gt=0, description="std along the first coordinate / std along the others"
+    )
+    shape: list[int] | None = Field(
+        None, min_length=1, description="data shape of a random mixture (product = dim)"
+    )
+
+    @model_validator(mode="after")
+    def _shape_matches(self):
+        if self.shape is not None:
+            if self.layout != "random" or math.prod(self.shape) != self.dim or min(self.shape) < 1:
+                raise ValueError(
+                    f"shape {self.shape} needs layout 'random' and a product equal to "
+                    f"dim ({self.dim})"
+                )
+        return self
 
 
 def build_mixture(c: MixtureFields) -> GaussianMixture:
@@ -77,7 +102,7 @@ def build_mixture(c: MixtureFields) -> GaussianMixture:
         w = torch.tensor(c.weights, dtype=f64) if c.weights else torch.ones(len(c.stds), dtype=f64)
     else:
         K = c.modes
-        w = torch.linspace(1, 3, K, dtype=f64) if K > 1 else torch.ones(1, dtype=f64)
+        w = torch.linspace(1, c.weight_ratio, K, dtype=f64) if K > 1 else torch.ones(1, dtype=f64)
         stds = c.std * (
             torch.linspace(1, 1.75, K, dtype=f64) if K > 1 else torch.ones(1, dtype=f64)
         )
@@ -87,6 +112,10 @@ def build_mixture(c: MixtureFields) -> GaussianMixture:
         else:
             g = torch.Generator().manual_seed(c.seed)
             means = torch.randn(K, c.dim, generator=g, dtype=f64) * c.radius / math.sqrt(c.dim)
+    elongation = getattr(c, "elongation", 1.0)
+    if elongation != 1.0:  # per-dimension stds: the first coordinate stretched
+        stds = stds[:, None].repeat(1, means.shape[1])
+        stds[:, 0] *= elongation
     return GaussianMixture(means, stds, w / w.sum())
 
 
@@ -105,7 +134,8 @@ class GMMScore(ScoreModel):
     def __init__(self, config=None, *, sde, **fields):
         super().__init__(config, sde=sde, **fields)
         self.mixture = build_mixture(self.config)
-        self.data_shape = (self.mixture.dim,)
+        c = self.config
+        self.data_shape = tuple(c.shape) if c.shape is not None else (self.mixture.dim,)
         self.num_classes = self.mixture.weights.shape[0]
 
     def forward(self, x, t, cond=None):

@@ -2,7 +2,9 @@
 
 ``dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t)``, integrated from ``T`` down to ``eps`` with
 explicit Euler (1 score evaluation per step), Heun's second-order method (2) or the
-classic fourth-order Runge-Kutta method (4); deterministic given ``x_T``.
+classic fourth-order Runge-Kutta method (4); deterministic given ``x_T``. ``nfe = N``
+spends exactly ``N`` (:meth:`ODEConfig.budget`: lower-order first steps take the
+remainder of ``N - denoise`` over the method's cost).
 """
 
 from __future__ import annotations
@@ -10,13 +12,35 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffuse_engine import Solver, SolverConfig, hookimpl
+
+#: score evaluations per step of each method
+COST = {"euler": 1, "heun": 2, "rk4": 4}
 
 
 class ODEConfig(SolverConfig):
     method: Literal["euler", "heun", "rk4"] = Field("rk4", description="Runge-Kutta method")
+    lead: list[Literal["euler", "heun"]] = Field(
+        [], description="methods of the first steps, before method takes over (budgets)"
+    )
+
+    def budget(self, nfe: int) -> dict:
+        """``M = nfe - denoise`` evaluations: ``M // cost`` steps of ``method`` after
+        lower-order first steps that spend the remainder (a Heun and/or an Euler step,
+        where the flow is smoothest, near the prior)."""
+        out = super().budget(nfe)
+        M = out["steps"]
+        full, rem = divmod(M, COST[self.method])
+        lead = ["heun"] * (rem // 2) + ["euler"] * (rem % 2)
+        return {**out, "steps": full + len(lead), "lead": lead}
+
+    @model_validator(mode="after")
+    def _lead_fits(self):
+        if len(self.lead) > self.steps:
+            raise ValueError(f"lead has {len(self.lead)} methods for {self.steps} steps")
+        return self
 
 
 class ProbabilityFlowODE(Solver):
@@ -45,8 +69,13 @@ class ProbabilityFlowODE(Solver):
                 return sde.reverse_drift(x, tt, score(x, tt), probability_flow=True)
             return torch.add(x * coef[0][k], score(x, tt), alpha=-0.5 * coef[1][k])
 
+        lead = self.config.lead
         for i in range(steps):
             h = grid[i + 1] - grid[i]
+            if i < len(lead):
+                method = lead[i]
+            elif i == len(lead):
+                method = self.config.method
             k1 = f(x, 3 * i)
             if method == "euler":
                 x = torch.add(x, k1, alpha=h)

@@ -32,6 +32,14 @@ class AdaptiveODEConfig(SolverConfig):
     rtol: float = Field(1e-5, gt=0, description="relative tolerance")
     atol: float = Field(1e-5, gt=0, description="absolute tolerance")
 
+    def budget(self, nfe: int) -> dict:
+        """Refused: the error control picks the evaluations (the ``dpm_adaptive`` solver
+        takes ``nfe`` as its cap)."""
+        raise ValueError(
+            "nfe does not apply: the error control picks the steps; set rtol and atol, "
+            "or use solver dpm_adaptive (nfe is its cap)"
+        )
+
     @model_validator(mode="after")
     def _no_schedule(self):
         return uniform_schedule_only(self, "the adaptive solver picks its own steps")

@@ -3,7 +3,9 @@
 At each of ``steps`` times from ``T`` down to ``eps`` it runs the corrector at ``t`` and
 then the predictor from ``t`` to the next time, and finishes with an optional Tweedie
 denoising step at ``eps``. Score evaluations: ``steps * (p + corrector_steps)`` with
-``p = 1`` unless the predictor is ``none``, plus one for the final denoising.
+``p = 1`` unless the predictor is ``none``, less ``corrector_steps`` for each of the
+first ``corrector_skip`` times, plus one for the final denoising; ``nfe = N`` spends
+exactly ``N`` (:meth:`PCConfig.budget`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,27 @@ class PCConfig(SolverConfig):
     )
     snr: float = Field(0.16, gt=0, description="corrector signal-to-noise ratio")
     corrector_steps: int = Field(1, ge=0, description="corrector steps per time step")
+    corrector_skip: int = Field(
+        0, ge=0, description="no corrector at the first k times (at T the prior is p_T)"
+    )
+
+    def budget(self, nfe: int) -> dict:
+        """``M = nfe - denoise`` evaluations over ``S`` steps of ``p`` predictor and
+        ``c`` corrector evaluations: the fewest steps with ``p S + c (S - k) = M``,
+        skipping the corrector at the first ``k`` times, where the state is closest
+        to its exact marginal (the prior is ``p_T`` itself)."""
+        out = super().budget(nfe)
+        M = out["steps"]
+        p = 0 if self.predictor == "none" else 1
+        c = 0 if self.corrector == "none" else self.corrector_steps
+        for S in range(max(1, -(-M // (p + c))), M + 1):
+            k, rem = divmod((p + c) * S - M, c) if c else (0, p * S - M)
+            if rem == 0 and 0 <= k <= S and p * S + c * (S - k) == M:
+                return {**out, "steps": S, "corrector_skip": k}
+        raise ValueError(
+            f"nfe = {nfe} cannot be spent in steps of {p} predictor and {c} corrector "
+            f"evaluations (+{int(out['denoise'])} denoising); choose another nfe"
+        )
 
     @model_validator(mode="after")
     def _something_to_do(self):
@@ -55,9 +78,11 @@ class PCSampler(Solver):
         B = x.shape[0]
         full = lambda v: torch.full((B,), v, device=x.device, dtype=x.dtype)  # noqa: E731
         plan = self.predictor.plan(sde, grid)  # per-step floats, computed once
+        skip = self.config.corrector_skip
         for i in range(steps):
             t = full(grid[i])
-            x, _ = self.corrector.step(x, t, score, sde, generator)
+            if i >= skip:
+                x, _ = self.corrector.step(x, t, score, sde, generator)
             if plan is not None:
                 x, _ = self.predictor.planned_step(x, t, plan[i], score, generator)
             else:

@@ -58,11 +58,48 @@ class TorchSDEConfig(SolverConfig):
     atol: float = Field(1e-3, gt=0, description="absolute tolerance (adaptive)")
     dt_min: float = Field(1e-5, gt=0, description="smallest step (adaptive)")
 
+    def budget(self, nfe: int) -> dict:
+        """The most steps whose evaluations fit ``nfe``: ``COST[method]`` per step plus
+        ``FIXED[method]`` (torchsde's contract check, reversible Heun's first drift) and
+        the denoising step; exactly ``nfe`` when the remainder divides. Counted on
+        torchsde 0.2.6 without a progress callback (each progress piece adds one)."""
+        if self.adaptive:
+            raise ValueError(
+                "nfe does not apply to adaptive = true (the error control "
+                "picks the steps); set rtol and atol"
+            )
+        steps = (nfe - int(self.denoise) - FIXED[self.method]) // COST[self.method]
+        if steps < 1:
+            need = FIXED[self.method] + COST[self.method] + int(self.denoise)
+            raise ValueError(f"nfe = {nfe} is below one {self.method} step ({need})")
+        return {"steps": steps}
+
     @model_validator(mode="after")
     def _no_schedule(self):
         return uniform_schedule_only(
             self, "torchsde steps uniformly in t (dt = (T - eps) / steps) or adaptively"
         )
+
+
+#: score evaluations per torchsde step, and once per solve (torchsde 0.2.6, diagonal noise)
+COST = {
+    "euler": 1,
+    "milstein": 1,
+    "euler_heun": 1,
+    "reversible_heun": 1,
+    "heun": 2,
+    "midpoint": 2,
+    "srk": 10,
+}
+FIXED = {
+    "euler": 1,
+    "milstein": 1,
+    "euler_heun": 1,
+    "reversible_heun": 2,
+    "heun": 1,
+    "midpoint": 1,
+    "srk": 1,
+}
 
 
 class TorchSDESolver(Solver):

@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
         solver: str | None = typer.Option(None, help="solver entry, e.g. pc, ode"),
         score: str | None = typer.Option(None, help="score-model entry, e.g. gmm"),
         steps: int | None = typer.Option(None, help="solver steps"),
+        nfe: int | None = typer.Option(
+            None,
+            help="score evaluations per sample; without --solver the registry's "
+            "best-SDE-NFE entry (the benchmark's best at that budget)",
+        ),
         n: int | None = typer.Option(None, "--n", "-n", help="number of samples"),
         seed: int | None = typer.Option(None, help="random seed"),
         device: str | None = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
@@ -57,8 +62,22 @@ def register(app: typer.Typer) -> None:
         use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, set_)
         check_names(engine, sde=("sde", sde), solver=("solver", solver), score=("score", score))
+        budget = {} if nfe is None else {"nfe": nfe}
+        if nfe is not None and solver is None:  # the best-at-budget table (registry.toml)
+            from diffuse_engine.components.solver import best_at_budget
+
+            sde_name = sde or engine.plan_run(preset).sde
+            solver = best_at_budget(engine.registry.names("solver"), sde_name, nfe) or solver
         plan = engine.plan_run(
-            preset, sde=sde, solver=solver, score=score, n=n, seed=seed, device=device, steps=steps
+            preset,
+            sde=sde,
+            solver=solver,
+            score=score,
+            n=n,
+            seed=seed,
+            device=device,
+            steps=steps,
+            **budget,
         )
         _check_device(plan.device)
         if dry_run:

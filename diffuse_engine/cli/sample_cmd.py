@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         solver: str = typer.Option("pc", help="solver entry, e.g. pc, ode, ancestral"),
         n: int = typer.Option(1000, "--n", "-n", help="number of samples"),
         steps: int | None = typer.Option(None, help="solver steps"),
+        nfe: int | None = typer.Option(None, help="score evaluations per sample"),
         seed: int = typer.Option(0, help="random seed"),
         device: str = typer.Option("cpu", help="torch device (cpu, cuda, cuda:1)"),
         ema: bool = typer.Option(True, "--ema/--no-ema", help="sample with the EMA weights"),
@@ -104,6 +105,8 @@ def register(app: typer.Typer) -> None:
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
         if steps is not None:
             overrides["steps"] = steps
+        if nfe is not None:
+            overrides["nfe"] = nfe
         overrides = {**sample_overrides(ckpt.config), **overrides}
         _check_sampling(engine, model, ckpt.config, solver, overrides)
         n, per_class, conditioning = _conditioning(label, guidance, scale, classifier, n, model)

@@ -81,6 +81,12 @@ class KernelSolverConfig(SolverConfig):
             data = {**data, "steps": max(len(data["times"]) - 1, 1)}
         return data
 
+    def budget(self, nfe: int) -> dict:
+        """An explicit ``times`` grid fixes the steps, so it cannot also take a budget."""
+        if self.times is not None:
+            raise ValueError("nfe and times both fix the steps; give one of them")
+        return super().budget(nfe)
+
     @model_validator(mode="after")
     def _check_times(self):
         if self.times is not None:

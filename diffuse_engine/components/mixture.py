@@ -1,11 +1,12 @@
 """Gaussian mixtures: the exact test bed.
 
-A mixture of isotropic Gaussians ``sum_k w_k N(mu_k, sigma_k^2 I)`` perturbed by any
-SDE's Gaussian kernel stays a mixture: ``p_t = sum_k w_k N(a mu_k, (a^2 sigma_k^2 +
-s^2) I)`` with ``(a, s) = sde.marginal(t)``. Its log-density and score are therefore
-known in closed form at every ``t``, which is what lets us check samplers, kernels
-and likelihoods against exact answers. :func:`mode_statistics` measures how well a
-set of samples reproduces the mixture, mode by mode.
+A mixture of axis-aligned Gaussians ``sum_k w_k N(mu_k, diag(sigma_k^2))`` perturbed by
+any SDE's Gaussian kernel stays a mixture: ``p_t = sum_k w_k N(a mu_k, diag(a^2
+sigma_k^2 + s^2))`` with ``(a, s) = sde.marginal(t)``; ``stds`` is ``(K,)`` for
+isotropic modes or ``(K, d)`` per dimension (elongated modes). Its log-density and
+score are therefore known in closed form at every ``t``, which is what lets us check
+samplers, kernels and likelihoods against exact answers. :func:`mode_statistics`
+measures how well a set of samples reproduces the mixture, mode by mode.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class GaussianMixture:
-    """``means`` ``(K, d)``, ``stds`` ``(K,)``, ``weights`` ``(K,)`` summing to one."""
+    """``means`` ``(K, d)``, ``stds`` ``(K,)`` (isotropic) or ``(K, d)`` (per
+    dimension), ``weights`` ``(K,)`` summing to one."""
 
     means: Tensor
     stds: Tensor
@@ -29,19 +31,30 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    @property
+    def std_matrix(self) -> Tensor:
+        """Per-mode, per-dimension stds ``(K, d)`` (isotropic modes broadcast)."""
+        if self.stds.dim() == 2:
+            return self.stds
+        return self.stds[:, None].expand(-1, self.dim)
+
     def to(self, device=None, dtype=None) -> GaussianMixture:
         return GaussianMixture(
             *(v.to(device=device, dtype=dtype) for v in (self.means, self.stds, self.weights))
         )
 
     def _components(self, x: Tensor, mean_coeff: Tensor | None, std: Tensor | None):
-        """Per-sample, per-mode centres ``(B, K, d)`` and variances ``(B, K)``."""
+        """Per-sample, per-mode centres ``(B, K, d)`` and variances ``(B, K)``
+        (isotropic) or ``(B, K, d)``."""
         m = self.to(x.device, x.dtype)
         B = x.shape[0]
         a = torch.ones(B, device=x.device, dtype=x.dtype) if mean_coeff is None else mean_coeff
         s = torch.zeros(B, device=x.device, dtype=x.dtype) if std is None else std
         centres = a[:, None, None] * m.means[None]
-        var = a[:, None] ** 2 * m.stds[None] ** 2 + s[:, None] ** 2
+        if m.stds.dim() == 2:
+            var = a[:, None, None] ** 2 * m.stds[None] ** 2 + s[:, None, None] ** 2
+        else:
+            var = a[:, None] ** 2 * m.stds[None] ** 2 + s[:, None] ** 2
         return m, centres, var
 
     def _log_joint(self, x: Tensor, mean_coeff=None, std=None):
@@ -49,12 +62,17 @@ class GaussianMixture:
         flat = x.reshape(x.shape[0], -1)
         d = flat.shape[1]
         diff = flat[:, None, :] - centres
+        if var.dim() == 3:
+            logp = torch.log(m.weights)[None] - 0.5 * (
+                torch.log(2 * math.pi * var) + diff.pow(2) / var
+            ).sum(-1)
+            return logp, diff, var
         logp = (
             torch.log(m.weights)[None]
             - 0.5 * d * torch.log(2 * math.pi * var)
             - diff.pow(2).sum(-1) / (2 * var)
         )
-        return logp, diff, var
+        return logp, diff, var[..., None]
 
     def log_prob(
         self, x: Tensor, mean_coeff: Tensor | None = None, std: Tensor | None = None
@@ -69,7 +87,7 @@ class GaussianMixture:
         """``grad_x log p`` of the (perturbed) mixture, same shape as ``x``."""
         logp, diff, var = self._log_joint(x, mean_coeff, std)
         resp = torch.softmax(logp, dim=1)
-        return (-(resp / var)[..., None] * diff).sum(1).reshape(x.shape)
+        return (-resp[..., None] / var * diff).sum(1).reshape(x.shape)
 
     def component_log_probs(
         self, x: Tensor, mean_coeff: Tensor | None = None, std: Tensor | None = None
@@ -86,7 +104,8 @@ class GaussianMixture:
         m, centres, var = self._components(x, mean_coeff, std)
         idx = torch.arange(x.shape[0], device=x.device)
         flat = x.reshape(x.shape[0], -1)
-        return (-(flat - centres[idx, k]) / var[idx, k, None]).reshape(x.shape)
+        v = var[idx, k] if var.dim() == 3 else var[idx, k, None]
+        return (-(flat - centres[idx, k]) / v).reshape(x.shape)
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
@@ -95,7 +114,7 @@ class GaussianMixture:
         m = self.to(device, dtype)
         k = torch.multinomial(m.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
-        return m.means[k] + m.stds[k, None] * z
+        return m.means[k] + m.std_matrix[k] * z
 
     def assign(self, x: Tensor) -> Tensor:
         """Index of the most responsible mode for each sample ``(B,)``."""
@@ -111,9 +130,9 @@ def mode_statistics(samples: Tensor, mixture: GaussianMixture) -> dict:
 
     * ``weight_tv``: total variation ``0.5 * sum_k |w_hat_k - w_k|``; ``weight_max``
       the largest single ``|w_hat_k - w_k|``.
-    * ``std_error``: mean over modes of ``mean_d |std_hat_kd / sigma_k - 1|``
+    * ``std_error``: mean over modes of ``mean_d |std_hat_kd / sigma_kd - 1|``
       (relative; a missing mode counts 1).
-    * ``centre_error``: mean over modes of ``||mu_hat_k - mu_k|| / (sigma_k sqrt(d))``,
+    * ``centre_error``: mean over modes of ``||(mu_hat_k - mu_k) / sigma_k|| / sqrt(d)``,
       the RMS per-coordinate centre offset in units of the mode's std.
 
     With ``n_k`` samples in a mode the sampling noise of the last two is about
@@ -141,8 +160,9 @@ def mode_statistics(samples: Tensor, mixture: GaussianMixture) -> dict:
         mu = xs.mean(0)
         stds.append(float(sd.mean()))
         centres.append(mu.tolist())
-        std_err.append(float((sd / mix.stds[j] - 1).abs().mean()))
-        centre_err.append(float((mu - mix.means[j]).norm() / (mix.stds[j] * math.sqrt(d))))
+        sj = mix.std_matrix[j]
+        std_err.append(float((sd / sj - 1).abs().mean()))
+        centre_err.append(float(((mu - mix.means[j]) / sj).norm() / math.sqrt(d)))
     dw = (w_hat - mix.weights).abs()
     return {
         "n": n,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from diffuse_engine.components.guidance import StepTransform
@@ -42,6 +42,31 @@ class SolverConfig(ComponentConfig):
     rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
     pilot: int = Field(512, ge=1, description="gits schedule: pilot batch size")
     fine: int = Field(100, ge=2, description="gits schedule: fine log-SNR grid intervals")
+    nfe: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="budget of score evaluations per sample: sets steps (and the solver's "
+        "orders and final denoising step) to spend it; replaces steps",
+    )
+
+    def budget(self, nfe: int) -> dict:
+        """The field values that spend ``nfe`` score evaluations per sample.
+
+        The default is for solvers with one evaluation per step: ``steps = nfe - 1``
+        with the final denoising step, ``nfe`` steps without it; a one-evaluation
+        budget drops the denoising step. Solvers with other costs override this.
+        """
+        denoise = self.denoise and nfe >= 2
+        return {"steps": nfe - int(denoise), "denoise": denoise}
+
+    @model_validator(mode="after")
+    def _spend_budget(self):
+        """With ``nfe`` set, replace ``steps`` (and whatever :meth:`budget` says)."""
+        if self.nfe is not None:
+            # the config is frozen: the budget's fields are written once, here
+            self.__dict__.update(self.budget(self.nfe))
+        return self
 
 
 def uniform_schedule_only(config: SolverConfig, why: str) -> SolverConfig:
@@ -146,6 +171,30 @@ class Solver(Component):
             return x
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         return sde.denoise(x, score(x, tt), tt)
+
+
+#: prefix of the registry's best-at-budget solver entries, ``[solver.best-SDE-NFE]``
+BEST_PREFIX = "best"
+
+
+def best_at_budget(names, sde: str, nfe: int) -> str | None:
+    """The solver entry ``best-SDE-B`` among ``names`` with the largest ``B <= nfe`` (the
+    smallest ``B`` when ``nfe`` is below them all); ``None`` if ``sde`` has none.
+
+    These entries are registry.toml's table of what the benchmark found best per SDE
+    and budget (docs/benchmarks.md); ``diffuse run --nfe N`` samples with the chosen
+    one and ``nfe = N``.
+    """
+    found = {}
+    for name in names:
+        head, _, rest = name.partition("-")
+        kind, _, budget = rest.rpartition("-")
+        if head == BEST_PREFIX and kind == sde and budget.isdigit():
+            found[int(budget)] = name
+    if not found:
+        return None
+    fits = [b for b in found if b <= nfe]
+    return found[max(fits) if fits else min(found)]
 
 
 def innermost(score: ScoreFn) -> ScoreFn:

@@ -1,0 +1,272 @@
+"""Registry defaults on every test bed, normalised by the exact-sample floor.
+
+Three steps, each a plain function over an engine whose registry holds the beds'
+score entries (:func:`~diffuse_engine.testbed.bench.beds.registry_text`):
+
+1. :func:`sweep_candidates`: every candidate configuration (solver, schedule, eps,
+   denoising step) at every budget on every *selection* bed (``held_out`` beds are
+   skipped), one seed.
+2. :func:`choose`: per SDE and budget, the candidate whose worst normalised error over
+   the selection beds is smallest: the ``[solver.best-SDE-NFE]`` table of registry.toml.
+3. :func:`evaluate`: the registry's entries by name (so only what a user gets) on every
+   bed, selection and held-out, on fresh seeds; :func:`summary` gives the worst case per
+   SDE and budget, apart for held-out beds, and whether it ever grows with the budget.
+
+Records are JSON lines (resumable), one per run, with the three statistics, their floor
+ratios and the worst of them (``worst``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffuse_engine.components.mixture import mode_statistics
+from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.testbed.bench.beds import BEDS, METRICS, Bed, Floors, normalised
+
+#: the budgets the issue's targets name (and 5, where the peers are compared)
+SUITE_NFE = (5, 10, 20, 50)
+#: targets on the worst normalised error over every bed (issue 16)
+TARGETS = {10: 2.5, 20: 1.5, 50: 1.1}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A default to choose from: a solver entry and fields (not ``nfe``)."""
+
+    solver: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        body = ",".join(f"{k}={v}" for k, v in sorted(self.fields.items()))
+        return f"{self.solver}[{body}]"
+
+
+def candidates(
+    solvers: Iterable[tuple[str, dict[str, Any]]] = (
+        ("dpm_solver_pp", {"order": 2}),
+        ("dpm_solver_pp", {"order": 3}),
+        ("unipc", {"order": 3}),
+    ),
+    schedules: Iterable[str] = ("logsnr", "quadratic", "karras"),
+    ends: Iterable[tuple[float, bool]] = ((1e-3, True), (1e-4, True), (1e-5, False)),
+) -> list[Candidate]:
+    """The product of solvers, schedules and ``(eps, denoise)`` ends."""
+    return [
+        Candidate(s, {**kw, "schedule": sch, "eps": eps, "denoise": dn})
+        for s, kw in solvers
+        for sch in schedules
+        for eps, dn in ends
+    ]
+
+
+def run_one(
+    engine: Any,
+    bed: Bed,
+    sde: str,
+    solver: str,
+    fields: dict[str, Any],
+    nfe: int | None,
+    seed: int,
+    floors: Floors,
+    *,
+    label: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Sample ``bed`` with ``solver`` (``fields`` as overrides, ``nfe`` the budget); the
+    record of its statistics and their floor ratios."""
+    rec: dict[str, Any] = {
+        "bed": bed.name,
+        "held_out": bed.held_out,
+        "sde": sde,
+        "solver": solver,
+        "label": label or solver,
+        "nfe_budget": nfe,
+        "seed": seed,
+        "n": bed.n,
+    }
+    kw = dict(fields)
+    if nfe is not None:
+        kw["nfe"] = nfe
+    try:
+        r = engine.sampling(
+            score=bed.entry, sde=sde, solver=solver, shape=bed.n, seed=seed, device=device, **kw
+        )
+    except DiffuseError as exc:
+        rec["skipped"] = str(exc)
+        rec["worst"] = math.inf
+        return rec
+    stats = mode_statistics(r.samples, r.score.mixture)
+    floor = floors.of(r.score.mixture, bed.name, bed.n)
+    ratios = normalised(stats, floor)
+    rec.update(
+        {
+            "nfe": r.nfe,
+            "setup_nfe": r.setup_nfe,
+            "seconds": r.seconds,
+            "non_finite": stats["non_finite"],
+            **{m: stats[m] for m in METRICS},
+            **{f"{m}_floor": floor[m] for m in METRICS},
+            **{f"{m}_ratio": ratios[m] for m in METRICS},
+            "worst": ratios["worst"],
+        }
+    )
+    return rec
+
+
+def _key(rec: dict[str, Any]) -> str:
+    return f"{rec['bed']}/{rec['sde']}/{rec['label']}/{rec['nfe_budget']}/{rec['seed']}"
+
+
+def load(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Records of a JSON-lines file by key (later lines win)."""
+    p = Path(path)
+    out: dict[str, dict[str, Any]] = {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[_key(rec)] = rec
+    return out
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def sweep_candidates(
+    engine: Any,
+    cands: list[Candidate],
+    results: str | Path,
+    *,
+    sdes: Iterable[str] = ("vp", "subvp", "ve"),
+    budgets: Iterable[int] = (10, 20, 50),
+    beds: Iterable[Bed] = BEDS,
+    seed: int = 0,
+    floors: Floors | None = None,
+    deadline: float | None = None,
+    keep: int | None = None,
+    log=print,
+) -> dict[str, dict[str, Any]]:
+    """Step 1: every candidate at every budget on every selection bed (resumable).
+    Stops early, keeping what it has, at ``deadline`` (a ``time.time()`` value).
+
+    With ``keep``, a bed is only run for the ``keep`` candidates whose worst so far (over
+    the beds already measured for that SDE and budget) is smallest: a heuristic pruning
+    of the minimax search (a pruned candidate could have ended best), used to fit the
+    sweep into the time a shared machine allows."""
+    path, floors = Path(results), floors or Floors()
+    done = load(path)
+    for b in (b for b in beds if not b.held_out):
+        for sde in (s for s in sdes if s in b.sdes):
+            for nfe in budgets:
+                pool = cands
+                if keep is not None:
+                    so_far = _worst_so_far(done, sde, nfe, {c.label for c in cands}, b.name)
+                    if so_far:
+                        pool = sorted(cands, key=lambda c: so_far.get(c.label, math.inf))
+                        pool = pool[:keep]
+                for c in pool:
+                    probe = {"bed": b.name, "sde": sde, "label": c.label}
+                    if _key({**probe, "nfe_budget": nfe, "seed": seed}) in done:
+                        continue
+                    if deadline is not None and time.time() > deadline:
+                        log("deadline reached: stopping the sweep (rerun to resume)")
+                        return done
+                    rec = run_one(
+                        engine, b, sde, c.solver, c.fields, nfe, seed, floors, label=c.label
+                    )
+                    rec["fields"] = c.fields
+                    done[_key(rec)] = rec
+                    _append(path, rec)
+                log(f"{b.name}/{sde} nfe {nfe}: {len(cands)} candidates")
+    return done
+
+
+def _worst_so_far(done, sde, nfe, labels, exclude) -> dict[str, float]:
+    worst: dict[str, float] = {}
+    for r in done.values():
+        if r["sde"] == sde and r["nfe_budget"] == nfe and r["label"] in labels:
+            if r["bed"] != exclude and not r["held_out"]:
+                worst[r["label"]] = max(worst.get(r["label"], 0.0), r["worst"])
+    return worst
+
+
+def choose(
+    records: dict[str, dict[str, Any]], sde: str, nfe: int, beds: Iterable[Bed] = BEDS
+) -> tuple[dict[str, Any], float] | None:
+    """Step 2: the candidate (its record's ``solver`` and ``fields``) with the smallest
+    worst normalised error over the selection beds that ran ``sde`` at ``nfe``; only
+    candidates measured on every such bed compete."""
+    names = {b.name for b in beds if not b.held_out and sde in b.sdes}
+    worst: dict[str, float] = {}
+    seen: dict[str, set] = {}
+    proto: dict[str, dict[str, Any]] = {}
+    for r in records.values():
+        if r["sde"] != sde or r["nfe_budget"] != nfe or r["bed"] not in names:
+            continue
+        worst[r["label"]] = max(worst.get(r["label"], 0.0), r["worst"])
+        seen.setdefault(r["label"], set()).add(r["bed"])
+        proto[r["label"]] = r
+    full = [k for k in worst if seen[k] == names]
+    if not full:
+        return None
+    best = min(full, key=lambda k: worst[k])
+    return proto[best], worst[best]
+
+
+def evaluate(
+    engine: Any,
+    entries: dict[tuple[str, int], str],
+    results: str | Path,
+    *,
+    beds: Iterable[Bed] = BEDS,
+    seeds: Iterable[int] = (1,),
+    floors: Floors | None = None,
+    extra: dict[str, Any] | None = None,
+    log=print,
+) -> dict[str, dict[str, Any]]:
+    """Step 3: registry entries ``{(sde, nfe): entry}`` by name, with ``nfe`` as the only
+    override, on every bed (held-out ones too) for each seed (resumable)."""
+    path, floors = Path(results), floors or Floors()
+    done = load(path)
+    for b in beds:
+        for (sde, nfe), entry in entries.items():
+            if sde not in b.sdes:
+                continue
+            for seed in seeds:
+                probe = {"bed": b.name, "sde": sde, "label": entry, "nfe_budget": nfe}
+                if _key({**probe, "seed": seed}) in done:
+                    continue
+                kw = dict(extra or {})
+                rec = run_one(engine, b, sde, entry, kw, nfe, seed, floors, label=entry)
+                done[_key(rec)] = rec
+                _append(path, rec)
+        log(f"evaluated {b.name}")
+    return done
+
+
+def summary(records: dict[str, dict[str, Any]], held_out: bool) -> dict[tuple[str, int], dict]:
+    """Worst normalised error per ``(sde, nfe)`` over the selection (``held_out``
+    False) or held-out beds, its bed, and the mean over seeds per bed first."""
+    per: dict[tuple[str, int, str], list[float]] = {}
+    for r in records.values():
+        if r["held_out"] != held_out:
+            continue
+        per.setdefault((r["sde"], r["nfe_budget"], r["bed"]), []).append(r["worst"])
+    out: dict[tuple[str, int], dict] = {}
+    for (sde, nfe, b), vals in per.items():
+        v = sum(vals) / len(vals)
+        cur = out.get((sde, nfe))
+        if cur is None or v > cur["worst"]:
+            out[(sde, nfe)] = {"worst": v, "bed": b}
+    return out
