@@ -242,3 +242,17 @@ def test_conditional_run_preset_records_condition_and_guidance(tmp_path):
     assert config["resolved"]["cond"]["label"]["counts"] == {"3": 400}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weight_max"] == 0.0  # compared with mode 3 alone
+
+
+def test_a_conditional_checkpoint_by_registry_name_keeps_its_labels(engine, tmp_path):
+    train(engine, label_dropout=0.2, out=tmp_path / "cond")
+    toml = tmp_path / "reg.toml"
+    toml.write_text(f'[score.ring-cond]\ntype = "checkpoint"\npath = "{tmp_path / "cond"}"\n')
+    named = Engine(registry=toml)
+    kw = dict(score="ring-cond", sde="vp", solver="ddim", shape=(6, 2), steps=5, seed=1)
+    y = {"label": torch.arange(6)}
+    model, _ = load_trained(engine, tmp_path / "cond")
+    direct = engine.sample(**{**kw, "score": model}, cond=y, guidance="cfg", scale=1.0)
+    assert torch.equal(named.sample(**kw, cond=y, guidance="cfg", scale=1.0), direct)
+    with pytest.raises(DiffuseError, match="knows 8 classes"):
+        named.sample(**kw, cond={"label": torch.full((6,), 9)})
