@@ -151,7 +151,10 @@ def register(app: typer.Typer) -> None:
             (
                 "checkpoint",
                 str(out / "checkpoint.safetensors"),
-                f"sample: diffuse sample --checkpoint {out}",
+                f"sample: diffuse sample --checkpoint {out}"
+                if result.config["train"].get("task") != "classifier"
+                else f"guide: diffuse sample --checkpoint SCORE --label K --guidance "
+                f"classifier --classifier {out}",
             ),
         ]
         print_table(
