@@ -85,9 +85,16 @@ def main() -> None:
                     continue
                 rec, worst = got
                 f = rec["fields"]
-                print(f"[solver.best-{sde}-{nfe}]  # worst over selection beds {worst:.2f}")
-                print(f'type = "{rec["solver"]}"\nnfe = {nfe}')
-                for k, v in sorted(f.items()):
+                beds = {
+                    r["bed"]
+                    for r in recs.values()
+                    if r["label"] == rec["label"] and r["sde"] == sde and r["nfe_budget"] == nfe
+                }
+                print(f"[solver.best-{sde}-{nfe}]  # worst {worst:.2f} over {len(beds)} beds")
+                base = dict(e.registry.entry("solver", rec["solver"]).fields)
+                base.pop("steps", None)  # nfe sets it
+                print(f'type = "{base.pop("type")}"\nnfe = {nfe}')
+                for k, v in sorted({**base, **f}.items()):
                     print(f"{k} = {B._toml(v)}")
                 print()
     elif args.step == "evaluate":

@@ -206,7 +206,8 @@ def choose(
 ) -> tuple[dict[str, Any], float] | None:
     """Step 2: the candidate (its record's ``solver`` and ``fields``) with the smallest
     worst normalised error over the selection beds that ran ``sde`` at ``nfe``; only
-    candidates measured on every such bed compete."""
+    the candidates measured on the most beds compete (every bed, unless a pruned sweep
+    left each candidate without one)."""
     names = {b.name for b in beds if not b.held_out and sde in b.sdes}
     worst: dict[str, float] = {}
     seen: dict[str, set] = {}
@@ -217,9 +218,11 @@ def choose(
         worst[r["label"]] = max(worst.get(r["label"], 0.0), r["worst"])
         seen.setdefault(r["label"], set()).add(r["bed"])
         proto[r["label"]] = r
-    full = [k for k in worst if seen[k] == names]
-    if not full:
+    if not worst:
         return None
+    # candidates measured on the most beds compete (all of them unless ``keep`` pruned)
+    most = max(len(v) for v in seen.values())
+    full = [k for k in worst if len(seen[k]) == most]
     best = min(full, key=lambda k: worst[k])
     return proto[best], worst[best]
 
