@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from diffuse_engine.components.builder import Builder
+from diffuse_engine.components.memory_data import MemoryData
 from diffuse_engine.components.score import ScoreModel
 from diffuse_engine.core.devices import check_device
 from diffuse_engine.core.distributed import DEFAULT_SHARD_SIZE, as_context
@@ -153,7 +154,7 @@ class Engine:
     # ---- training ------------------------------------------------------------------------
     def train(
         self,
-        data: str | None = None,
+        data: Any = None,
         sde: str | None = None,
         model: str | None = None,
         loss: str | None = None,
@@ -167,11 +168,12 @@ class Engine:
 
     def training(
         self,
-        data: str | None = None,
+        data: Any = None,
         sde: str | None = None,
         model: str | None = None,
         loss: str | None = None,
         *,
+        labels: Any = None,
         preset: str = "default",
         out: str | Path | None = None,
         resume: bool = False,
@@ -186,7 +188,16 @@ class Engine:
         data/sde/score/loss entries (``hidden=``, ``likelihood_weighting=``,
         ``data.noise=``). ``out`` writes checkpoints and plots there; ``resume``
         continues the run in ``out`` (with the same losses as an uninterrupted run).
+
+        ``data`` is a dataset entry name or in-memory data: a tensor, NumPy array,
+        ``torch.utils.data.Dataset`` (items ``x`` or ``(x, label)``) or iterable of
+        batches, with ``labels=`` (see :mod:`diffuse_engine.components.memory_data`).
         """
+        memory = None
+        if data is not None and not isinstance(data, str):
+            memory, data = MemoryData(data, labels), None
+        elif labels is not None:
+            raise DiffuseError("labels= goes with in-memory data= (a tensor, array, ...)")
         set_settings, _ = split_overrides(self.set_overrides)  # Engine(sets=["lr=1e-3"])
         settings_fields, fields = split_overrides(overrides)
         settings_fields = {**set_settings, **settings_fields}
@@ -214,6 +225,7 @@ class Engine:
             resume=resume,
             overwrite=overwrite,
             progress=progress,
+            data=memory,
         )
 
     # ---- runs ------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class CheckpointScore(ScoreModel):
         self.requires_cond = getattr(self.inner, "requires_cond", False)
         self.num_classes = getattr(self.inner, "num_classes", None)
         self.mixture = getattr(self.inner, "mixture", None)
+        self.normaliser = getattr(self.inner, "normaliser", None)  # samples in user units
         self.step = ckpt.step
 
     def _model(self):

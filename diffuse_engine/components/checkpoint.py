@@ -299,6 +299,21 @@ def build_model(catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: st
     return model
 
 
+def _recorded_normaliser(ckpt: Checkpoint, model, where: str):
+    """The data normalisation the run recorded (``None``: none or the identity)."""
+    from diffuse_engine.components.normalise import Normaliser
+
+    rec = ckpt.config.get("normalise")
+    shape = getattr(model, "data_shape", None)
+    if rec is None or shape is None:
+        return None
+    try:
+        norm = Normaliser.from_record(rec, shape)
+    except DiffuseError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    return None if norm.identity else norm
+
+
 def load_trained(builder, path: str | Path, *, ema: bool = True, sde=None):
     """``(model, checkpoint)``: the trained model of a checkpoint, bound to its SDE.
 
@@ -310,6 +325,9 @@ def load_trained(builder, path: str | Path, *, ema: bool = True, sde=None):
     ckpt = Checkpoint.load(path)
     sde = sde if sde is not None else builder.build_recorded("sde", ckpt.config["sde"])
     model = build_model(builder.catalogue, ckpt, sde, ema=ema, where=f"checkpoint {path}")
+    norm = _recorded_normaliser(ckpt, model, f"checkpoint {path}")
+    if norm is not None:  # samples and likelihoods in the user's units
+        model.normaliser = norm
     data_spec = ckpt.config.get("data")
     if data_spec is not None and builder.catalogue.has("data", data_spec.get("type", "")):
         mix = getattr(builder.build_recorded("data", data_spec), "mixture", None)

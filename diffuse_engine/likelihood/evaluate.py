@@ -367,11 +367,18 @@ def evaluate(
     if hasattr(score_obj, "to"):
         score_obj = score_obj.to(device)
     counted = ScoreBoundary(score_obj, score if isinstance(score, str) else score_cls.name)
+    norm = getattr(score_obj, "normaliser", None)  # trained on T(x): see components/normalise
     start = time.perf_counter()
     with progress_bar(x.shape[0], f"log-likelihood {sde}", enabled=progress) as bar:
         ll = ode_log_likelihood(
-            counted, sde_obj, x, config, progress=(lambda done: bar(done)) if bar else None
+            counted,
+            sde_obj,
+            x if norm is None else norm.encode(x),
+            config,
+            progress=(lambda done: bar(done)) if bar else None,
         )
+    if norm is not None:  # log p_x(x) = log p_z(T(x)) + log |det dT/dx|
+        ll = ll + norm.log_det(x).to(ll.dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return LikelihoodResult(

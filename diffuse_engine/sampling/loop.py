@@ -169,6 +169,9 @@ def run_sampling(
             crash=crash,
         )
     out = local[0] if len(sizes) == 1 and not dist.enabled else gather_shards(local, sizes, dist)
+    norm = getattr(job.score, "normaliser", None)  # a model trained on normalised data
+    if norm is not None:
+        out = norm.decode(out)  # back to the user's units (diffuse_engine.components.normalise)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, nfe, setup_nfe, time.perf_counter() - start

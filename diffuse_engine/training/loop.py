@@ -5,9 +5,15 @@ trainable score model (``score``, any implementation with ``needs_training = Tru
 and a loss, under :class:`TrainSettings` (a ``[train.NAME]`` registry table). The loop is
 plain PyTorch in the style of ``score_sde_pytorch/run_lib.py``:
 
-* AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up, gradient-norm
-  clipping, and an exponential moving average of the weights (``torch.optim.swa_utils``;
-  Song & Ermon 2020 recommend EMA for sampling). The model returned, and the one a
+* AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up, then a constant or
+  cosine learning rate (:func:`~diffuse_engine.training.schedules.learning_rate`),
+  gradient-norm clipping, and an exponential moving average of the weights
+  (``torch.optim.swa_utils``; Song & Ermon 2020 recommend EMA for sampling) whose decay
+  warms up as k-diffusion's and diffusers' does
+  (:func:`~diffuse_engine.training.schedules.ema_decay_at`).
+* The data are normalised (:mod:`diffuse_engine.components.normalise`, recorded as the
+  configuration's ``normalise``); the returned model carries the normaliser, so its
+  samples and likelihoods are in the user's units. The model returned, and the one a
   checkpoint samples with, uses the EMA weights.
 * All randomness comes from two generators seeded by ``seed``: one for data batches
   (CPU), one for the loss's times and noise (on the training device); the weights are
@@ -49,6 +55,8 @@ from diffuse_engine.components.checkpoint import (
     check_optimizer_state,
     check_recorded_model,
 )
+from diffuse_engine.components.memory_data import MemoryData, is_memory_record
+from diffuse_engine.components.normalise import NormalisedData, Normaliser
 from diffuse_engine.core.devices import check_device
 from diffuse_engine.core.distributed import ShardedBatches
 from diffuse_engine.core.errors import DiffuseError, NumericalError
@@ -59,7 +67,14 @@ from diffuse_engine.training.folder import TrainingFolder
 from diffuse_engine.training.plots import plot_losses_of, plot_model
 from diffuse_engine.training.preflight import check_before_work
 from diffuse_engine.training.resolve import resolve_config
-from diffuse_engine.training.settings import RESUMABLE, TrainResult, TrainSettings, model_kind
+from diffuse_engine.training.schedules import ema_update, learning_rate
+from diffuse_engine.training.settings import (
+    LEGACY_SETTINGS,
+    RESUMABLE,
+    TrainResult,
+    TrainSettings,
+    model_kind,
+)
 
 
 def _training_stats(values, lr, params, grad_norm, ema_params, net_params) -> dict[str, float]:
@@ -97,11 +112,14 @@ def run_training(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    data: MemoryData | None = None,
 ) -> TrainResult:
     """Train per ``settings`` (+ component ``overrides``); write to ``out`` if given.
 
     With ``resume`` the configuration comes from ``out``'s checkpoint; only the
-    :data:`RESUMABLE` settings set explicitly in ``settings`` apply.
+    :data:`RESUMABLE` settings set explicitly in ``settings`` apply. ``data``: in-memory
+    data (:class:`~diffuse_engine.components.memory_data.MemoryData`) instead of
+    ``settings.data``; resuming such a run needs the same data again.
     """
     if resume and out is None:
         raise DiffuseError("resume needs the training folder (--out) to continue")
@@ -114,7 +132,7 @@ def run_training(
         torch.set_num_threads(settings.threads)
     try:
         return _run_training(
-            builder, settings, overrides, sample=sample, folder=folder, progress=progress
+            builder, settings, overrides, sample=sample, folder=folder, progress=progress, data=data
         )
     except BaseException as exc:
         if folder is not None and ctx.is_main:
@@ -133,8 +151,8 @@ def run_training(
             folder.release()
 
 
-def _run_training(builder, settings, overrides, *, sample, folder, progress):
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+def _run_training(builder, settings, overrides, *, sample, folder, progress, data=None):
+    from torch.optim.swa_utils import AveragedModel
 
     out = folder.out if folder is not None else None
     resume = folder is not None and folder.resume
@@ -146,6 +164,8 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
         ckpt = Checkpoint.load(out / CHECKPOINT_NAME)
     if ckpt is not None:
         config = json.loads(json.dumps(ckpt.config))
+        for k, v in LEGACY_SETTINGS.items():  # a checkpoint from before the setting existed
+            config["train"].setdefault(k, v)
         changes = {
             k: v
             for k, v in settings.model_dump().items()
@@ -154,12 +174,28 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
         config["train"].update(changes)
         settings = TrainSettings.model_validate(config["train"])
     else:
-        config = resolve_config(builder, settings, dict(overrides or {}))
+        config = resolve_config(builder, settings, dict(overrides or {}), data)
         config["train"]["shards"] = settings.shards or ctx.world_size
     s = settings
     device = ctx.device(check_device(s.device))
 
-    dataset = builder.build_recorded("data", config["data"])
+    if is_memory_record(config["data"]):
+        if data is None:
+            raise DiffuseError(
+                f"the run in {out} was trained on in-memory data; resume it with the same "
+                "data (engine.training(data=X, resume=True, out=...))"
+            )
+        data.check_matches(config["data"], f"the run in {out}")
+        dataset = data
+    elif data is not None and ckpt is not None:
+        raise DiffuseError(
+            f"the run in {out} was trained on data {config['data'].get('name')!r}; "
+            "resume it without data="
+        )
+    else:
+        dataset = builder.build_recorded("data", config["data"])
+    norm = Normaliser.from_record(config.get("normalise"), dataset.shape)
+    train_data = dataset if norm.identity else NormalisedData(dataset, norm)
     sde = builder.build_recorded("sde", config["sde"])
     if ckpt is not None:  # the recorded model must fit the file's tensors: check, then build
         check_recorded_model(
@@ -168,10 +204,12 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
     # config["score"] records the trained model: a classifier for task = "classifier"
     model = builder.build_recorded(model_kind(config["train"]), config["score"], sde=sde)
     model = model.to(device)
+    if not norm.identity:  # sampling maps the model's samples back to the user's units
+        model.normaliser = norm
     loss_fn = builder.build_recorded("loss", config["loss"], sde=sde)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    ema = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
+    ema = AveragedModel(model.net, multi_avg_fn=ema_update(s), use_buffers=True)
     batches = ShardedBatches(s.seed, config["train"].get("shards") or 1, s.batch_size, ctx, device)
     losses: list[float] = []
     start = 0
@@ -259,11 +297,11 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress):
         if bar is not None and start:
             bar(start)
         for step in range(start, s.steps):
-            lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
+            lr = learning_rate(s, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss = batches.step(train_model, loss_fn, dataset, device, ddp)
+            loss = batches.step(train_model, loss_fn, train_data, device, ddp)
             grad_norm = None
             if s.grad_clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from diffuse_engine.components.builder import Builder
+from diffuse_engine.components.memory_data import MEMORY_TYPE, MemoryData
+from diffuse_engine.components.normalise import fit_normaliser, normalised_std
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.core.trust import is_import_path
 from diffuse_engine.training.settings import TrainSettings, model_kind
@@ -27,15 +29,23 @@ def check_task_loss(settings: TrainSettings, loss_cls: type) -> None:
 
 
 def resolve_config(
-    builder: Builder, settings: TrainSettings, overrides: dict[str, Any]
+    builder: Builder,
+    settings: TrainSettings,
+    overrides: dict[str, Any],
+    dataset: MemoryData | None = None,
 ) -> dict[str, Any]:
-    """The full resolved configuration of a fresh run: each component's type and fields."""
+    """The full resolved configuration of a fresh run: each component's type and fields,
+    and the data normalisation (``normalise``, see :mod:`diffuse_engine.components.normalise`).
+
+    ``dataset``: in-memory data, recorded by what they look like instead of an entry."""
     names = {
         "data": settings.data,
         "sde": settings.sde,
         "score": settings.model,
         "loss": settings.loss,
     }
+    if dataset is not None:
+        del names["data"]
     # the trained model's kind: a score model, or a classifier (task = "classifier")
     kinds = {**{k: k for k in names}, "score": model_kind(settings)}
     # the classes only: a required field (the file dataset's path) may come from overrides
@@ -53,9 +63,21 @@ def resolve_config(
             f"score model {settings.model!r} ({score_cls.name}) is not trainable;"
             f" choose one of: {', '.join(trainable) or '(none installed)'}"
         )
-    data_cls, data_cfg = builder.resolve("data", names["data"], **routed["data"])
-    dataset = data_cls(data_cfg)
+    if dataset is None:
+        data_cls, data_cfg = builder.resolve("data", names["data"], **routed["data"])
+        dataset = data_cls(data_cfg)
+    norm = fit_normaliser(
+        settings.normalise,
+        dataset,
+        seed=settings.seed,
+        mean=settings.data_mean,
+        scale=settings.data_scale,
+    )
     fields = score_cls.Config.model_fields
+    entry_fields = builder.registry.entry(kinds["score"], names["score"]).fields
+    if "sigma_data" in fields and "sigma_data" not in routed["score"]:
+        if "sigma_data" not in entry_fields:  # the preconditioner follows the normalised data
+            routed["score"]["sigma_data"] = normalised_std(norm, dataset, settings.seed)
     if "shape" in fields and "shape" not in routed["score"]:
         routed["score"]["shape"] = list(dataset.shape)
     if "init_seed" in fields and "init_seed" not in routed["score"]:
@@ -70,6 +92,9 @@ def resolve_config(
             )
         routed["score"]["num_classes"] = dataset.num_classes
     config: dict[str, Any] = {"train": settings.model_dump(mode="json")}
+    if isinstance(dataset, MemoryData):
+        config["train"]["data"] = MEMORY_TYPE
+        config["data"] = dataset.record()
     for kind, name in names.items():
         cls, cfg = builder.resolve(kinds[kind], name, **routed[kind])
         typ = builder.registry.entry(kinds[kind], name).type
@@ -80,4 +105,5 @@ def resolve_config(
                 "anywhere: install it as a plugin to train with it"
             )
         config[kind] = {"name": name, "type": cls.name, **cfg.model_dump(mode="json")}
+    config["normalise"] = norm.record()
     return config

@@ -31,7 +31,35 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     warmup: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (none: off)")
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights")
+    ema_decay: float = Field(
+        0.999, ge=0, lt=1, description="EMA decay of the weights (the most, after warm-up)"
+    )
+    ema_power: float | None = Field(
+        0.75,
+        gt=0,
+        description="EMA warm-up: decay min(ema_decay, 1 - (1 + step / ema_inv_gamma)"
+        "^-ema_power) (none: ema_decay from the start)",
+    )
+    ema_inv_gamma: float = Field(1.0, gt=0, description="EMA warm-up: the step scale gamma")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="learning rate after the warm-up: constant, or a cosine decay over "
+        "steps (resuming with more steps then changes the schedule)",
+    )
+    lr_min_ratio: float = Field(
+        0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of lr"
+    )
+    normalise: Literal["auto", "standard", "global", "images", "none"] = Field(
+        "auto",
+        description="data normalisation (recorded, undone when sampling): auto, standard "
+        "(per dimension), global, images ([0, 255] -> [-1, 1]) or none",
+    )
+    data_mean: float | list[float] | None = Field(
+        None, description="explicit normalisation mean (a number or one per dimension)"
+    )
+    data_scale: float | list[float] | None = Field(
+        None, description="explicit normalisation scale (a number or one per dimension)"
+    )
     seed: int = Field(
         0, ge=0, lt=2**63, description="seed of data, noise and (by default) initial weights"
     )
@@ -64,10 +92,9 @@ class TrainSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _classifier_defaults(cls, data):
-        """A classifier makes no sample plots and, unless told, sees the data in their
-        own units (so it guides any score model of those data)."""
+        """A classifier makes no sample plots."""
         if isinstance(data, dict) and data.get("task") == "classifier":
-            data = {"normalise": "none", **data, "plot_n": 0}
+            data = {**data, "plot_n": 0}
         return data
 
 
@@ -92,6 +119,10 @@ def model_kind(settings) -> str:
     :class:`TrainSettings` or a recorded ``config["train"]`` dict."""
     task = settings.get("task") if isinstance(settings, dict) else settings.task
     return "classifier" if task == "classifier" else "score"
+
+
+#: what a checkpoint written before a setting existed meant by its absence (resume)
+LEGACY_SETTINGS = {"ema_power": None, "lr_schedule": "constant", "normalise": "none"}
 
 
 @dataclass

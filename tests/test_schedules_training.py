@@ -1,0 +1,110 @@
+"""Training schedules (issue 18): the EMA warm-up of k-diffusion / diffusers, the learning
+rate after warm-up (constant or cosine), both as the loop applies them, and resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from diffuse_engine.training.schedules import ema_decay_at, ema_update, learning_rate
+from diffuse_engine.training.settings import TrainSettings
+
+
+def test_ema_warmup_is_the_k_diffusion_form():
+    s = TrainSettings(ema_decay=0.999, ema_power=0.75, ema_inv_gamma=1.0)
+    for n in (1, 10, 100):
+        assert ema_decay_at(s, n) == pytest.approx(1 - (1 + n) ** -0.75)
+    assert ema_decay_at(s, 10**7) == 0.999  # capped by ema_decay
+    decays = [ema_decay_at(s, n) for n in range(1, 2000)]
+    assert all(a <= b for a, b in zip(decays, decays[1:], strict=False))  # never decreasing
+    g = TrainSettings(ema_power=1.0, ema_inv_gamma=10.0)
+    assert ema_decay_at(g, 10) == pytest.approx(0.5)  # 1 - (1 + 10/10)^-1
+    assert ema_decay_at(TrainSettings(ema_power=None, ema_decay=0.99), 1) == 0.99  # off
+
+
+def test_the_loop_applies_the_warmup_to_the_averaged_weights():
+    """AveragedModel copies the first weights, then ``ema <- d_n ema + (1 - d_n) w`` with
+    ``d_n`` of update n: replayed by hand on a scalar parameter, to round-off."""
+    s = TrainSettings(ema_decay=0.9, ema_power=0.5)
+    w = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(w, multi_avg_fn=ema_update(s), use_buffers=True)
+    expect = None
+    for step in range(30):
+        with torch.no_grad():
+            w.weight.fill_(float(step))
+        ema.update_parameters(w)
+        if expect is None:
+            expect = float(step)
+        else:
+            d = ema_decay_at(s, step)
+            expect = d * expect + (1 - d) * step
+    assert float(ema.module.weight.detach()) == pytest.approx(expect, rel=1e-6)
+
+
+def test_learning_rate_warmup_then_cosine_or_constant():
+    s = TrainSettings(lr=1e-3, warmup=10, steps=110, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert learning_rate(s, 0) == pytest.approx(1e-4)
+    assert learning_rate(s, 9) == pytest.approx(1e-3)  # end of warm-up: the peak
+    assert learning_rate(s, 10) == pytest.approx(1e-3)
+    assert learning_rate(s, 60) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert learning_rate(s, 110) == pytest.approx(1e-4)  # the floor at the last step
+    lrs = [learning_rate(s, k) for k in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    c = TrainSettings(lr=1e-3, warmup=10, steps=110, lr_schedule="constant")
+    assert {learning_rate(c, k) for k in range(10, 110)} == {1e-3}
+    assert learning_rate(TrainSettings(lr=2e-3, warmup=0, lr_schedule="constant"), 0) == 2e-3
+
+
+def test_optimizer_steps_with_the_schedule(engine, monkeypatch):
+    """Every AdamW step of a run uses the schedule's learning rate of that step."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    res = engine.training(
+        steps=20,
+        batch_size=32,
+        warmup=4,
+        hidden=16,
+        depth=1,
+        plot_n=0,
+        threads=1,
+        lr_schedule="cosine",
+        lr_min_ratio=0.25,
+    )
+    s = TrainSettings.model_validate(res.config["train"])
+    assert seen == [learning_rate(s, k) for k in range(20)]
+    assert seen[-1] == pytest.approx(s.lr * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * 15 / 16))))
+    assert res.config["train"]["ema_power"] == 0.75
+    assert res.config["train"]["lr_schedule"] == "cosine"
+
+
+def test_resume_continues_both_schedules(engine, tmp_path):
+    """A run stopped at step 15 and resumed to 30 ends with the uninterrupted run's losses
+    and EMA weights bit for bit: the EMA step count is saved with the EMA."""
+    kw = dict(
+        batch_size=32,
+        warmup=4,
+        hidden=16,
+        depth=1,
+        plot_n=0,
+        threads=1,
+        checkpoint_every=0,
+        log_every=5,
+    )
+    full = engine.training(steps=30, **kw)
+    out = tmp_path / "r"
+    engine.training(steps=15, out=out, **kw)
+    resumed = engine.training(out=out, resume=True, steps=30, threads=1)
+    assert resumed.losses == full.losses
+    for a, b in zip(
+        full.model.net.state_dict().values(), resumed.model.net.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
