@@ -139,3 +139,49 @@ def test_callable_score_with_epsilon_parameterisation(engine):
     )
     # the data law is N(0, I): sample variance within 5 standard errors sqrt(2/n)
     assert float((x.var(0) - 1).abs().max()) <= 5 * (2 / 20000) ** 0.5
+
+
+# ---- the grown test beds (issue 16): elongated, image-shaped, unequal mixtures ----------
+def test_elongated_mixture_score_is_the_gradient_of_its_log_density(engine):
+    sde = engine.build("sde", "vp")
+    score = engine.build("score", "gmm", sde=sde, elongation=4.0, std=0.2)
+    assert tuple(score.mixture.stds.shape) == (8, 2)  # per-dimension stds
+    x = torch.randn(64, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.full((64,), 0.05, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(score.log_prob(x, t).sum(), x)
+    torch.testing.assert_close(score(x.detach(), t), grad, rtol=1e-9, atol=1e-9)
+
+
+def test_elongated_mixture_samples_have_their_per_dimension_stds(engine):
+    from diffuse_engine.components.mixture import mode_statistics
+
+    score = engine.build("score", "gmm", sde=engine.build("sde", "vp"), elongation=4.0)
+    n = 40000
+    x = score.mixture.sample(n, generator=torch.Generator().manual_seed(0))
+    st = mode_statistics(x, score.mixture)
+    # ~5000 per mode: relative std noise 1/sqrt(2 n_k) = 0.01; 3x that
+    assert st["std_error"] < 0.03 and st["weight_tv"] < 0.02
+
+
+def test_image_shaped_mixture_and_unequal_weights(engine):
+    sde = engine.build("sde", "vp")
+    score = engine.build(
+        "score", "gmm", sde=sde, layout="random", dim=48, shape=[3, 4, 4], weight_ratio=50.0
+    )
+    assert score.data_shape == (3, 4, 4)
+    w = score.mixture.weights
+    assert float(w.max() / w.min()) == pytest.approx(50.0)
+    x = engine.sample(score=score, sde="vp", solver="unipc", shape=16, seed=0, nfe=5)
+    assert x.shape == (16, 3, 4, 4)
+    with pytest.raises(Exception, match="product equal to dim"):
+        engine.build("score", "gmm", sde=sde, layout="random", dim=40, shape=[3, 4, 4])
+
+
+def test_shards_have_a_byte_budget():
+    from diffuse_engine.core.distributed import DEFAULT_SHARD_SIZE, shard_size_for
+
+    assert shard_size_for(DEFAULT_SHARD_SIZE, (2,), 4) == DEFAULT_SHARD_SIZE
+    assert shard_size_for(DEFAULT_SHARD_SIZE, (64,), 4) == DEFAULT_SHARD_SIZE
+    # (3, 32, 32) float32 is 12 KiB a sample: 16 MiB holds 1365 of them
+    assert shard_size_for(DEFAULT_SHARD_SIZE, (3, 32, 32), 4) == 16 * 2**20 // 12288
+    assert shard_size_for(5, (3, 1024, 1024), 8) == 1
