@@ -72,41 +72,49 @@ def _fits(p: Path, shape: tuple[int, ...]) -> None:
     )
 
 
+def checked_header(f, size: int, p: Path, what: str = "") -> tuple[tuple[int, ...], np.dtype]:
+    """Read an ``.npy`` header from the open binary file ``f`` (an array of ``size`` bytes
+    in all) and check it before anything is allocated: a real-number dtype, a sane shape,
+    and no more data claimed than the bytes that follow the header."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        offset = f.tell()
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise DiffuseError(
+            f"data file {p}: {what}cannot read as .npy ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]})"
+        ) from None
+    check_dtype(p, dtype, what)
+    check_shape(p, tuple(shape))
+    need = math.prod(shape) * dtype.itemsize
+    if size - offset < need:
+        raise DiffuseError(
+            f"data file {p}: {what}header claims shape {tuple(shape)} ({need:,} bytes) but "
+            f"only {size - offset:,} bytes of data follow; it is truncated or crafted"
+        )
+    return tuple(shape), dtype
+
+
 def read_npy(p: Path) -> torch.Tensor:
     """A ``.npy`` array as a float32 tensor (see the module doc for what is checked)."""
     size = regular_file(p)
-    fmt = np.lib.format
     try:
         with open(p, "rb") as f:
-            head = f.read(6)
-            if head.startswith(ZIP_MAGIC):
+            if f.read(6).startswith(ZIP_MAGIC):
                 raise DiffuseError(
                     f"data file {p}: is a .npz (zip) archive, not an .npy array; save one "
                     "array with numpy.save, or rename it .npz and extract the array"
                 )
             f.seek(0)
-            version = fmt.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = fmt.read_array_header_2_0(f)
-            offset = f.tell()
-    except DiffuseError:
-        raise
-    except (OSError, ValueError, EOFError, SyntaxError) as exc:
-        raise DiffuseError(
-            f"data file {p}: cannot read as .npy ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120]})"
-        ) from None
-    check_dtype(p, dtype)
-    check_shape(p, tuple(shape))
-    need = math.prod(shape) * dtype.itemsize
-    if size - offset < need:
-        raise DiffuseError(
-            f"data file {p}: its header claims shape {tuple(shape)} ({need:,} bytes) but the "
-            f"file holds {size - offset:,} bytes of data; it is truncated or crafted"
-        )
-    _fits(p, tuple(shape))
+            shape, _ = checked_header(f, size, p)
+    except OSError as exc:
+        raise DiffuseError(f"data file {p}: cannot read as .npy ({exc})") from None
+    _fits(p, shape)
     try:
         mapped = np.load(p, mmap_mode="r", allow_pickle=False)
         return torch.from_numpy(np.array(mapped, dtype=np.float32))
@@ -146,7 +154,12 @@ def read_npz(p: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     regular_file(p)
     try:
         with zipfile.ZipFile(p) as zf:
-            sizes = {i.filename.removesuffix(".npy"): i.file_size for i in zf.infolist()}
+            infos = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
+            sizes = {k: i.file_size for k, i in infos.items()}
+            for key in ("x", "labels"):  # each member's own header, before np.load
+                if key in infos:
+                    with zf.open(infos[key]) as member:
+                        checked_header(member, infos[key].file_size, p, f"{key!r} ")
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
         raise DiffuseError(f"data file {p}: cannot read as .npz ({exc})") from None
     if "x" not in sizes:

@@ -238,7 +238,9 @@ class Digits(_Finite):
 
 class FileConfig(ComponentConfig):
     path: str = Field(
-        ..., description=".npy or .pt tensor file (first axis = samples), or a folder of images"
+        ...,
+        description=".npy, .npz (x and optional labels) or .pt tensor file (first axis = "
+        "samples), or a folder of images (one sub-folder per class for labels)",
     )
     channels: Literal[1, 3] = Field(1, description="images: 1 (grayscale) or 3 (RGB)")
     scale: list[float] | None = Field(

@@ -96,9 +96,20 @@ class DiffusersScore(ScoreModel):
                     f"reads {', '.join(PREDICTIONS)}"
                 )
             self.config = c.model_copy(update={"parameterisation": PREDICTIONS[prediction]})
-        cls_name = c.model_class or json.loads((folder / "config.json").read_text()).get(
-            "_class_name", "UNet2DModel"
-        )
+        cls_name = c.model_class
+        if cls_name is None:
+            try:
+                meta = json.loads((folder / "config.json").read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DiffuseError(
+                    f"diffusers model {path}: cannot read {folder / 'config.json'} "
+                    f"({type(exc).__name__}: {str(exc)[:120]})"
+                ) from None
+            if not isinstance(meta, dict):
+                raise DiffuseError(
+                    f"diffusers model {path}: {folder / 'config.json'} is not a JSON object"
+                )
+            cls_name = meta.get("_class_name", "UNet2DModel")
         cls = getattr(diffusers, str(cls_name), None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise DiffuseError(

@@ -52,6 +52,7 @@ class ClassifierFree(LabelGuidance):
 
     name = "cfg"
     needs_conditional_score = True
+    needs_unconditional_score = True
 
     def bind(self, score, sde, cond, *, classifier=None, generator=None):
         w = self.config.scale
@@ -71,6 +72,13 @@ class ClassifierGuidance(LabelGuidance):
 
     name = "classifier"
     needs_classifier = True
+    needs_unconditional_score = True
+
+    def check(self, solver, sde, score, classifier):
+        super().check(solver, sde, score, classifier)
+        check_with = getattr(classifier, "check_with", None)  # a trained classifier's
+        if check_with is not None:  # SDE and data coordinates must be the score's
+            check_with(score, sde)
 
     def bind(self, score, sde, cond, *, classifier=None, generator=None):
         w, y = self.config.scale, cond["label"]

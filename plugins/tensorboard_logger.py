@@ -99,12 +99,16 @@ class TensorBoardLogger:
         w = self._writer(entry)
         for name, value in scalars(stats, "train").items():
             w.add_scalar(name, value, step)
+        # once per log_every: an interrupted or failed run (no run_end) keeps its curves
+        w.flush()
 
     @hookimpl
     def diffuse_plot_saved(self, path, step):
         entry = self._training()
         if entry is not None:
-            self._add_image(self._writer(entry), Path(path), step)
+            w = self._writer(entry)
+            self._add_image(w, Path(path), step)
+            w.flush()
 
     @hookimpl
     def diffuse_run_end(self, run, metrics):

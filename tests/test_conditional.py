@@ -17,6 +17,7 @@ deviations of the estimators); tests allow 5 of them (a chance failure ~1e-6 per
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -92,8 +93,25 @@ def test_cfg_shrinks_the_mode_monotonically(engine, mode):
             guidance="cfg", scale=w,
         )  # fmt: skip
         spread.append(float(x.std(0).mean()) / mode[1])
-    assert all(b < a for a, b in zip(spread, spread[1:], strict=False)), spread
-    assert abs(spread[0] - 1) < STD_TOL and spread[-1] < 0.6, spread
+    assert all(b < a for a, b in pairwise(spread)), spread
+    # scale 0 is the mode itself; the shrinkage at 4 is far beyond the sampling noise
+    # (measured 0.43 of the mode's std here; the bound only asks for 10 noise units)
+    assert abs(spread[0] - 1) < STD_TOL and spread[-1] < spread[0] - 10 * STD_TOL, spread
+
+
+def test_cfg_is_the_guided_combination_of_both_scores(engine):
+    """At any point the cfg score is s_c + w (s_c - s_u) of the model's two scores."""
+    from diffuse_plugins.guidance import ClassifierFree
+
+    sde = engine.build("sde", "vp")
+    gmm = engine.build("score", "gmm", sde=sde)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(64, 2, generator=g), torch.rand(64, generator=g) * 0.9 + 0.05
+    cond = {"label": torch.randint(0, 8, (64,), generator=g)}
+    for w in (0.5, 3.0):
+        guided = ClassifierFree(scale=w).bind(gmm, sde, cond).score(x, t)
+        s_c, s_u = gmm(x, t, cond), gmm(x, t, None)
+        assert torch.allclose(guided, s_c + w * (s_c - s_u), rtol=1e-6, atol=1e-6)
 
 
 def test_conditional_callables_get_their_shard_of_the_condition(engine, mode):
@@ -114,21 +132,28 @@ def test_conditional_callables_get_their_shard_of_the_condition(engine, mode):
     assert torch.equal(gmm.mixture.assign(x.double()), y)
 
 
-def test_sharded_conditional_run_is_the_same_on_any_split(engine):
-    """Shard j of a conditional run depends only on (seed, j): sampling the two shards'
-    labels as one call equals the rows of the whole call (what --nproc relies on)."""
+def test_a_shard_depends_only_on_its_seed_and_its_rows_of_the_condition(engine):
+    """Shard 0 of a 2-shard conditional run is a 1-shard run of its rows: the condition
+    is sliced with the samples (what sharded and --nproc runs rely on)."""
     y = torch.arange(200) % 8
-    whole = engine.sample(sde="vp", solver="pc", shape=(200, 2), seed=7, steps=50,
-                          shard_size=100, cond={"label": y})  # fmt: skip
-    again = engine.sample(sde="vp", solver="pc", shape=(200, 2), seed=7, steps=50,
-                          shard_size=100, cond={"label": y.clone()})  # fmt: skip
-    assert torch.equal(whole, again)
+    kw = dict(sde="vp", solver="pc", seed=7, steps=50, shard_size=100)
+    whole = engine.sample(shape=(200, 2), cond={"label": y}, **kw)
+    first = engine.sample(shape=(100, 2), cond={"label": y[:100]}, **kw)
+    assert torch.equal(whole[:100], first)
+    shifted = engine.sample(shape=(100, 2), cond={"label": y[100:]}, **kw)
+    assert not torch.equal(whole[:100], shifted)  # the rows matter, not only the seed
 
 
 def test_plain_callables_still_work_and_refuse_a_condition(engine):
     gmm = engine.build("score", "gmm", sde=engine.build("sde", "vp"))
     x = engine.sample(score=lambda x, t: gmm(x, t), sde="vp", solver="ddim", shape=(10, 2))
     assert x.shape == (10, 2)
+
+    def with_option(x, t, temperature=1.0):  # a third parameter with a default: not cond
+        return gmm(x, t) / temperature
+
+    y = engine.sample(score=with_option, sde="vp", solver="ddim", shape=(10, 2))
+    assert torch.equal(x, y)
     with pytest.raises(IncompatibleError, match="needs a conditional score model"):
         engine.sample(score=lambda x, t: gmm(x, t), sde="vp", solver="ddim", shape=(10, 2),
                       cond=labels(10))  # fmt: skip
@@ -137,7 +162,10 @@ def test_plain_callables_still_work_and_refuse_a_condition(engine):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"cond": {"label": torch.zeros(5, dtype=torch.long)}}, "per-sample values need first dimension n = 10"),
+        (
+            {"cond": {"label": torch.zeros(5, dtype=torch.long)}},
+            "per-sample values need first dimension n = 10",
+        ),
         ({"cond": {"label": torch.zeros(10)}}, "integer tensor of labels"),
         ({"cond": {"label": torch.full((10,), 8)}}, "knows 8 classes"),
         ({"cond": {"label": torch.full((10,), -1)}}, "negative labels"),
@@ -155,6 +183,44 @@ def test_bad_conditions_are_one_line_errors(engine, kwargs, words):
     with pytest.raises(DiffuseError, match=words) as info:
         engine.sample(sde="vp", solver="ddim", shape=(10, 2), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_guidance_that_needs_the_unconditional_score_refuses_a_model_without_it(engine):
+    gmm = engine.build("score", "gmm", sde=engine.build("sde", "vp"))
+
+    class NoDropout:  # conditional, trained without label dropout
+        conditional, requires_cond = True, True
+
+        def __call__(self, x, t, cond):
+            return gmm(x, t, cond)
+
+    kw = dict(score=NoDropout(), sde="vp", solver="ddim", shape=(10, 2), cond=labels(10))
+    assert engine.sample(**kw).shape == (10, 2)
+    for guidance in ("cfg", "classifier"):
+        with pytest.raises(IncompatibleError, match="trained without label dropout"):
+            engine.sample(**kw, guidance=guidance, classifier="gmm")
+
+
+def test_a_method_asking_a_plain_model_for_a_condition_is_an_error(engine):
+    from diffuse_engine import Guidance, Guided, hookimpl
+
+    class Careless(Guidance):  # calls score(x, t, cond) without needs_conditional_score
+        name = "careless_test"
+
+        def bind(self, score, sde, cond, *, classifier=None, generator=None):
+            return Guided(score=lambda x, t: score(x, t, cond))
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def diffuse_register_guidance():
+            return [Careless]
+
+    e = Engine(autoload=False, plugins=[Plugin])
+    gmm = e.build("score", "gmm", sde=e.build("sde", "vp"))
+    with pytest.raises(DiffuseError, match="takes no condition"):
+        e.sample(score=lambda x, t: gmm(x, t), sde="vp", solver="ddim", shape=(10, 2),
+                 cond={"y": torch.zeros(10)}, guidance="careless_test")  # fmt: skip
 
 
 def test_projection_guidance_is_refused_by_solvers_that_cannot_apply_it(engine):

@@ -11,7 +11,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from diffuse_engine import Engine
@@ -241,4 +240,35 @@ def test_huge_requests_are_refused_with_the_estimate(tmp_path):
         line = one_line(train("--steps", "2", "--out", str(tmp_path / "D"), *args), needle)
         assert "of memory and cpu has" in line and "available" in line
         assert not (tmp_path / "D").exists()
-    assert torch.get_num_threads() >= 1
+
+
+def test_run_overwrite_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep")
+    res = runner.invoke(
+        build_app(), ["run", "-q", "--n", "10", "--steps", "5", "--overwrite", "--out", str(mine)]
+    )
+    one_line(res, "not a run folder")
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+
+
+def test_a_swap_whose_second_rename_fails_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from diffuse_engine.output import files
+
+    final, new = tmp_path / "D", tmp_path / ".D.new-1"
+    final.mkdir()
+    (final / "old.txt").write_text("old run")
+    new.mkdir()
+    real = os.replace
+
+    def second_fails(src, dst):
+        if os.fspath(src) == os.fspath(new):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", second_fails)
+    with pytest.raises(OSError):
+        files.swap_in(new, final)
+    assert (final / "old.txt").read_text() == "old run" and new.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".D.new-1", "D"]

@@ -125,3 +125,15 @@ def test_without_tensorboard_the_logger_says_how_to_install(monkeypatch, tmp_pat
     result = invoke(["run", "--log", "tensorboard", "-q", "-o", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert 'pip install "diffuse-engine[tensorboard]"' in result.output
+
+
+def test_an_interrupted_training_keeps_its_curves(tmp_path):
+    """No run_end (Ctrl-C, NaN, a full disk): what was logged is on disk all the same."""
+    from diffuse_plugins.tensorboard_logger import TensorBoardLogger
+
+    logger = TensorBoardLogger()
+    logger.diffuse_run_start(run={"command": "train", "out": str(tmp_path)})
+    for step in (50, 100):
+        logger.diffuse_training_stats(step=step, stats={"loss": 1.0 / step})
+    acc = events(tmp_path)  # read back while the writer is still open
+    assert [e.step for e in acc.Scalars("train/loss")] == [50, 100]

@@ -16,7 +16,8 @@ solver runs, so solvers stay unaware of conditioning. Per shard of samples,
 
 The model a method receives is conditional-aware: ``score(x, t, cond)`` returns
 ``grad_x log p_t(x | cond)`` and ``score(x, t, None)`` the unconditional score (see
-:func:`call_score`). ``cond`` is a dict: per-sample tensors (first dimension ``n``) are
+:class:`~diffuse_engine.components.score.ScoreBoundary`, which refuses a condition for a
+plain model). ``cond`` is a dict: per-sample tensors (first dimension ``n``) are
 sharded with the samples, exactly like them, so sharded and ``--nproc`` runs stay
 bit-identical; keys a method lists in :attr:`Guidance.shared` (an observation operator,
 a noise level) are given whole to every shard.
@@ -62,7 +63,9 @@ class Guidance(Component):
     Class attributes say what a method needs, so the engine checks a call before any
     sampling: ``requires`` (keys ``cond`` must hold), ``shared`` (keys given whole to
     every shard), ``needs_conditional_score`` (the model must take ``cond``),
-    ``needs_classifier`` (``classifier=`` must be passed), ``projects`` (it returns a
+    ``needs_unconditional_score`` (it calls ``score(x, t, None)``, which a conditional
+    model trained without label dropout lacks), ``needs_classifier`` (``classifier=``
+    must be passed), ``projects`` (it returns a
     ``transform``, so the solver must support one) and ``solvers`` (implementation names
     it works with; ``None`` for any).
     """
@@ -72,6 +75,7 @@ class Guidance(Component):
     requires: ClassVar[tuple[str, ...]] = ()
     shared: ClassVar[tuple[str, ...]] = ()
     needs_conditional_score: ClassVar[bool] = False
+    needs_unconditional_score: ClassVar[bool] = False
     needs_classifier: ClassVar[bool] = False
     projects: ClassVar[bool] = False
     solvers: ClassVar[tuple[str, ...] | None] = None
@@ -84,15 +88,27 @@ class Guidance(Component):
                 f"not {solver.name!r}"
             )
         if self.projects and not getattr(solver, "supports_transform", False):
+            cat = getattr(solver, "catalogue", None)
+            able = [
+                n
+                for n in (cat.names("solver") if cat is not None else [])
+                if getattr(cat.get("solver", n), "supports_transform", False)
+            ]
             raise IncompatibleError(
                 f"guidance {self.name!r} projects the state after each step; solver "
-                f"{solver.name!r} cannot (it integrates internally); use pc, ode, ddim, "
-                "dpm_solver, dpm_solver_pp, unipc or edm"
+                f"{solver.name!r} cannot (it integrates internally); solvers that can: "
+                f"{', '.join(able) or 'none installed'}"
             )
         if self.needs_conditional_score and not is_conditional(score):
             raise IncompatibleError(
                 f"guidance {self.name!r} needs a conditional score model fn(x, t, cond); "
                 f"{type(score).__name__} takes no condition"
+            )
+        if self.needs_unconditional_score and getattr(score, "requires_cond", False):
+            raise IncompatibleError(
+                f"guidance {self.name!r} needs the unconditional score s(x, t, None); this "
+                "model was trained without label dropout and has none (train with "
+                "label_dropout > 0, or use guidance='conditional')"
             )
         if self.needs_classifier and classifier is None:
             raise IncompatibleError(
@@ -127,29 +143,22 @@ class Guidance(Component):
 
 # ---- conditional score models -----------------------------------------------------------
 def is_conditional(score: Any) -> bool:
-    """Whether ``score`` takes a condition: a model with ``conditional = True`` or a
-    callable whose third positional parameter (or a ``cond`` parameter) exists."""
+    """Whether ``score`` takes a condition: a model with ``conditional = True``, or a
+    callable with a parameter named ``cond`` or a third positional parameter without a
+    default (``fn(x, t, temperature=1.0)`` is a plain score with an option)."""
     flag = getattr(score, "conditional", None)
     if flag is not None:
         return bool(flag)
     try:
-        params = inspect.signature(score).parameters.values()
+        params = list(inspect.signature(score).parameters.values())
     except (TypeError, ValueError):
         return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3 or any(
-        p.name == "cond" or p.kind == p.VAR_POSITIONAL for p in params
-    )
-
-
-def call_score(score, x: Tensor, t: Tensor, cond: dict | None) -> Tensor:
-    """``score(x, t, cond)`` for a conditional model, ``score(x, t)`` for a plain one
-    (which only has the unconditional score: ``cond`` must be ``None``)."""
-    if is_conditional(score):
-        return score(x, t, cond)
-    if cond is not None:
-        raise DiffuseError("this score model takes no condition")
-    return score(x, t)
+    required = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(required) >= 3 or any(p.name == "cond" for p in params)
 
 
 # ---- the condition ----------------------------------------------------------------------

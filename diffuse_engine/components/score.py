@@ -133,6 +133,8 @@ class CallableScore(ScoreModel):
         super().__init__(config, sde=sde, **fields)
         self.fn = fn
         self.conditional = is_conditional(fn)
+        #: a conditional callable without an unconditional score says so like a model
+        self.requires_cond = bool(getattr(fn, "requires_cond", False))
 
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         return self.fn(x, t, cond) if self.conditional else self.fn(x, t)
@@ -172,7 +174,12 @@ class ScoreBoundary:
         xin, tin = x, t
         if self.dtype is not None and x.dtype != self.dtype:
             xin, tin = x.to(self.dtype), t.to(self.dtype)
-        out = self.fn(xin, tin, cond) if self.conditional else self.fn(xin, tin)
+        if self.conditional:
+            out = self.fn(xin, tin, cond)
+        elif cond is None:
+            out = self.fn(xin, tin)
+        else:  # a guidance method asked a plain model for a conditional score
+            raise DiffuseError(f"score model {self.name!r} takes no condition (cond={list(cond)})")
         if xin is not x and isinstance(out, Tensor):
             out = out.to(x.dtype)
         layout = (x.shape, x.dtype, x.device)

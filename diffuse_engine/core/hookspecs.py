@@ -198,7 +198,9 @@ def diffuse_run_start(run):
     ``command`` is ``"run"``, ``"sample"`` or ``"train"``; a ``diffuse run`` that trains
     first nests a ``"train"`` run (``out`` its training folder) inside its own. For
     ``run`` and ``sample`` ``out`` is where the finished folder will be (it is complete at
-    ``diffuse_run_end``); for ``train`` it is the folder being written now.
+    ``diffuse_run_end``); for ``train`` it is the folder being written now (with
+    ``--overwrite`` the hidden ``.NAME.new-PID`` sibling until the first checkpoint is
+    swapped in as ``NAME``).
     """
 
 

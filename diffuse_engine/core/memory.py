@@ -4,8 +4,11 @@ out-of-memory kill hours later.
 
 Available memory is ``psutil.virtual_memory().available`` for the CPU (and Apple's
 unified-memory ``mps``) and ``torch.cuda.mem_get_info`` for a CUDA device. Estimates
-are lower bounds of what the request needs (the tensors it must hold at once), so a
-refusal is never a false alarm; requests that pass may still need more.
+are meant as lower bounds of what the request needs (the tensors it must hold at
+once), so that a refusal is not a false alarm; they are taken when the check runs,
+after whatever is already allocated (a built model's weights are then counted in what
+is used and in the estimate: a margin of one copy). Requests that pass may still need
+more.
 """
 
 from __future__ import annotations

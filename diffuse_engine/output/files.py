@@ -278,6 +278,30 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def swap_in(new: Path, final: Path) -> None:
+    """Replace folder ``final`` by the complete folder ``new``: move the old one aside,
+    move the new one in, then delete the old. If the second rename fails the old folder
+    is moved back, so ``final`` is never left missing; a crash between the two renames
+    leaves both, complete, as ``.NAME.old-PID`` and ``new`` (the error names them)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)  # undo: the user's folder stays where it was
+        raise
+    if old is not None:
+        remove_tree(old)
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder this engine wrote (it holds our ``status.json``)."""
+    return (path / "status.json").is_file()
+
+
 class RunFolder:
     """Context manager: ``with RunFolder(out, overwrite) as folder: folder.path / ...``.
 
@@ -300,6 +324,15 @@ class RunFolder:
             raise OutputExistsError(
                 f"output {self.final} already exists; pass --overwrite "
                 "to replace it or choose another --out"
+            )
+        if (
+            self.final.exists()
+            and (not self.final.is_dir() or any(self.final.iterdir()))
+            and not is_run_folder(self.final)
+        ):
+            raise OutputExistsError(
+                f"--overwrite: {self.final} is not a run folder (no status.json); "
+                "refusing to delete it"
             )
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
             raise OutputError(
@@ -362,15 +395,9 @@ class RunFolder:
                 self.path / "status.json",
                 {"complete": True, "started": self.started, "finished": time.time()},
             )
-            old = None
-            if self.final.exists():  # move aside first: a crash here loses neither run
-                old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-                os.replace(self.final, old)
-            os.replace(self.path, self.final)
+            swap_in(self.path, self.final)
         except OSError as exc:
             raise OutputError(
                 f"cannot finish run folder {self.final}: {describe_os_error(exc)}; the "
-                f"samples are in {self.path}"
+                f"samples are in {self.path} and {self.final} is as it was"
             ) from None
-        if old is not None:
-            remove_tree(old)

@@ -34,6 +34,7 @@ from diffuse_engine.output.files import (
     make_folder,
     remove_stale_temporaries,
     remove_tree,
+    swap_in,
     write_json,
 )
 
@@ -101,17 +102,15 @@ class TrainingFolder:
     def committed(self, step: int) -> None:
         """A complete checkpoint of ``step`` is in :attr:`path`; swap it in if replacing."""
         if self.replacing:
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             try:
-                os.replace(self.out, old)
-                os.replace(self.path, self.out)
+                swap_in(self.path, self.out)
             except OSError as exc:
                 raise OutputError(
                     f"cannot replace {self.out} with the new run in {self.path} "
-                    f"({exc.strerror}); both are intact"
+                    f"({exc.strerror}); {self.out} is as it was and the new run is in "
+                    f"{self.path}"
                 ) from None
             self.replacing, self.path = False, self.out
-            remove_tree(old)
         self.last_step = step
 
     # ---- when something failed ----------------------------------------------------------
