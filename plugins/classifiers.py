@@ -31,13 +31,22 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from diffuse_engine import Classifier, ComponentConfig, DiffuseError, Loss, bcast, hookimpl
+from diffuse_engine import (
+    Classifier,
+    ComponentConfig,
+    DiffuseError,
+    IncompatibleError,
+    Loss,
+    bcast,
+    hookimpl,
+)
 from diffuse_engine.components.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_recorded_model,
     check_same_sde,
     recorded_config,
+    sde_spec,
 )
 from diffuse_plugins.losses import uniform_times
 from diffuse_plugins.networks import make_embedding
@@ -112,11 +121,21 @@ class MLPClassifier(Classifier):
             x = x * torch.rsqrt(bcast(a, x) ** 2 * c.sigma_data**2 + bcast(s, x) ** 2)
         return self.net(x, t)
 
-    def check_sde(self, sde) -> None:
-        """Refuse to guide with an SDE other than the one this classifier learnt."""
-        from diffuse_engine.components.checkpoint import sde_spec
-
+    def check_with(self, score, sde) -> None:
+        """Refuse to guide ``score`` under ``sde`` unless this classifier learnt the same
+        SDE's marginals in the same coordinates: a score model trained on normalised
+        data samples in its normalised space, so the classifier must have been trained
+        with the same normalisation (the same ``normalise`` and seed on the same data)."""
         check_same_sde(sde_spec(self.sde), sde, f"classifier {self.name!r}")
+        mine, theirs = coordinates(self), coordinates(score)
+        if mine != theirs:
+            raise IncompatibleError(
+                f"classifier {self.name!r} was trained in "
+                f"{'normalised' if mine else 'raw data'} coordinates but the score model "
+                f"samples in {'normalised' if theirs else 'raw data'} ones"
+                + (" with another normalisation" if mine and theirs else "")
+                + "; train both with the same normalise setting and seed on the same data"
+            )
 
     # ---- the nn.Module side, as the training loop expects ------------------------------------
     def parameters(self):
@@ -138,6 +157,22 @@ class MLPClassifier(Classifier):
         other = copy.copy(self)
         other.net = net
         return other
+
+
+def coordinates(model) -> tuple[list[float], list[float]] | None:
+    """``(mean, scale)`` of the data normalisation ``model`` works in (its
+    ``normaliser``, or the ``normalise`` record of its checkpoint); ``None`` for raw data."""
+    norm = getattr(model, "normaliser", None)
+    rec = norm.record() if norm is not None else getattr(model, "normalise_record", None)
+    if not rec:
+        return None
+    mean, scale = (
+        torch.as_tensor(rec.get(k), dtype=torch.float64).flatten().tolist()
+        for k in ("mean", "scale")
+    )
+    if all(m == 0 for m in mean) and all(v == 1 for v in scale):
+        return None
+    return mean, scale
 
 
 # ---- a trained classifier from its checkpoint ------------------------------------------------
@@ -177,6 +212,10 @@ class CheckpointClassifier(Classifier):
     def logits(self, x, t):
         return self._model().logits(x, t)
 
+    def check_with(self, score, sde) -> None:
+        """See :meth:`MLPClassifier.check_with`."""
+        self._model().check_with(score, sde)
+
 
 def load_classifier(builder, path, *, sde=None, ema: bool = True) -> Classifier:
     """The trained classifier of checkpoint ``path`` (file or folder), bound to its
@@ -205,6 +244,7 @@ def load_classifier(builder, path, *, sde=None, ema: bool = True) -> Classifier:
         ) from None
     model.eval()
     model.checkpoint_step = ckpt.step
+    model.normalise_record = ckpt.config.get("normalise")  # the data coordinates it learnt
     return model
 
 

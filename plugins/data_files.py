@@ -72,7 +72,9 @@ def _fits(p: Path, shape: tuple[int, ...]) -> None:
     )
 
 
-def checked_header(f, size: int, p: Path, what: str = "") -> tuple[tuple[int, ...], np.dtype]:
+def checked_header(
+    f, size: int, p: Path, what: str = "", data_shape: bool = True
+) -> tuple[tuple[int, ...], np.dtype]:
     """Read an ``.npy`` header from the open binary file ``f`` (an array of ``size`` bytes
     in all) and check it before anything is allocated: a real-number dtype, a sane shape,
     and no more data claimed than the bytes that follow the header."""
@@ -90,7 +92,8 @@ def checked_header(f, size: int, p: Path, what: str = "") -> tuple[tuple[int, ..
             f"{str(exc).splitlines()[0][:120]})"
         ) from None
     check_dtype(p, dtype, what)
-    check_shape(p, tuple(shape))
+    if data_shape:  # a data array (n, *dims); labels are (n,) and checked once loaded
+        check_shape(p, tuple(shape))
     need = math.prod(shape) * dtype.itemsize
     if size - offset < need:
         raise DiffuseError(
@@ -159,7 +162,7 @@ def read_npz(p: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             for key in ("x", "labels"):  # each member's own header, before np.load
                 if key in infos:
                     with zf.open(infos[key]) as member:
-                        checked_header(member, infos[key].file_size, p, f"{key!r} ")
+                        checked_header(member, infos[key].file_size, p, f"{key!r} ", key == "x")
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
         raise DiffuseError(f"data file {p}: cannot read as .npz ({exc})") from None
     if "x" not in sizes:

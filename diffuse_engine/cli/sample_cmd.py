@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         overrides = {**sample_overrides(ckpt.config), **overrides}
         _check_sampling(engine, model, ckpt.config, solver, overrides)
         n, per_class, conditioning = _conditioning(label, guidance, scale, classifier, n, model)
-        _check_conditioning(engine, conditioning)
+        _check_conditioning(engine, conditioning, model)
         name = (checkpoint if checkpoint.is_dir() else checkpoint.parent).name or "checkpoint"
         out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_folder = RunFolder(out, overwrite)
@@ -296,9 +296,14 @@ def _plot_class_rows(x, per_class: int, dataset, path: Path, title: str) -> None
     plot_image_grid(rows, path, title=title, nrow=cols, max_images=len(rows))
 
 
-def _check_conditioning(engine, kw: dict) -> None:
-    """The guidance and classifier names resolve before any folder is made."""
+def _check_conditioning(engine, kw: dict, model) -> None:
+    """The guidance and classifier resolve, and the classifier fits the model (its SDE
+    and data coordinates), before any folder is made."""
     if "guidance" in kw:
         engine.builder.implementation("guidance", kw["guidance"])
     if "classifier" in kw:
-        engine.builder.implementation("classifier", kw["classifier"])
+        fields = {"path": kw["classifier.path"]} if "classifier.path" in kw else {}
+        clf = engine.builder.build("classifier", kw["classifier"], sde=model.sde, **fields)
+        check_with = getattr(clf, "check_with", None)
+        if check_with is not None:
+            check_with(model, model.sde)
