@@ -80,12 +80,6 @@ class ClassifierGuidance(LabelGuidance):
         if check_with is not None:  # SDE and data coordinates must be the score's
             check_with(score, sde)
 
-    def check(self, solver, sde, score, classifier):
-        super().check(solver, sde, score, classifier)
-        check_with = getattr(classifier, "check_with", None)  # a trained classifier's
-        if check_with is not None:  # SDE and data coordinates must be the score's
-            check_with(score, sde)
-
     def bind(self, score, sde, cond, *, classifier=None, generator=None):
         w, y = self.config.scale, cond["label"]
 
