@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from diffuse_engine import SDEConfig, VPFamilySDE, hookimpl
+from diffuse_engine import SDEConfig, hookimpl
+from diffuse_engine.interop import DiscreteChain
 
 
 class DDPMConfig(SDEConfig):
@@ -30,45 +31,17 @@ class DDPMConfig(SDEConfig):
         return self
 
 
-class DDPMChain(VPFamilySDE):
-    """The DDPM chain; ``betas`` ``(N,)`` and ``log_alpha_bars`` ``(N + 1,)`` (index 0 is data)."""
+class DDPMChain(DiscreteChain):
+    """The DDPM chain of linear betas: ``betas`` ``(N,)`` and ``log_alpha_bars`` ``(N + 1,)``
+    (index 0 is data); the continuous-time chain itself is :class:`DiscreteChain`'s."""
 
     name = "ddpm"
     Config = DDPMConfig
 
-    def __init__(self, config=None, **fields):
-        super().__init__(config, **fields)
+    def log_keep(self):
         c = self.config
-        self.sampling_eps = 1.0 / c.N
         self.betas = torch.linspace(c.beta_1, c.beta_N, c.N, dtype=torch.float64)
-        log_keep = torch.log1p(-self.betas)
-        self.log_alpha_bars = torch.cat([torch.zeros(1, dtype=torch.float64), log_keep.cumsum(0)])
-        self._log_keep = log_keep
-        self._cache = {}
-
-    def _tables(self, t):
-        key = (t.device, t.dtype)
-        if key not in self._cache:
-            self._cache[key] = (
-                self.log_alpha_bars.to(t.device, t.dtype),
-                self._log_keep.to(t.device, t.dtype),
-            )
-        return self._cache[key]
-
-    def _interval(self, t):
-        u = t * self.config.N
-        i = torch.ceil(u).clamp(1, self.config.N).long()
-        return u, i
-
-    def log_mean_coeff(self, t):
-        lab, lk = self._tables(t)
-        u, i = self._interval(t)
-        return 0.5 * (lab[i - 1] + (u - (i - 1)) * lk[i - 1])
-
-    def log_mean_coeff_rate(self, t):
-        _, lk = self._tables(t)
-        _, i = self._interval(t)
-        return 0.5 * self.config.N * lk[i - 1]
+        return torch.log1p(-self.betas)
 
     def forward_chain(self, x0, steps: int, generator=None):
         """Run the chain ``steps`` transitions from ``x0`` (for tests): ``x_steps``."""

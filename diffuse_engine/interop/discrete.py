@@ -48,7 +48,9 @@ class DiscreteChain(VPFamilySDE):
     """The chain of a table ``abar`` (``(N,)``): ``log_alpha_bars`` ``(N + 1,)``, index 0 data.
 
     Subclasses supply the table by overriding :meth:`table` (the ``diffusers`` SDE reads
-    it from a scheduler); this class reads ``config.alphas_cumprod``.
+    it from a scheduler) or its per-step ``log(1 - beta_i)`` by overriding
+    :meth:`log_keep` (the built-in ``ddpm`` chain, from its linear betas); this class
+    reads ``config.alphas_cumprod``.
     """
 
     name = "discrete"
@@ -56,12 +58,18 @@ class DiscreteChain(VPFamilySDE):
 
     def __init__(self, config=None, **fields):
         super().__init__(config, **fields)
-        abar = check_table(self.table(), f"SDE {self.name!r}")
-        self.N = abar.numel()
+        self._log_keep = self.log_keep()
+        self.N = self._log_keep.numel()
         self.sampling_eps = 1.0 / self.N
-        self.log_alpha_bars = torch.cat([torch.zeros(1, dtype=torch.float64), abar.log()])
-        self._log_keep = self.log_alpha_bars[1:] - self.log_alpha_bars[:-1]
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.log_alpha_bars = torch.cat([zero, self._log_keep.cumsum(0)])
         self._cache: dict = {}
+
+    def log_keep(self) -> torch.Tensor:
+        """``log(1 - beta_i) = log(abar_i / abar_{i-1})``, float64 ``(N,)``."""
+        abar = check_table(self.table(), f"SDE {self.name!r}")
+        log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), abar.log()])
+        return log_abar[1:] - log_abar[:-1]
 
     def table(self) -> Sequence[float] | torch.Tensor:
         """``abar_1 .. abar_N``."""
