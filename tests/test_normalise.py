@@ -161,3 +161,35 @@ def test_likelihood_in_user_units_with_the_jacobian(engine, normalised_exact):
     user = GaussianMixture.log_prob(mix.to("cpu", torch.float64), x.double())
     assert float((ll - user).abs().mean()) <= 0.1
     assert 2 * math.log(float(norm.scale)) > 5.0  # the Jacobian term is what is checked
+
+
+# ---- the command line: the same for `diffuse train --data file` ----------------------------
+@pytest.mark.parametrize(
+    ("sets", "kind"), [([], "standard"), (["--set", "normalise=none"], "none")]
+)
+def test_cli_file_data_is_normalised_and_recorded(tmp_path, sets, kind):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    path = tmp_path / "x.npy"
+    np.save(path, (np.random.default_rng(0).normal(size=(300, 2)) * 10 + 5).astype(np.float32))
+    out = tmp_path / "run"
+    args = ["train", "--data", "file", "--set", f"path={path}", "--steps", "5", "--out",
+            str(out), "--set", "hidden=16", "--set", "depth=1", "--set", "plot_n=0",
+            "--threads", "1", "--batch-size", "32", "-q", *sets]  # fmt: skip
+    res = CliRunner().invoke(build_app(with_plugin_commands=False), args)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["normalise"]["kind"] == kind
+    if kind == "standard":  # the preconditioner follows the normalised data
+        assert cfg["score"]["sigma_data"] == pytest.approx(1.0, abs=0.01)
+        assert cfg["normalise"]["scale"][0] == pytest.approx(10.0, rel=0.15)  # se ~4% at n = 300
+    bad = CliRunner().invoke(
+        build_app(with_plugin_commands=False), [*args[:-len(sets) or None], "--set",
+                                                "normalise=zscore", "--overwrite"]
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "normalise" in bad.output
