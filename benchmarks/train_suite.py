@@ -284,7 +284,7 @@ def render(results, meta) -> str:
         for r in (r for r in results if r["group"] == group):
             e, b, f = r["engine"], r["baseline"], r["floor"]
             if "energy" in e:
-                cells = [f"{e['energy']:.4f}", f"{b['energy']:.4f}", f"{f['energy']:.4f}", "n/a"]
+                cells = [f"{e['energy']:.2e}", f"{b['energy']:.2e}", f"{f['energy']:.2e}", "n/a"]
             else:
                 ok = e["weight"] <= 0.02 and e["std"] <= 0.08
                 cells = [
@@ -303,7 +303,9 @@ def render(results, meta) -> str:
     p = results[0]
     lines.append(
         f"Engine MLP {p['parameters']:,} parameters, baseline {p['baseline_parameters']:,} "
-        f"(2-D beds). Load average at the end: {meta['load_average_at_end']}."
+        f"(2-D beds). Load average at the end: {meta['load_average_at_end']}. Wall "
+        "times are of a 2-core machine shared with other jobs: they vary by bed with the "
+        "load, not with the work (every bed runs the same steps)."
     )
     return "\n".join(lines)
 
