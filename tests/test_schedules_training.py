@@ -108,3 +108,22 @@ def test_resume_continues_both_schedules(engine, tmp_path):
         full.model.net.state_dict().values(), resumed.model.net.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_from_before_the_schedules_resumes_as_it_was_trained(engine, tmp_path):
+    """A checkpoint whose recorded settings lack the new fields (written before issue 18)
+    resumes with a constant EMA decay, a constant lr and no normalisation, as it trained."""
+    from diffuse_engine.components.checkpoint import Checkpoint
+
+    out = tmp_path / "old"
+    kw = dict(batch_size=32, warmup=4, hidden=16, depth=1, plot_n=0, threads=1)
+    engine.training(steps=5, out=out, **kw)
+    ckpt = Checkpoint.load(out)
+    for k in ("ema_power", "ema_inv_gamma", "lr_schedule", "lr_min_ratio", "normalise"):
+        ckpt.config["train"].pop(k)
+    ckpt.config.pop("normalise")
+    ckpt.save(out / "checkpoint.safetensors")
+    res = engine.training(out=out, resume=True, steps=8, threads=1)
+    t = res.config["train"]
+    assert (t["ema_power"], t["lr_schedule"], t["normalise"]) == (None, "constant", "none")
+    assert getattr(res.model, "normaliser", None) is None
