@@ -51,6 +51,7 @@ def test_every_form_gives_the_same_points():
         MemoryData(x.double().numpy()),
         MemoryData(Items(x)),
         MemoryData(list(x.split(16))),
+        MemoryData(x.tolist()),  # nested lists of numbers
         MemoryData(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=7)),
     ]
     for d in forms:
@@ -115,6 +116,8 @@ def test_images_keep_their_shape_and_dtype_is_recorded():
             "give labels for all or none",
         ),
         ([(torch.zeros(2, 2), 1, 2)], {}, r"a tuple of 3; expected x or \(x, label\)"),
+        ([torch.zeros(2, 2), torch.tensor(1.0)], {}, "batch 1 is a single number"),
+        ([[1.0, 2.0], [3.0]], {}, "nested lists of numbers must be rectangular"),
     ],
 )
 def test_bad_data_is_a_one_line_error(data, kw, match):

@@ -66,6 +66,19 @@ def _gather(data: Any) -> tuple[Tensor, Tensor | None, str]:
     """``(x, labels or None, source description)`` from any accepted form."""
     if isinstance(data, Tensor) or type(data).__module__ == "numpy":
         return _as_tensor(data, "the array"), None, type(data).__name__
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple, int, float)):
+        try:  # nested lists of numbers: an array written out
+            return torch.as_tensor(data), None, "nested list"
+        except (TypeError, ValueError, RuntimeError):
+            first = data[0]
+            if isinstance(first, (int, float)) or all(
+                isinstance(v, (int, float, list, tuple)) for v in first
+            ):
+                raise DiffuseError(
+                    "data: nested lists of numbers must be rectangular, (n, *dims); "
+                    "some rows differ in length"
+                ) from None
+            # else a list of (x, label) batches: read below
     if isinstance(data, (str, bytes, dict)):
         raise DiffuseError(
             f"data: a {type(data).__name__} is not in-memory data; give a tensor, NumPy "
@@ -85,6 +98,8 @@ def _gather(data: Any) -> tuple[Tensor, Tensor | None, str]:
     for k, item in enumerate(items):
         x, y = _split_item(item)
         x = _as_tensor(x, f"item {k}")
+        if not is_items and x.dim() == 0:
+            raise DiffuseError(f"data: batch {k} is a single number; batches are (b, *dims) arrays")
         xs.append(x[None] if is_items else x)
         if k == 0:
             labelled = y is not None

@@ -202,6 +202,8 @@ class NormalisedData:
         self.dataset, self.norm = dataset, norm
 
     def __getattr__(self, name):
+        if name in ("dataset", "norm"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.dataset, name)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
