@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
 )
 
 from diffuse_engine.cli import build_app  # noqa: E402
-from diffuse_engine.training.settings import TrainSettings, learning_rate  # noqa: E402
+from diffuse_engine.training.schedules import learning_rate  # noqa: E402
+from diffuse_engine.training.settings import TrainSettings  # noqa: E402
 
 TRAIN = [
     "train", "--data", "gmm", "--model", "mlp", "--steps", "40", "--batch-size", "64",
