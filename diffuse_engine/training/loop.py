@@ -37,9 +37,6 @@ see ``diffuse_plugins.networks.NetworkScore``.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import time
 from pathlib import Path
@@ -51,16 +48,14 @@ from diffuse_engine.components.builder import Builder, SampleFn
 from diffuse_engine.components.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
-    CheckpointError,
-    check_optimizer_state,
     check_recorded_model,
 )
-from diffuse_engine.components.memory_data import MemoryData, is_memory_record
+from diffuse_engine.components.memory_data import MemoryData
 from diffuse_engine.components.normalise import NormalisedData, Normaliser
 from diffuse_engine.core.devices import check_device
 from diffuse_engine.core.distributed import ShardedBatches
 from diffuse_engine.core.errors import DiffuseError, NumericalError
-from diffuse_engine.output.files import OutputError, atomic_write_bytes, write_json
+from diffuse_engine.output.files import OutputError, write_json
 from diffuse_engine.output.interrupts import StopOnSignal
 from diffuse_engine.output.progress import progress_bar
 from diffuse_engine.training.folder import TrainingFolder
@@ -69,39 +64,19 @@ from diffuse_engine.training.preflight import check_before_work
 from diffuse_engine.training.resolve import resolve_config
 from diffuse_engine.training.schedules import ema_update, learning_rate
 from diffuse_engine.training.settings import (
-    LEGACY_SETTINGS,
-    RESUMABLE,
     TrainResult,
     TrainSettings,
     model_kind,
 )
+from diffuse_engine.training.state import (
+    restore,
+    resumed_config,
+    training_data,
+    training_stats,
+    write_losses,
+)
 
 
-def _training_stats(values, lr, params, grad_norm, ema_params, net_params) -> dict[str, float]:
-    """What ``diffuse_training_stats`` reports (computed only when a plugin listens)."""
-    if grad_norm is None:  # no clipping: this step's norm (inf max_norm scales by 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    with torch.no_grad():
-        pairs = list(zip(ema_params, net_params, strict=True))
-        lag = sum(float((e.double() - w.double()).pow(2).sum()) for e, w in pairs)
-        size = sum(float(w.double().pow(2).sum()) for _, w in pairs)
-    return {
-        "loss": sum(values) / len(values),
-        "lr": float(lr),
-        "grad_norm": float(grad_norm),
-        "ema_lag": math.sqrt(lag / size) if size > 0 else 0.0,
-    }
-
-
-def _write_losses(path: Path, losses: list[float]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["step", "loss"])
-    w.writerows((i + 1, f"{v:.8g}") for i, v in enumerate(losses))
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-# ---- the loop --------------------------------------------------------------------------------
 def run_training(
     builder: Builder,
     settings: TrainSettings,
@@ -163,37 +138,14 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress, dat
     if resume and not ctx.is_main:
         ckpt = Checkpoint.load(out / CHECKPOINT_NAME)
     if ckpt is not None:
-        config = json.loads(json.dumps(ckpt.config))
-        for k, v in LEGACY_SETTINGS.items():  # a checkpoint from before the setting existed
-            config["train"].setdefault(k, v)
-        changes = {
-            k: v
-            for k, v in settings.model_dump().items()
-            if k in RESUMABLE and k in settings.model_fields_set
-        }
-        config["train"].update(changes)
-        settings = TrainSettings.model_validate(config["train"])
+        config, settings = resumed_config(ckpt, settings)
     else:
         config = resolve_config(builder, settings, dict(overrides or {}), data)
         config["train"]["shards"] = settings.shards or ctx.world_size
     s = settings
     device = ctx.device(check_device(s.device))
 
-    if is_memory_record(config["data"]):
-        if data is None:
-            raise DiffuseError(
-                f"the run in {out} was trained on in-memory data; resume it with the same "
-                "data (engine.training(data=X, resume=True, out=...))"
-            )
-        data.check_matches(config["data"], f"the run in {out}")
-        dataset = data
-    elif data is not None and ckpt is not None:
-        raise DiffuseError(
-            f"the run in {out} was trained on data {config['data'].get('name')!r}; "
-            "resume it without data="
-        )
-    else:
-        dataset = builder.build_recorded("data", config["data"])
+    dataset = training_data(builder, config, data, resumed=ckpt is not None, out=out)
     norm = Normaliser.from_record(config.get("normalise"), dataset.shape)
     train_data = dataset if norm.identity else NormalisedData(dataset, norm)
     sde = builder.build_recorded("sde", config["sde"])
@@ -214,21 +166,7 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress, dat
     losses: list[float] = []
     start = 0
     if ckpt is not None:
-        try:  # files are untrusted: any inconsistency is the checkpoint's, in one line
-            check_optimizer_state(ckpt.optim, params)
-            model.net.load_state_dict(ckpt.model)
-            ema.load_state_dict(ckpt.ema)
-            opt.load_state_dict(ckpt.optim)
-            batches.load_state(ckpt.rng)
-            torch.set_rng_state(ckpt.rng["torch_cpu"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise CheckpointError(
-                f"checkpoint {out}: cannot restore its training state "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); it was not "
-                "written by this run's code or is damaged; nothing was changed"
-            ) from None
-        losses = ckpt.losses.tolist() if ckpt.losses is not None else []
-        start = ckpt.step
+        losses, start = restore(ckpt, model, ema, opt, batches, params, out)
     ddp, train_model = None, model
     if ctx.enabled:  # broadcasts rank 0's weights; averages gradients over ranks
         from torch.nn.parallel import DistributedDataParallel
@@ -270,7 +208,7 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress, dat
             rng=rng,
             losses=torch.tensor(losses, dtype=torch.float64),
         ).save(work / CHECKPOINT_NAME)
-        _write_losses(work / "losses.csv", losses)
+        write_losses(work / "losses.csv", losses)
         write_json(work / "status.json", {"complete": False, "step": step, "steps": s.steps})
         folder.committed(step)  # the first complete checkpoint swaps an --overwrite in
         path = out / CHECKPOINT_NAME
@@ -344,10 +282,10 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress, dat
                         "is kept" + (f" in {out}" if out is not None else "")
                     )
                 if ctx.is_main and builder.has_observers("diffuse_training_stats"):
-                    stats = _training_stats(
+                    stats = training_stats(
                         values, lr, params, grad_norm, ema.module.parameters(), params
                     )
-                    builder.hook.diffuse_training_stats(step=done, stats=stats)
+                    builder.hook.diffusetraining_stats(step=done, stats=stats)
                 if bar is not None:
                     bar(
                         done,
