@@ -22,7 +22,8 @@ from diffuse_engine.core.devices import check_device
 from diffuse_engine.core.distributed import DEFAULT_SHARD_SIZE, as_context
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.core.plugins import Catalogue, make_plugin_manager
-from diffuse_engine.core.registry import Registry, parse_assignment
+from diffuse_engine.core.registry import Registry
+from diffuse_engine.core.registry_text import parse_assignment
 from diffuse_engine.likelihood import LikelihoodConfig, evaluate
 from diffuse_engine.runs import RunPlan, execute_run, plan_run
 from diffuse_engine.sampling.loop import SamplingResult, run_sampling

@@ -25,7 +25,7 @@ from diffuse_engine.cli.common import (
 
 def split_sets(sets: list[str] | None) -> tuple[list[str], dict]:
     """``(KIND.NAME.FIELD=V registry edits, FIELD=V / KIND.FIELD=V overrides)``."""
-    from diffuse_engine.core.registry import parse_assignment
+    from diffuse_engine.core.registry_text import parse_assignment
 
     registry_sets, overrides = [], {}
     for item in sets or []:

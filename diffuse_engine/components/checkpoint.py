@@ -254,7 +254,7 @@ def recorded_config(cls, fields: dict[str, Any], where: str):
     """``cls.Config`` from recorded ``fields``; an invalid record is a CheckpointError."""
     from pydantic import ValidationError
 
-    from diffuse_engine.core.registry import format_validation_error
+    from diffuse_engine.core.registry_text import format_validation_error
 
     try:
         return cls.Config.model_validate(fields)

@@ -20,7 +20,6 @@ allowed, on one line.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -33,6 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from diffuse_engine.core.component import ComponentRef
 from diffuse_engine.core.errors import RegistryError
 from diffuse_engine.core.plugins import Catalogue
+from diffuse_engine.core.registry_text import (
+    format_validation_error,
+    read_toml,
+)
+from diffuse_engine.core.registry_text import (  # re-exported: documented import paths
+    parse_assignment as parse_assignment,
+)
 from diffuse_engine.core.suggest import did_you_mean
 from diffuse_engine.core.trust import import_implementation, is_import_path, refuse_import
 
@@ -42,8 +48,6 @@ RUN_TABLE = "run"
 #: ``[train.NAME]`` tables: training settings, validated by the model the engine hands in
 TRAIN_TABLE = "train"
 DEFAULT_SOURCE = "registry.toml (built-in)"
-#: deepest nesting of arrays / tables a registry value may have (real configs use 2)
-MAX_DEPTH = 16
 
 
 def default_registry_text() -> str:
@@ -104,63 +108,6 @@ class Entry:
                 or next(iter(self.sources.values()), "?")
             )
         return f"{src}: [{self.kind}.{self.name}]"
-
-
-def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value as a TOML value (``0.2``, ``true``, ``[1, 2]``, ``"x"``);
-    anything that is not valid TOML is taken as a bare string."""
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-    except RecursionError:
-        raise RegistryError(
-            f"--set value {text[:40]!r}...: nested deeper than {MAX_DEPTH} levels"
-        ) from None
-    check_depth(value, f"--set value {text[:40]!r}")
-    return value
-
-
-def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
-    """Refuse arrays / tables nested deeper than ``limit`` (checked without recursion)."""
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth >= limit:
-                raise RegistryError(f"{where}: nested deeper than {limit} levels")
-            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
-
-
-def parse_assignment(item: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE`` into the key and the parsed value."""
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise RegistryError(
-            f"--set {item!r}: expected KEY=VALUE, e.g. steps=100 or sde.vp.beta_max=10"
-        )
-    return key, parse_value(value.strip())
-
-
-def format_validation_error(where: str, exc: ValidationError, model: type[BaseModel]) -> str:
-    """One line naming each invalid field, what was given and what is allowed."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(entry)"
-        if err["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(model.model_fields)) or "(none)"
-            hint = did_you_mean(str(err["loc"][-1]), model.model_fields)
-            parts.append(f"{loc}: unknown field{hint}; allowed: {allowed}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            given = err.get("input")
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            if err["type"] == "literal_error":  # one of fixed names: the closest ones
-                expected = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
-                shown += did_you_mean(given, expected)
-            parts.append(f"{loc}: {msg}{shown}")
-    return f"{where} " + "; ".join(parts)
 
 
 def check_refs(config: BaseModel, catalogue: Catalogue, where: str) -> None:
@@ -376,37 +323,6 @@ class Registry:
             k: {n: dict(e.fields) for n, e in sorted(t.items())}
             for k, t in sorted(self.entries.items())
         }
-
-
-def read_toml(path: str | Path) -> dict:
-    """Read a registry file; a missing file or TOML syntax error is a RegistryError."""
-    p = Path(path)
-    try:
-        if p.exists() and not p.is_file():  # a FIFO or device would block the read
-            raise RegistryError(f"{path}: not a regular file; give a registry .toml file")
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read registry file ({exc.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RegistryError(
-            f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at line {line}); TOML "
-            "files are UTF-8"
-        ) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RegistryError(f"{path}: invalid TOML: {exc}") from None
-    except RecursionError:
-        raise RegistryError(f"{path}: arrays or tables nested too deeply") from None
-    for kind, table in data.items():  # each value, named where it is
-        for name, fields in table.items() if isinstance(table, dict) else ():
-            for key, value in fields.items() if isinstance(fields, dict) else ():
-                check_depth(value, f"{path}: [{kind}.{name}] {key}")
-    check_depth(data, str(path), MAX_DEPTH + 3)  # anything else: + the [KIND.NAME] levels
-    return data
 
 
 def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str) -> None:

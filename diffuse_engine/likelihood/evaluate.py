@@ -110,7 +110,7 @@ class LikelihoodConfig(BaseModel):
 
 def likelihood_config(overrides: dict[str, Any]) -> LikelihoodConfig:
     """Validate likelihood ``overrides`` with a one-line :class:`RegistryError`."""
-    from diffuse_engine.core.registry import format_validation_error
+    from diffuse_engine.core.registry_text import format_validation_error
 
     try:
         return LikelihoodConfig.model_validate(overrides)
