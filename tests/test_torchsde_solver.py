@@ -144,5 +144,7 @@ def test_progress_callback_reports_every_step_without_changing_samples(engine, m
     )
     assert [s for s, _, _ in seen] == list(range(1, 31)) and seen[-1][1] == 30
     ts = [t for _, _, t in seen]
-    assert all(u < v for u, v in zip(ts[1:], ts[:-1], strict=True)) and ts[-1] == pytest.approx(1e-3)
+    assert all(u < v for u, v in zip(ts[1:], ts[:-1], strict=True)) and ts[-1] == pytest.approx(
+        1e-3
+    )
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

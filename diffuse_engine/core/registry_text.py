@@ -5,10 +5,10 @@ the field, what was given and what is allowed."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ValidationError
 
 from diffuse_engine.core.errors import RegistryError
