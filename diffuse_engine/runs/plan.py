@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -54,17 +55,45 @@ class RunPlan:
 def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPlan:
     """Combine ``[run.PRESET]`` with ``choices`` (sde, solver, score, data, n, seed,
     device; ``None`` keeps the preset's value); other keys are field overrides."""
-    run_fields = {k: choices.pop(k) for k in list(choices)
-                  if k in ("sde", "solver", "score", "data", "n", "seed", "device", "train",
-                           "label", "guidance", "classifier")}
+    run_fields = {
+        k: choices.pop(k)
+        for k in list(choices)
+        if k
+        in (
+            "sde",
+            "solver",
+            "score",
+            "data",
+            "n",
+            "seed",
+            "device",
+            "train",
+            "label",
+            "guidance",
+            "classifier",
+        )
+    }
     p = builder.registry.preset(preset, {k: v for k, v in run_fields.items() if v is not None})
     overrides = {k: v for k, v in choices.items() if v is not None}
     # validate the overrides now, so a mistake never leaves a half-made run folder behind
     chosen = {k: builder.resolve(k, getattr(p, k))[0] for k in ("sde", "solver", "score")}
     for kind, fields in builder.route_overrides(chosen, overrides).items():
         builder.resolve(kind, getattr(p, kind), **fields)
-    return RunPlan(preset, p.sde, p.solver, p.score, p.data, p.n, p.seed, p.device, overrides,
-                   p.train, p.label, p.guidance, p.classifier)
+    return RunPlan(
+        preset,
+        p.sde,
+        p.solver,
+        p.score,
+        p.data,
+        p.n,
+        p.seed,
+        p.device,
+        overrides,
+        p.train,
+        p.label,
+        p.guidance,
+        p.classifier,
+    )
 
 
 def reference_mixture(builder: Builder, plan: RunPlan, score_model) -> GaussianMixture | None:
@@ -75,34 +104,55 @@ def reference_mixture(builder: Builder, plan: RunPlan, score_model) -> GaussianM
     return mix
 
 
-def execute_run(builder: Builder, plan: RunPlan, out: str | Path, *, sample: SampleFn,
-                train: TrainFn, overwrite: bool = False, progress: bool = False,
-                sample_format: str = "pt") -> dict[str, Any]:
+def execute_run(
+    builder: Builder,
+    plan: RunPlan,
+    out: str | Path,
+    *,
+    sample: SampleFn,
+    train: TrainFn,
+    overwrite: bool = False,
+    progress: bool = False,
+    sample_format: str = "pt",
+) -> dict[str, Any]:
     """Sample per ``plan`` into run folder ``out``; return the metrics dict. ``sample``
     is ``Engine.sampling``; ``train`` trains the plan's model first when it needs it."""
     if sample_format not in SAMPLE_FORMATS:
-        raise DiffuseError(f"unknown sample format {sample_format!r}; choices: "
-                           f"{', '.join(SAMPLE_FORMATS)}")
+        raise DiffuseError(
+            f"unknown sample format {sample_format!r}; choices: {', '.join(SAMPLE_FORMATS)}"
+        )
     run_folder = RunFolder(out, overwrite)
     # under torchrun every rank trains / samples its part; rank 0 alone writes the folder
     with on_main(builder.dist, run_folder) as folder:
         if folder is not None:
-            builder.hook.diffuse_run_start(run={"command": "run", "out": str(out),
-                                               "config": plan.as_dict()})
+            builder.hook.diffuse_run_start(
+                run={"command": "run", "out": str(out), "config": plan.as_dict()}
+            )
         score = plan.score
         if builder.needs_training(plan.score):  # train first, into the run folder
             score = train(plan, run_folder.path / "train", progress=progress)
-        result = sample(score=score, sde=plan.sde, solver=plan.solver,
-                                 shape=plan.n, seed=plan.seed, device=plan.device,
-                                 progress=progress, **conditioning(plan), **plan.overrides)
+        result = sample(
+            score=score,
+            sde=plan.sde,
+            solver=plan.solver,
+            shape=plan.n,
+            seed=plan.seed,
+            device=plan.device,
+            progress=progress,
+            **conditioning(plan),
+            **plan.overrides,
+        )
         if folder is None:  # another rank: its shards are in rank 0's samples
             return {"nfe": result.nfe, "seconds": round(result.seconds, 4)}
         x = result.samples.cpu()
         mix = reference_mixture(builder, plan, result.score)
         if mix is not None and plan.label is not None:  # a class of the mixture: its mode
             mix = mode_of(mix, plan.label)
-        metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": round(result.seconds, 4),
-                                   "samples_per_second": round(x.shape[0] / result.seconds, 1)}
+        metrics: dict[str, Any] = {
+            "nfe": result.nfe,
+            "seconds": round(result.seconds, 4),
+            "samples_per_second": round(x.shape[0] / result.seconds, 1),
+        }
         if result.setup_nfe:  # a fitted schedule's pilot, spent once for the whole run
             metrics["setup_nfe"] = result.setup_nfe
         reference = None
@@ -112,12 +162,19 @@ def execute_run(builder: Builder, plan: RunPlan, out: str | Path, *, sample: Sam
             reference = mix.sample(x.shape[0], gen)
             floor = mode_statistics(reference, mix)
             metrics.update(stats)
-            metrics["floor"] = {k: floor[k] for k in ("weight_tv", "weight_max", "std_error",
-                                                      "centre_error")}
-        config = {"plan": plan.as_dict(), "resolved": result.config,
-                  "versions": {"diffuse_engine": _version(), "torch": torch.__version__,
-                               "python": platform.python_version()},
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            metrics["floor"] = {
+                k: floor[k] for k in ("weight_tv", "weight_max", "std_error", "centre_error")
+            }
+        config = {
+            "plan": plan.as_dict(),
+            "resolved": result.config,
+            "versions": {
+                "diffuse_engine": _version(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         if getattr(result.score, "trained_config", None) is not None:
             config["training"] = result.score.trained_config
         write_json(folder.path / "config.json", config)
@@ -125,8 +182,9 @@ def execute_run(builder: Builder, plan: RunPlan, out: str | Path, *, sample: Sam
         title = f"{plan.sde} / {plan.solver}: {plan.n} samples, {result.nfe} score evaluations"
         plot_samples(x, folder.path / "samples.png", reference=reference, title=title)
         write_json(folder.path / "metrics.json", metrics)
-    builder.hook.diffuse_run_end(run={"command": "run", "out": str(out),
-                                     "config": plan.as_dict()}, metrics=metrics)
+    builder.hook.diffuse_run_end(
+        run={"command": "run", "out": str(out), "config": plan.as_dict()}, metrics=metrics
+    )
     return metrics
 
 
@@ -155,6 +213,7 @@ def mode_of(mix: GaussianMixture, k: int) -> GaussianMixture | None:
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("diffuse-engine")
     except PackageNotFoundError:  # a source tree that was never installed
