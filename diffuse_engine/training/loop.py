@@ -285,7 +285,7 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress, dat
                     stats = training_stats(
                         values, lr, params, grad_norm, ema.module.parameters(), params
                     )
-                    builder.hook.diffusetraining_stats(step=done, stats=stats)
+                    builder.hook.diffuse_training_stats(step=done, stats=stats)
                 if bar is not None:
                     bar(
                         done,
