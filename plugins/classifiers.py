@@ -49,7 +49,7 @@ from diffuse_engine.components.checkpoint import (
     sde_spec,
 )
 from diffuse_plugins.losses import uniform_times
-from diffuse_plugins.networks import make_embedding
+from diffuse_plugins.networks import MLPNet
 
 
 # ---- the network ----------------------------------------------------------------------------
@@ -64,31 +64,6 @@ class MLPClassifierConfig(ComponentConfig):
     sigma_data: float = Field(0.5, gt=0, description="data std assumed by the input scaling")
     input_scaling: bool = Field(True, description="scale inputs by 1/sqrt(a^2 sigma_data^2 + s^2)")
     init_seed: int = Field(0, ge=0, lt=2**63, description="seed of the weight initialisation")
-
-
-class ClassifierNet(nn.Module):
-    """Residual SiLU MLP with the time embedding added in every block; ``K`` logits."""
-
-    def __init__(self, dim: int, c: MLPClassifierConfig):
-        super().__init__()
-        self.embed = make_embedding(c.embedding, c.embedding_dim, c.fourier_scale)
-        self.temb = nn.Sequential(nn.Linear(c.embedding_dim, c.hidden), nn.SiLU())
-        self.inp = nn.Linear(dim, c.hidden)
-        self.t_proj = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.depth))
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.SiLU(), nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.hidden)
-            )
-            for _ in range(c.depth)
-        )
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, c.num_classes))
-
-    def forward(self, x, t):
-        emb = self.temb(self.embed(t))
-        h = self.inp(x.reshape(x.shape[0], -1))
-        for proj, block in zip(self.t_proj, self.blocks, strict=True):
-            h = h + block(h + proj(emb))
-        return self.out(h)
 
 
 class MLPClassifier(Classifier):
@@ -112,7 +87,10 @@ class MLPClassifier(Classifier):
         self.num_classes = c.num_classes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.init_seed)
-            self.net = ClassifierNet(math.prod(self.data_shape), c)
+            # the residual MLP of the mlp score network, with K logits and no label input
+            self.net = MLPNet(
+                math.prod(self.data_shape), c, out_features=c.num_classes, num_labels=None
+            )
 
     def logits(self, x, t):
         c = self.config

@@ -232,11 +232,23 @@ class MLPConfig(NetworkConfig):
     depth: int = Field(3, ge=1, description="residual blocks")
 
 
-class MLPNet(nn.Module):
-    """Residual SiLU MLP; each block adds a projection of the time embedding."""
+#: ``MLPNet(num_labels=...)`` default: the label embedding the config asks for
+LABELS_OF_CONFIG = object()
 
-    def __init__(self, dim: int, c: MLPConfig):
+
+class MLPNet(nn.Module):
+    """Residual SiLU MLP; each block adds a projection of the time embedding.
+
+    ``out_features``: the output width (default: ``dim``, the output reshaped like the
+    input, as a score network needs; a classifier asks for ``K`` logits).
+    ``num_labels``: classes of the label embedding (default: ``c.num_classes``; ``None``
+    for no label input).
+    """
+
+    def __init__(self, dim: int, c, out_features: int | None = None, num_labels=LABELS_OF_CONFIG):
         super().__init__()
+        num_labels = c.num_classes if num_labels is LABELS_OF_CONFIG else num_labels
+        self.flat_output = out_features is not None
         self.embed = make_embedding(c.embedding, c.embedding_dim, c.fourier_scale)
         self.temb = nn.Sequential(nn.Linear(c.embedding_dim, c.hidden), nn.SiLU())
         self.inp = nn.Linear(dim, c.hidden)
@@ -247,9 +259,9 @@ class MLPNet(nn.Module):
             )
             for _ in range(c.depth)
         )
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, out_features or dim))
         # labels 0 .. K-1 and the null label K, added to the time embedding
-        self.label = None if c.num_classes is None else nn.Embedding(c.num_classes + 1, c.hidden)
+        self.label = None if num_labels is None else nn.Embedding(num_labels + 1, c.hidden)
 
     def forward(self, x, t, y=None):
         shape = x.shape
@@ -259,7 +271,7 @@ class MLPNet(nn.Module):
         h = self.inp(x.reshape(shape[0], -1))
         for proj, block in zip(self.t_proj, self.blocks, strict=True):
             h = h + block(h + proj(emb))
-        return self.out(h).reshape(shape)
+        return self.out(h) if self.flat_output else self.out(h).reshape(shape)
 
 
 class MLPScore(NetworkScore):
