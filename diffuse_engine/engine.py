@@ -275,9 +275,13 @@ class Engine:
     ) -> Tensor:
         """Samples ``shape`` (or ``(shape, *data_dims)`` for an int) from ``score``.
 
-        ``score`` is a callable ``fn(x, t)``, a :class:`ScoreModel`, or a registry name.
-        Remaining keyword arguments: ``device``, ``dtype``, ``progress`` and registry
-        field overrides of the chosen entries (``steps=``, ``snr=``, ...).
+        ``score`` is a callable ``fn(x, t)`` (or a conditional ``fn(x, t, cond)``), a
+        :class:`ScoreModel`, or a registry name. ``sde=None`` takes the score model's own
+        SDE (a trained model's, a diffusers model's scheduler), else ``vp``. Remaining
+        keyword arguments: ``device``, ``dtype``, ``progress``, ``nfe`` (a budget of score
+        evaluations per sample), ``cond`` / ``guidance`` / ``classifier`` / ``noise`` (see
+        :meth:`sampling`) and registry field overrides of the chosen entries (``steps=``,
+        ``snr=``, ``scale=``, ...).
         """
         return self.sampling(
             score=score, sde=sde, solver=solver, shape=shape, seed=seed, **kwargs
