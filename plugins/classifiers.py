@@ -43,9 +43,8 @@ from diffuse_engine import (
 from diffuse_engine.components.checkpoint import (
     Checkpoint,
     CheckpointError,
-    check_recorded_model,
+    build_model,
     check_same_sde,
-    recorded_config,
     sde_spec,
 )
 from diffuse_plugins.losses import uniform_times
@@ -208,20 +207,7 @@ def load_classifier(builder, path, *, sde=None, ema: bool = True) -> Classifier:
         )
     if sde is None:
         sde = builder.build_recorded("sde", ckpt.config["sde"])
-    check_same_sde(ckpt.config["sde"], sde, where)
-    spec = dict(ckpt.config["score"])  # the trained model's record (here a classifier)
-    cls = builder.catalogue.get("classifier", spec.pop("type"))
-    spec.pop("name", None)
-    check_recorded_model(builder.catalogue, ckpt, sde, where, kind="classifier")
-    model = cls(recorded_config(cls, spec, f"{where}: recorded classifier"), sde=sde)
-    try:
-        model.net.load_state_dict(ckpt.sampling_weights(ema))
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{where}: weights do not fit classifier {cls.name!r} ({str(exc).splitlines()[0]})"
-        ) from None
-    model.eval()
-    model.checkpoint_step = ckpt.step
+    model = build_model(builder.catalogue, ckpt, sde, ema=ema, where=where, kind="classifier")
     model.normalise_record = ckpt.config.get("normalise")  # the data coordinates it learnt
     return model
 

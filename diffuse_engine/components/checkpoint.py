@@ -278,20 +278,25 @@ def check_same_sde(trained: dict[str, Any], sde, where: str) -> None:
         )
 
 
-def build_model(catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: str = "checkpoint"):
-    """The trained score model of ``ckpt``, bound to ``sde`` (its training SDE)."""
+def build_model(
+    catalogue, ckpt: Checkpoint, sde, *, ema: bool = True, where: str = "checkpoint",
+    kind: str = "score",
+):  # fmt: skip
+    """The trained model of ``ckpt`` (a score model, or a classifier with
+    ``kind="classifier"``; ``config["score"]`` records either), bound to ``sde``."""
+    what = "score model" if kind == "score" else kind
     spec = dict(ckpt.config["score"])
     type_name = spec.pop("type")
     spec.pop("name", None)
     check_same_sde(ckpt.config["sde"], sde, where)
-    cls = catalogue.get("score", type_name)
-    check_recorded_model(catalogue, ckpt, sde, where)
-    model = cls(recorded_config(cls, spec, f"{where}: recorded score"), sde=sde)
+    cls = catalogue.get(kind, type_name)
+    check_recorded_model(catalogue, ckpt, sde, where, kind=kind)
+    model = cls(recorded_config(cls, spec, f"{where}: recorded {kind}"), sde=sde)
     try:
         model.net.load_state_dict(ckpt.sampling_weights(ema))
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{where}: weights do not fit score model {type_name!r} ({str(exc).splitlines()[0]})"
+            f"{where}: weights do not fit {what} {type_name!r} ({str(exc).splitlines()[0]})"
         ) from None
     model.eval()
     model.checkpoint_step = ckpt.step
