@@ -32,6 +32,7 @@ and EMA updates are identical).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from collections.abc import Sequence
@@ -213,7 +214,20 @@ def context(init: bool = True) -> DistContext:
             )
         torch.cuda.set_device(local)
     dist.init_process_group(backend=default_backend())
+    atexit.register(_close_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _close_group() -> None:
+    """At exit, wait for every rank before tearing the group down: a rank that closes its
+    gloo connections while another still uses them aborts that one ("terminate called
+    without an active exception")."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def as_context(distributed: bool | DistContext | None) -> DistContext:
