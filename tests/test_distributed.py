@@ -246,7 +246,9 @@ def test_bad_nproc_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--log-metrics", "m.csv", "likelihood", "--nproc", "2"])
     assert exc.value.code == 2
-    assert "works with diffuse train, sample and run, not 'likelihood'" in capsys.readouterr().err
+    assert "works with diffuse train, sample, run and inpaint, not 'likelihood'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_nproc_that_bypassed_main_is_refused_not_ignored():

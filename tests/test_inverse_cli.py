@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +78,15 @@ def test_inpaint_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["observation_error"] == 0.0 and (tmp_path / "o" / "inpaint.png").is_file()
+    # --nproc 2 (torchrun, 2 processes): the images are sharded, the samples are those of
+    # one process, bit for bit (smc: each image's particles stay on its shard's rank).
+    # torchrun gives each worker one thread; a convolution's rounding depends on the
+    # thread count, so the single process gets one too
+    two = ["-c", "m", "--mask", "bottom", "--method", "smc", "--steps", "6", "-n", "6",
+           "--set", "particles=2", "--set", "shard_size=2"]  # fmt: skip
+    for out, extra in (("p1", []), ("p2", ["--nproc", "2"])):
+        subprocess.run([sys.executable, "-m", "diffuse_engine", "inpaint", *two, *extra, "-o", out],
+                       cwd=tmp_path, check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    one, both = (torch.load(tmp_path / d / "samples.pt") for d in ("p1", "p2"))
+    assert one.shape == (6, 1, 8, 8) and torch.equal(one, both)

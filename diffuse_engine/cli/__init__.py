@@ -168,9 +168,9 @@ def _distributed(args: list[str]) -> list[str]:
                 ),
                 None,
             )
-            if command not in ("train", "sample", "run"):
+            if command not in ("train", "sample", "run", "inpaint"):
                 raise DistributedError(
-                    f"--nproc works with diffuse train, sample and run, not {command!r}"
+                    f"--nproc works with diffuse train, sample, run and inpaint, not {command!r}"
                 )
             raise SystemExit(launch(nproc, args))
     except DistributedError as exc:

@@ -7,6 +7,7 @@ method is any inverse-problem guidance entry (``replacement``, ``repaint``, ``dp
 ``pigdm``, ``smc``; docs/inverse.md). Writes ``inpaint.png`` (observed / sampled /
 original grids), ``samples.pt`` and ``metrics.json`` (the observation error, and with
 labelled data the agreement of an independent classifier with the original labels).
+``--nproc N`` shards the images over N processes (torchrun), with the samples of one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from pathlib import Path
 
 import typer
 
-from diffuse_engine.cli.common import SetOpt, check_names, handle_errors, make_engine, out_option
+from diffuse_engine.cli.common import (
+    NprocOpt,
+    SetOpt,
+    check_names,
+    handle_errors,
+    make_engine,
+    out_option,
+    refuse_nproc_here,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +46,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="torch device"),
         out_: str | None = typer.Option(None, "--out", "-o", help="output folder"),
         set_: list[str] | None = SetOpt,
+        nproc: int | None = NprocOpt,
     ):
         """Inpaint / colourise / super-resolve images of --data with a trained checkpoint."""
         import json
@@ -50,6 +60,7 @@ def register(app: typer.Typer) -> None:
         from diffuse_engine.testbed import inpaint as P
         from diffuse_engine.training import load_trained, sample_overrides
 
+        refuse_nproc_here(nproc)
         if (mask is None) == (observe is None):
             raise DiffuseError("give one of --mask (inpainting) or --observe (greyscale, ...)")
         if n < 1:
@@ -77,6 +88,8 @@ def register(app: typer.Typer) -> None:
             score=model, sde=ckpt.config["sde"]["type"], solver=solver, shape=tuple(x.shape),
             seed=seed, device=device, cond=cond, guidance=method, **overrides,
         )  # fmt: skip
+        if not engine.dist.is_main:  # every rank has the gathered samples; rank 0 writes
+            return
         samples = result.samples.cpu()
         metrics = {
             "method": method,
