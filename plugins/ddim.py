@@ -21,6 +21,7 @@ from pydantic import Field
 
 from diffuse_engine import hookimpl, noise_like
 from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
+from diffuse_engine.components.solver import time_tensors
 
 
 class DDIMConfig(KernelSolverConfig):
@@ -42,9 +43,10 @@ class DDIM(KernelSolver):
         g = self.grid(sde, score, x)
         steps = len(g) - 1
         eta = self.config.eta
+        ts = time_tensors(g.t[:-1], x)  # the (B,) time of each step, made in blocks
         for i in range(steps):
             a, s, a_n, s_n = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
-            x0 = self.predict(score, x, g.t[i], a, s, "data")
+            x0 = self.predict(score, x, next(ts), a, s, "data")
             eps = (x - a * x0) / s
             var_ts = max(s * s - (a / a_n) ** 2 * s_n * s_n, 0.0)
             sigma = eta * math.sqrt(var_ts * s_n * s_n / (s * s))

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from diffuse_engine import ComponentRef, Solver, SolverConfig, hookimpl
+from diffuse_engine.components.solver import time_tensors
 
 
 class PCConfig(SolverConfig):
@@ -79,8 +80,9 @@ class PCSampler(Solver):
         full = lambda v: torch.full((B,), v, device=x.device, dtype=x.dtype)  # noqa: E731
         plan = self.predictor.plan(sde, grid)  # per-step floats, computed once
         skip = self.config.corrector_skip
+        ts = time_tensors(grid[:-1], x)  # the (B,) time of each step, made in blocks
         for i in range(steps):
-            t = full(grid[i])
+            t = next(ts)
             if i >= skip:
                 x, _ = self.corrector.step(x, t, score, sde, generator)
             if plan is not None:

@@ -171,11 +171,11 @@ class KernelSolver(Solver):
         return KernelGrid.on(sde, self.time_grid(sde, score, like))
 
     def predict(
-        self, score: ScoreFn, x: Tensor, t: float, a: float, s: float, prediction: str
+        self, score: ScoreFn, x: Tensor, t: float | Tensor, a: float, s: float, prediction: str
     ) -> Tensor:
         """``x0_hat`` (``"data"``) or ``eps_hat`` (``"noise"``) at ``(x, t)`` from one
-        score call (:func:`~diffuse_engine.components.score.kernel_prediction`), with the
-        configured x0 clipping (module docstring)."""
+        score call (:func:`~diffuse_engine.components.score.kernel_prediction`; ``t`` a
+        float or its ``(B,)`` tensor), with the configured x0 clipping (module docstring)."""
         c = self.config
         if c.x0_clip is None and c.x0_threshold is None:
             return kernel_prediction(score, x, t, a, s, prediction)

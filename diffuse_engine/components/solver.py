@@ -7,7 +7,7 @@ once before the loop, so the loop never syncs with the device to read a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import torch
@@ -202,6 +202,31 @@ def innermost(score: ScoreFn) -> ScoreFn:
     while hasattr(score, "fn") and callable(score.fn):
         score = score.fn
     return score
+
+
+#: elements of one block of :func:`time_tensors` (4 MiB of float32): the steps of a
+#: block share one allocation, and a large batch gets fewer steps per block
+TIME_BLOCK_ELEMENTS = 2**16
+#: most steps per block of :func:`time_tensors`
+TIME_BLOCK_STEPS = 64
+
+
+def time_tensors(times: Sequence[float], like: Tensor) -> Iterator[Tensor]:
+    """The ``(B,)`` time tensors a solver loop hands the score, one per entry of
+    ``times`` in order: ``torch.full((B,), t)`` with ``like``'s batch size, dtype and
+    device, the same values bit for bit.
+
+    They are made a block of steps at a time (one small tensor of the block's times
+    and one broadcast copy into a ``(steps, B)`` buffer, whose rows are yielded), so a
+    step costs a ``next()`` instead of a fill: a few microseconds per step at small
+    batches, where the loop's own Python work is most of the time. Rows are distinct
+    memory, as separate fills would be.
+    """
+    B = like.shape[0]
+    block = max(1, min(TIME_BLOCK_STEPS, TIME_BLOCK_ELEMENTS // max(B, 1)))
+    for j in range(0, len(times), block):
+        part = torch.tensor(times[j : j + block], dtype=like.dtype, device=like.device)
+        yield from part[:, None].expand(-1, B).contiguous().unbind(0)
 
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

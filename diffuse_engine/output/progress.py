@@ -25,8 +25,11 @@ def progress_bar(
     The bar is only drawn when ``enabled`` and stderr is a terminal, so logs and CI
     output stay clean.
     """
+    if not enabled:  # no console either: a quiet run pays nothing for the bar
+        yield None
+        return
     console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
+    if not console.is_terminal:
         yield None
         return
     columns = [
