@@ -6,6 +6,7 @@ same size (:func:`diffuse_engine.testbed.inverse.sweep`); writes JSON lines to
 ``--results`` and markdown tables to ``--report``. ``diffuse bench --inverse`` runs the same.
 
     flock /tmp/heavy.lock python benchmarks/inverse.py [--n 1000] [--budgets 20,50,100,1000]
+    flock /tmp/heavy.lock python benchmarks/inverse.py --check   # docs/inverse-check.md
 """
 
 from __future__ import annotations
@@ -35,8 +36,18 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=100, help="--digits: ddim steps")
     p.add_argument("--smc-particles", type=int, default=4, help="--digits: smc particles")
     p.add_argument("--scale", type=float, default=1.0, help="--digits: dps / pigdm scale")
+    p.add_argument("--check", action="store_true", help="the particle target, over seeds")
+    p.add_argument("--check-seeds", default="ring-x0=16,gmm64-half=3,gmm64-proj=3,image-box=3")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # fastest on a shared machine for these batch sizes
+    if a.check:
+        seeds = {k: int(v) for k, v in (kv.split("=") for kv in a.check_seeds.split(","))}
+        rows = I.particle_check(
+            Engine(), names=a.problems.split(","), seeds=seeds, n=a.n,
+            log=lambda msg: print(msg, flush=True),
+        )  # fmt: skip
+        (ROOT / "docs/inverse-check.md").write_text(I.check_table(rows))
+        return None
     if a.digits is not None:
         return digits(
             a.digits, a.n, a.methods.split(","), a.steps, a.seed, a.smc_particles, a.scale

@@ -177,3 +177,20 @@ def test_bad_observations_fail_before_sampling_with_one_line(engine, cond, words
 def test_unsupported_solvers_are_refused(engine, method, solver, words):
     with pytest.raises(IncompatibleError, match=words):
         engine.sample(sde="vp", solver=solver, shape=(10, 2), cond=masked(10), guidance=method)
+
+
+def test_particle_check_compares_expectations_and_passes_only_within_the_ratio(engine):
+    """The benchmark's target check on a tiny ring: means over seeds against the mean
+    floor; a zero floor needs a zero mean (up to float32 rounding)."""
+    from diffuse_engine.testbed import inverse as I
+
+    rows = I.particle_check(engine, names=["ring-x0"], seeds={"ring-x0": 2}, particles=2,
+                            nfe=20, n=50, draws=3, log=lambda _: None)  # fmt: skip
+    by = {r["metric"]: r for r in rows}
+    assert set(by) == set(I.METRICS) and all(r["seeds"] == 2 and r["n"] == 100 for r in rows)
+    for r in rows:
+        assert r["passed"] == (r["mean"] <= 1.5 * r["floor"] + I.ZERO)
+    assert by["obs_error"]["mean"] <= I.ZERO and by["obs_error"]["passed"]  # pinned
+    # the table marks a failure, and a zero floor with a non-zero mean fails
+    bad = dict(by["mean_error"], mean=10.0, floor=0.0, ratio=math.inf, passed=False)
+    assert "| **no** |" in I.check_table([bad])
