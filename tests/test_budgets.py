@@ -114,6 +114,41 @@ def test_adaptive_solver_recovers_the_ring(engine):
     assert st["weight_tv"] < 0.04 and st["std_error"] < 0.06 and st["centre_error"] < 0.09
 
 
+def test_adaptive_solver_holds_on_data_far_below_unit_scale():
+    # the suite's scale-small bed (data std 0.05: radius 0.071, mode std 0.0071). The
+    # reference's controller (state tolerance rtol * |x|, unbounded growth of h, the
+    # SDE's eps = 1e-3) leaps over the modes' scale in 7 evaluations (centre error 1.6
+    # mode stds); the defaults keep to it. Noise at n = 4000 (500 per mode): std error
+    # ~1/sqrt(2 * 500) = 0.03, centre ~0.04 (exact samples: 0.029 / 0.037); 2x that fails
+    engine = Engine()
+    score = engine.build("score", "gmm", sde=engine.build("sde", "vp"),
+                         radius=0.1 / math.sqrt(2), std=0.01 / math.sqrt(2))  # fmt: skip
+    reference = dict(tolerance="state", h_init=0.05, facmax=None, eps=None)
+    got = {}
+    for name, kw in (("default", {}), ("reference", reference)):
+        r = engine.sampling(score=score, sde="vp", solver="dpm_adaptive", shape=4000, seed=3, **kw)
+        got[name] = mode_statistics(r.samples, score.mixture)
+        got[name]["nfe"] = r.nfe
+    assert got["default"]["std_error"] < 0.06 and got["default"]["centre_error"] < 0.08, got
+    assert got["default"]["nfe"] <= 40, got
+    assert got["reference"]["centre_error"] > 0.08, got  # the check can fail
+
+
+def test_adaptive_step_growth_is_bounded(engine, monkeypatch):
+    # facmax: after an accepted step h grows by at most facmax, after a rejected one
+    # not at all (Hairer et al., II.4); the trial steps' h are read off the solver
+    from diffuse_plugins.dpm_adaptive import DPMAdaptive
+
+    tried, pair = [], DPMAdaptive._pair
+    monkeypatch.setattr(DPMAdaptive, "_pair", lambda self, *a: tried.append(a[5]) or pair(self, *a))
+    engine.sampling(score="gmm", sde="vp", solver="dpm_adaptive", shape=256, seed=0)
+    config = engine.build("solver", "dpm_adaptive").config
+    growth = [b / a for a, b in zip(tried, tried[1:], strict=False)]
+    assert tried[0] == config.h_init and len(tried) > 5
+    # the last trial lands on eps exactly (it may be shorter); the others keep the bound
+    assert max(growth[:-1]) <= config.facmax * (1 + 1e-9), growth
+
+
 def test_best_at_budget_picks_the_largest_budget_that_fits():
     names = ["pc", "best-vp-10", "best-vp-20", "best-vp-50", "best-ve-10", "best-x"]
     assert best_at_budget(names, "vp", 10) == "best-vp-10"
