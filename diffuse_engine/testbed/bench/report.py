@@ -200,6 +200,7 @@ def write_suite_report(
     *,
     targets: dict[int, float],
     note: str = "",
+    references: dict[str, dict] | None = None,
 ) -> Path:
     """The suite report (``docs/benchmarks-suite.md``): per section (a results file of
     :mod:`.suite`) the worst floor-normalised error per SDE and budget over the selection
@@ -219,13 +220,22 @@ def write_suite_report(
     for title, recs in sections:
         lines += ["", f"## {title}", ""]
         lines += [
-            "Worst normalised error (worst of weight / std / centre over the floor of "
-            "exact samples of the same size; mean over seeds per bed, then the worst bed):",
+            "Worst normalised error (each of weight / std / centre over the floor of "
+            "exact samples of the same size, averaged over the seeds; the worst of the "
+            "three; the worst bed):",
             "",
             "| SDE | budget | target | selection beds (worst bed) | held-out beds (worst bed) "
             "| evaluations used (max) |",
             "|---|---|---|---|---|---|",
         ]
+        ref = (references or {}).get(title)
+        if ref:
+            lines[-2:-2] = [
+                f"Exact samples, same seeds and figure (its noise level): {ref[False][0]:.2f} "
+                f"({ref[False][1]}) on the selection beds, {ref[True][0]:.2f} "
+                f"({ref[True][1]}) held out.",
+                "",
+            ]
         sel, held = summary(recs, False), summary(recs, True)
         for key in sorted(set(sel) | set(held), key=lambda k: (k[0], k[1] or 0)):
             sde, nfe = key
