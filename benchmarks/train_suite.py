@@ -141,14 +141,84 @@ def floor_of(dataset, n: int) -> dict:
     return score_samples(dataset.sample(n, torch.Generator().manual_seed(7)), dataset, n)
 
 
+def _slug(bed: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in bed)
+
+
+def _merge(out: Path, meta: dict, rows: list[dict]) -> list[dict]:
+    """Rows of earlier runs of the same settings in ``out/results.json``, with ``rows``
+    replacing those of the same bed, in :data:`BEDS` order (a suite split into parts)."""
+    path = out / "results.json"
+    if not path.exists():
+        return rows
+    saved = json.loads(path.read_text())
+    same = ("steps", "n", "solver", "sample_steps", "threads", "extra", "defaults")
+    if any(saved["meta"].get(k) != meta[k] for k in same):
+        diff = [k for k in same if saved["meta"].get(k) != meta[k]]
+        print(f"{path}: earlier results differ in {', '.join(diff)}; not merged", flush=True)
+        return rows
+    new = {r["bed"]: r for r in rows}
+    old = {r["bed"]: r for r in saved["beds"] if r["bed"] not in new}
+    both = old | new
+    return [both[b[0]] for b in BEDS if b[0] in both]
+
+
+def run_bed(engine, bed, args, extra, batch_size: int) -> tuple[dict, tuple]:
+    """Train the engine's defaults and the baseline on one bed; score both."""
+    name, group, data, fields = bed
+    t0 = time.perf_counter()
+    res = engine.training(
+        data=data,
+        steps=args.steps,
+        plot_n=0,
+        threads=args.threads,
+        **{f"data.{k}": v for k, v in fields.items()},
+        **extra,
+    )
+    train_s = time.perf_counter() - t0
+    dataset = res.dataset
+    shape = (args.n, *dataset.shape)
+    sample = dict(sde="vp", solver=args.solver, shape=shape, seed=0, steps=args.sample_steps)
+    x = engine.sample(score=res.model, **sample)
+    t1 = time.perf_counter()
+    base_score, base_params = baseline_train(dataset, args.steps, batch_size, 0)
+    base_s = time.perf_counter() - t1
+    xb = engine.sample(score=base_score, **sample)
+    row = {
+        "bed": name,
+        "group": group,
+        "steps": res.step,
+        "train_seconds": round(train_s, 1),
+        "steps_per_second": round(res.step / train_s, 1),
+        "baseline_seconds": round(base_s, 1),
+        "parameters": res.model.num_parameters(),
+        "baseline_parameters": base_params,
+        "normalise": res.config["normalise"]["kind"],
+        "sigma_data": res.config["score"].get("sigma_data"),
+        "engine": score_samples(x, dataset, args.n),
+        "baseline": score_samples(xb, dataset, args.n),
+        "floor": floor_of(dataset, args.n),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+    ref = dataset.sample(3000, torch.Generator().manual_seed(5))
+    return row, (x[:3000], xb[:3000], ref)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2500, help="optimiser steps per bed")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimiser steps per bed (default: the preset's)"
+    )
     ap.add_argument("--n", type=int, default=10000, help="samples scored per bed")
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--solver", default="dpm_solver_pp")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--beds", default="", help="comma-separated bed names (default: all)")
+    ap.add_argument(
+        "--beds",
+        default="",
+        help="comma-separated bed names (default: all); merged with OUT/results.json "
+        "rows of the same settings",
+    )
     ap.add_argument("--set", action="append", default=[], help="extra training FIELD=VALUE")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "train-suite")
     ap.add_argument("--no-docs", action="store_true")
@@ -158,10 +228,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         saved = json.loads((args.out / "results.json").read_text())
-        table = render(saved["beds"], saved["meta"])
-        print(table)
-        update_doc(ROOT / "docs" / "training.md", "suite", table)
-        plot_metrics(saved["beds"], ROOT / "docs" / "img" / "train-suite-metrics.png")
+        publish(saved["beds"], saved["meta"], args.out, docs=True)
         return
     torch.set_num_threads(args.threads)
     extra = {}
@@ -170,63 +237,12 @@ def main() -> None:
         extra[k] = json.loads(v) if v[:1] in "[{0123456789-tfn" else v
     engine = Engine()
     preset = engine.registry.train_settings("default", {})
-    chosen = [b for b in BEDS if not args.beds or b[0] in args.beds.split(",")]
-    results = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    samples_for_plot = {}
-    for name, group, data, fields in chosen:
-        t0 = time.perf_counter()
-        res = engine.training(
-            data=data,
-            steps=args.steps,
-            plot_n=0,
-            threads=args.threads,
-            **{f"data.{k}": v for k, v in fields.items()},
-            **extra,
-        )
-        train_s = time.perf_counter() - t0
-        dataset = res.dataset
-        shape = (args.n, *dataset.shape)
-        x = engine.sample(
-            score=res.model,
-            sde="vp",
-            solver=args.solver,
-            shape=shape,
-            seed=0,
-            steps=args.sample_steps,
-        )
-        t1 = time.perf_counter()
-        base_score, base_params = baseline_train(dataset, args.steps, preset.batch_size, 0)
-        base_s = time.perf_counter() - t1
-        xb = engine.sample(
-            score=base_score,
-            sde="vp",
-            solver=args.solver,
-            shape=shape,
-            seed=0,
-            steps=args.sample_steps,
-        )
-        row = {
-            "bed": name,
-            "group": group,
-            "steps": res.step,
-            "train_seconds": round(train_s, 1),
-            "baseline_seconds": round(base_s, 1),
-            "parameters": res.model.num_parameters(),
-            "baseline_parameters": base_params,
-            "normalise": res.config["normalise"]["kind"],
-            "sigma_data": res.config["score"].get("sigma_data"),
-            "engine": score_samples(x, dataset, args.n),
-            "baseline": score_samples(xb, dataset, args.n),
-            "floor": floor_of(dataset, args.n),
-        }
-        results.append(row)
-        samples_for_plot[name] = (
-            x[:3000],
-            xb[:3000],
-            dataset.sample(3000, torch.Generator().manual_seed(5)),
-        )
-        print(json.dumps(row), flush=True)
+    args.steps = args.steps or preset.steps
+    names = [b for b in args.beds.split(",") if b]
+    unknown = sorted(set(names) - {b[0] for b in BEDS})
+    if unknown:
+        ap.error(f"unknown bed(s) {unknown}; choose from {[b[0] for b in BEDS]}")
+    chosen = [b for b in BEDS if not names or b[0] in names]
     meta = {
         "steps": args.steps,
         "n": args.n,
@@ -234,17 +250,38 @@ def main() -> None:
         "sample_steps": args.sample_steps,
         "threads": args.threads,
         "extra": extra,
-        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "defaults": preset.model_dump(mode="json"),
     }
+    (args.out / "samples").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for bed in chosen:
+        row, samples = run_bed(engine, bed, args, extra, preset.batch_size)
+        rows.append(row)
+        torch.save(samples, args.out / "samples" / f"{_slug(bed[0])}.pt")
+        print(json.dumps(row), flush=True)
+    results = _merge(args.out, meta, rows)
     (args.out / "results.json").write_text(
         json.dumps({"meta": meta, "beds": results}, indent=2) + "\n"
     )
-    plot(samples_for_plot, args.out / "train-suite.png")
-    print(render(results, meta))
-    if not args.no_docs:
-        update_doc(ROOT / "docs" / "training.md", "suite", render(results, meta))
-        plot(samples_for_plot, ROOT / "docs" / "img" / "train-suite.png")
+    publish(results, meta, args.out, docs=not args.no_docs)
+
+
+def publish(results, meta, out: Path, docs: bool) -> None:
+    """Print the table; plots into ``out`` and, with ``docs``, into docs/ too."""
+    table = render(results, meta)
+    print(table)
+    samples = {}
+    for r in results:
+        f = out / "samples" / f"{_slug(r['bed'])}.pt"
+        if f.exists():
+            samples[r["bed"]] = torch.load(f)
+    dirs = [out] + ([ROOT / "docs" / "img"] if docs else [])
+    for d in dirs:
+        plot_metrics(results, d / "train-suite-metrics.png")
+        if samples:
+            plot(samples, d / "train-suite.png")
+    if docs:
+        update_doc(ROOT / "docs" / "training.md", "suite", table)
 
 
 def _verdict(row) -> str:
@@ -277,8 +314,8 @@ def render(results, meta) -> str:
         lines += [
             f"**{group} beds**",
             "",
-            "| bed | train s (engine / baseline) | normalise, sigma_data | engine | baseline "
-            "| floor | targets met | not worse than baseline |",
+            "| bed | train s (engine / baseline), engine steps/s | normalise, sigma_data "
+            "| engine | baseline | floor | targets met | not worse than baseline |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in results if r["group"] == group):
@@ -294,7 +331,8 @@ def render(results, meta) -> str:
                     "yes" if ok else "**no**",
                 ]
             lines.append(
-                f"| {r['bed']} | {r['train_seconds']:.0f} / {r['baseline_seconds']:.0f} | "
+                f"| {r['bed']} | {r['train_seconds']:.0f} / {r['baseline_seconds']:.0f}, "
+                f"{r.get('steps_per_second', r['steps'] / r['train_seconds']):.0f} | "
                 f"{r['normalise']}, {r['sigma_data']} | "
                 + " | ".join(cells)
                 + f" | {_verdict(r)} |"
@@ -303,9 +341,10 @@ def render(results, meta) -> str:
     p = results[0]
     lines.append(
         f"Engine MLP {p['parameters']:,} parameters, baseline {p['baseline_parameters']:,} "
-        f"(2-D beds). Load average at the end: {meta['load_average_at_end']}. Wall "
-        "times are of a 2-core machine shared with other jobs: they vary by bed with the "
-        "load, not with the work (every bed runs the same steps)."
+        f"(2-D beds). 1-minute load average after each bed: "
+        + ", ".join(f"{r['bed']} {r['load_average'][0]}" for r in results if "load_average" in r)
+        + ". Wall times are of a 2-core machine shared with other jobs: they vary by bed "
+        "with the load, not with the work (every bed runs the same steps)."
     )
     return "\n".join(lines)
 
