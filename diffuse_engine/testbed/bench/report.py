@@ -144,9 +144,25 @@ def write_report(
                 f"{r['engine_s']:.2f} | {r['loop_s']:.2f} | {r['ratio']:.3f} | "
                 f"{_fmt(extra, 3)} | {_fmt(implied, 3)} |"
             )
+    lines += _kept_block(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines) + "\n")
     return md_path
+
+
+#: a block another script writes into this report (benchmarks/overhead.py, between
+#: these markers), carried over when the report is rebuilt
+KEPT_BLOCK = ("<!-- overhead-trivial:begin -->", "<!-- overhead-trivial:end -->")
+
+
+def _kept_block(md_path: Path) -> list[str]:
+    """The old report's :data:`KEPT_BLOCK`, markers included, as lines (none if absent)."""
+    begin, end = KEPT_BLOCK
+    old = md_path.read_text() if md_path.exists() else ""
+    if begin not in old or end not in old:
+        return []
+    body = old.split(begin, 1)[1].split(end, 1)[0]
+    return ["", begin + body + end]
 
 
 def _worst(r: dict[str, Any]) -> float:
