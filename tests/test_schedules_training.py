@@ -110,6 +110,41 @@ def test_resume_continues_both_schedules(engine, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_cosine_over_a_fixed_horizon_depends_on_the_step_alone():
+    kw = dict(lr=1e-3, warmup=10, lr_schedule="cosine", lr_min_ratio=0.1, lr_horizon=110)
+    short, long = TrainSettings(steps=60, **kw), TrainSettings(steps=500, **kw)
+    assert [learning_rate(short, k) for k in range(60)] == [
+        learning_rate(long, k) for k in range(60)
+    ]
+    assert learning_rate(long, 110) == pytest.approx(1e-4)  # the floor at the horizon
+    assert all(learning_rate(long, k) == pytest.approx(1e-4) for k in range(110, 500, 37))
+    # without a horizon the decay follows steps: the same step gets another rate
+    free = {k: v for k, v in kw.items() if k != "lr_horizon"}
+    assert learning_rate(TrainSettings(steps=60, **free), 40) != learning_rate(
+        TrainSettings(steps=500, **free), 40
+    )
+
+
+def test_resume_with_more_steps_follows_a_fixed_cosine_horizon(engine, tmp_path):
+    """Cosine over ``lr_horizon``: 15 steps resumed to 30 give the 30-step run's losses
+    and weights bit for bit (over ``steps`` the resumed run would decay on another
+    schedule, which the last assertion shows)."""
+    kw = dict(batch_size=32, warmup=4, hidden=16, depth=1, plot_n=0, threads=1,
+              checkpoint_every=0, log_every=5, lr_schedule="cosine", lr_min_ratio=0.1)  # fmt: skip
+    full = engine.training(steps=30, lr_horizon=30, **kw)
+    out = tmp_path / "h"
+    engine.training(steps=15, out=out, lr_horizon=30, **kw)
+    resumed = engine.training(out=out, resume=True, steps=30, threads=1)
+    assert resumed.config["train"]["lr_horizon"] == 30 and resumed.losses == full.losses
+    for a, b in zip(
+        full.model.net.state_dict().values(), resumed.model.net.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    out2 = tmp_path / "s"
+    engine.training(steps=15, out=out2, **kw)
+    assert engine.training(out=out2, resume=True, steps=30, threads=1).losses != full.losses
+
+
 def test_a_checkpoint_from_before_the_schedules_resumes_as_it_was_trained(engine, tmp_path):
     """A checkpoint whose recorded settings lack the new fields (written before issue 18)
     resumes with a constant EMA decay, a constant lr and no normalisation, as it trained."""

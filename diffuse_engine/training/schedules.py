@@ -24,13 +24,16 @@ def ema_decay_at(s: TrainSettings, updates: int) -> float:
 
 def learning_rate(s: TrainSettings, step: int) -> float:
     """The learning rate of optimiser step ``step`` (0-based): linear warm-up over
-    ``warmup`` steps, then constant or a cosine decay to ``lr * lr_min_ratio`` at the last
-    step (Loshchilov & Hutter 2017, SGDR, without restarts)."""
+    ``warmup`` steps, then constant or a cosine decay to ``lr * lr_min_ratio`` at step
+    ``lr_horizon`` (default: the last step) and that rate after it (Loshchilov & Hutter
+    2017, SGDR, without restarts). With a fixed horizon the rate of a step depends on
+    nothing else, so a run resumed with more steps follows the uninterrupted schedule."""
     if s.warmup and step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     if s.lr_schedule == "constant":
         return s.lr
-    span = max(1, s.steps - s.warmup)
+    end = s.lr_horizon if s.lr_horizon is not None else s.steps
+    span = max(1, end - s.warmup)
     frac = min(1.0, max(0.0, (step - s.warmup) / span))
     low = s.lr * s.lr_min_ratio
     return low + (s.lr - low) * 0.5 * (1.0 + math.cos(math.pi * frac))

@@ -44,10 +44,17 @@ class TrainSettings(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
         description="learning rate after the warm-up: constant, or a cosine decay over "
-        "steps (resuming with more steps then changes the schedule)",
+        "lr_horizon (default steps: resuming with more steps then changes the schedule)",
     )
     lr_min_ratio: float = Field(
         0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of lr"
+    )
+    lr_horizon: int | None = Field(
+        None,
+        ge=1,
+        description="cosine: the step the decay ends at, fixed (then lr * lr_min_ratio); "
+        "none: steps. A fixed horizon keeps a resumed run with more steps on the schedule "
+        "of an uninterrupted one",
     )
     normalise: Literal["auto", "standard", "global", "images", "none"] = Field(
         "auto",
