@@ -244,15 +244,16 @@ def run_case(
     return record
 
 
-def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Records of a JSON-lines results file by key (later lines win)."""
+def load_results(path: str | Path, key=None) -> dict[str, dict[str, Any]]:
+    """Records of a JSON-lines results file by key (later lines win): a record's
+    ``"key"``, or ``key(record)``."""
     p = Path(path)
     out: dict[str, dict[str, Any]] = {}
     if p.exists():
         for line in p.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                out[rec["key"]] = rec
+                out[rec["key"] if key is None else key(rec)] = rec
     return out
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from diffuse_engine.components.mixture import mode_statistics
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.testbed.bench.beds import BEDS, METRICS, Bed, Floors, normalised
+from diffuse_engine.testbed.bench.cells import load_results
 
 #: the budgets the issue's targets name (and 5, where the peers are compared)
 SUITE_NFE = (5, 10, 20, 50)
@@ -133,14 +134,7 @@ def _key(rec: dict[str, Any]) -> str:
 
 def load(path: str | Path) -> dict[str, dict[str, Any]]:
     """Records of a JSON-lines file by key (later lines win)."""
-    p = Path(path)
-    out: dict[str, dict[str, Any]] = {}
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[_key(rec)] = rec
-    return out
+    return load_results(path, key=_key)
 
 
 def _append(path: Path, rec: dict[str, Any]) -> None:
