@@ -75,6 +75,7 @@ TRAIN = dict(
     depth=1,
     threads=1,
     seed=5,
+    lr_horizon=16,  # the 16-step run's cosine decay, also for the 8 + 8 resume
 )
 
 

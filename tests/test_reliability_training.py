@@ -34,6 +34,8 @@ SETTINGS = dict(
     hidden=32,
     depth=1,
     threads=1,
+    # interrupted runs of 1e6 steps resume to a few: a constant lr has no horizon to match
+    lr_schedule="constant",
 )
 CLI_SETTINGS = [
     "--batch-size",
@@ -51,6 +53,7 @@ CLI_SETTINGS = [
             "plot_steps",
             "hidden",
             "depth",
+            "lr_schedule",
         )
         for a in ("--set", f"{k}={SETTINGS[k]}")
     ],

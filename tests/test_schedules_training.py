@@ -88,7 +88,8 @@ def test_optimizer_steps_with_the_schedule(engine, monkeypatch):
 
 def test_resume_continues_both_schedules(engine, tmp_path):
     """A run stopped at step 15 and resumed to 30 ends with the uninterrupted run's losses
-    and EMA weights bit for bit: the EMA step count is saved with the EMA."""
+    and EMA weights bit for bit: the EMA step count is saved with the EMA and the cosine
+    decay (the preset's schedule) ends at the recorded horizon."""
     kw = dict(
         batch_size=32,
         warmup=4,
@@ -98,11 +99,28 @@ def test_resume_continues_both_schedules(engine, tmp_path):
         threads=1,
         checkpoint_every=0,
         log_every=5,
+        lr_horizon=30,
     )
     full = engine.training(steps=30, **kw)
+    assert full.config["train"]["lr_schedule"] == "cosine"  # [train.default]
     out = tmp_path / "r"
     engine.training(steps=15, out=out, **kw)
     resumed = engine.training(out=out, resume=True, steps=30, threads=1)
+    assert resumed.losses == full.losses
+    assert _same_weights(full.model, resumed.model)
+
+
+def test_an_interrupted_run_resumes_on_its_own_schedule(engine, tmp_path):
+    """The default horizon is the first run's ``steps``, recorded: a 24-step run stopped
+    early by ``max_seconds`` and resumed equals the uninterrupted 24-step run."""
+    kw = dict(batch_size=32, warmup=4, hidden=16, depth=1, plot_n=0, threads=1,
+              checkpoint_every=0, log_every=4)  # fmt: skip
+    full = engine.training(steps=24, **kw)
+    assert full.config["train"]["lr_horizon"] == 24  # resolved from steps and recorded
+    out = tmp_path / "i"
+    engine.training(steps=24, out=out, max_seconds=1e-9, **kw)  # stops after its first step
+    resumed = engine.training(out=out, resume=True, threads=1, max_seconds=None)
+    assert resumed.config["train"]["lr_horizon"] == 24 and resumed.step == 24
     assert resumed.losses == full.losses
     assert _same_weights(full.model, resumed.model)
 
@@ -124,8 +142,9 @@ def test_cosine_over_a_fixed_horizon_depends_on_the_step_alone():
 
 def test_resume_with_more_steps_follows_a_fixed_cosine_horizon(engine, tmp_path):
     """Cosine over ``lr_horizon``: 15 steps resumed to 30 give the 30-step run's losses
-    and weights bit for bit (over ``steps`` the resumed run would decay on another
-    schedule, which the last assertion shows)."""
+    and weights bit for bit. Without one, the 15-step run records 15: resumed to 30 it
+    warns that steps 15..30 train at ``lr * lr_min_ratio``, and so differs; passing
+    ``lr_horizon`` on resume stretches the decay from there on instead."""
     kw = dict(batch_size=32, warmup=4, hidden=16, depth=1, plot_n=0, threads=1,
               checkpoint_every=0, log_every=5, lr_schedule="cosine", lr_min_ratio=0.1)  # fmt: skip
     full = engine.training(steps=30, lr_horizon=30, **kw)
@@ -135,8 +154,17 @@ def test_resume_with_more_steps_follows_a_fixed_cosine_horizon(engine, tmp_path)
     assert resumed.config["train"]["lr_horizon"] == 30 and resumed.losses == full.losses
     assert _same_weights(full.model, resumed.model)
     out2 = tmp_path / "s"
-    engine.training(steps=15, out=out2, **kw)
-    assert engine.training(out=out2, resume=True, steps=30, threads=1).losses != full.losses
+    assert engine.training(steps=15, out=out2, **kw).config["train"]["lr_horizon"] == 15
+    with pytest.warns(UserWarning, match=r"cosine decay ends at step 15 .*lr_horizon=30"):
+        past = engine.training(out=out2, resume=True, steps=30, threads=1)
+    assert past.losses[:15] != full.losses[:15] and past.losses != full.losses
+    lrs = [learning_rate(TrainSettings.model_validate(past.config["train"]), k) for k in (15, 29)]
+    assert lrs == [pytest.approx(1e-4)] * 2  # lr * lr_min_ratio after the recorded end
+    out3 = tmp_path / "t"
+    engine.training(steps=15, out=out3, **kw)
+    stretched = engine.training(out=out3, resume=True, steps=30, lr_horizon=30, threads=1)
+    assert stretched.config["train"]["lr_horizon"] == 30
+    assert stretched.losses[:15] == past.losses[:15] and stretched.losses != past.losses
 
 
 def test_a_checkpoint_from_before_the_schedules_resumes_as_it_was_trained(engine, tmp_path):

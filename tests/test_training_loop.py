@@ -23,6 +23,7 @@ TINY = dict(
     hidden=32,
     depth=1,
     threads=1,
+    lr_horizon=40,  # the cosine decay of the 40-step run, also for the 20 + 20 resume
 )
 
 

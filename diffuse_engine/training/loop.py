@@ -142,6 +142,7 @@ def _run_training(builder, settings, overrides, *, sample, folder, progress, dat
     else:
         config = resolve_config(builder, settings, dict(overrides or {}), data)
         config["train"]["shards"] = settings.shards or ctx.world_size
+        settings = settings.model_copy(update={"lr_horizon": config["train"]["lr_horizon"]})
     s = settings
     device = ctx.device(check_device(s.device))
 

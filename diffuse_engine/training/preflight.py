@@ -1,7 +1,8 @@
 """Checks made once the configuration is built and before the first step or file: what
 would otherwise fail only after the whole training (the final plot's sampling settings),
 memory for the model and a batch (:mod:`diffuse_engine.core.memory`), and a learning-rate
-warm-up longer than the run (a warning: the run is legal, just probably not meant)."""
+warm-up longer than the run or steps past a cosine decay's end (warnings: the run is
+legal, just probably not meant)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from diffuse_engine.training.settings import TrainSettings
 
 def check_before_work(builder: Builder, s: TrainSettings, config, model, dataset, device):
     """What would otherwise fail after training: the plots' sampling settings, memory for
-    the batch and the model, and a warm-up the run never finishes (a warning)."""
+    the batch and the model, a warm-up the run never finishes and steps past the end of
+    the cosine decay (warnings)."""
     _check_model(model, dataset, config)
     if s.plot_n:  # the final plot samples with these; a mistake must not wait for the end
         chosen = {
@@ -44,6 +46,15 @@ def check_before_work(builder: Builder, s: TrainSettings, config, model, dataset
             f"the learning-rate warm-up ({s.warmup} steps) is longer than the run "
             f"({s.steps} steps): lr reaches only {s.lr * s.steps / s.warmup:.3g} of "
             f"{s.lr:.3g}; set warmup below steps (--set warmup=...)",
+            UserWarning,
+            stacklevel=4,
+        )
+    if s.lr_schedule == "cosine" and s.lr_horizon is not None and s.steps > s.lr_horizon:
+        warnings.warn(
+            f"the cosine decay ends at step {s.lr_horizon} (lr_horizon, recorded when the "
+            f"run began); steps {s.lr_horizon}..{s.steps} train at lr * lr_min_ratio = "
+            f"{s.lr * s.lr_min_ratio:.3g}; pass lr_horizon={s.steps} (--set "
+            f"lr_horizon={s.steps}) to stretch the decay instead",
             UserWarning,
             stacklevel=4,
         )

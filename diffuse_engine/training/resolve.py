@@ -28,6 +28,14 @@ def check_task_loss(settings: TrainSettings, loss_cls: type) -> None:
         )
 
 
+def lr_horizon(settings: TrainSettings) -> int | None:
+    """The recorded end of a cosine decay: ``lr_horizon``, else this first run's
+    ``steps`` (so a resumed run, with whatever ``steps``, keeps the schedule it began)."""
+    if settings.lr_schedule != "cosine":
+        return settings.lr_horizon
+    return settings.lr_horizon if settings.lr_horizon is not None else settings.steps
+
+
 def resolve_config(
     builder: Builder,
     settings: TrainSettings,
@@ -92,6 +100,7 @@ def resolve_config(
             )
         routed["score"]["num_classes"] = dataset.num_classes
     config: dict[str, Any] = {"train": settings.model_dump(mode="json")}
+    config["train"]["lr_horizon"] = lr_horizon(settings)
     if isinstance(dataset, MemoryData):
         config["train"]["data"] = MEMORY_TYPE
         config["data"] = dataset.record()

@@ -43,8 +43,8 @@ class TrainSettings(BaseModel):
     ema_inv_gamma: float = Field(1.0, gt=0, description="EMA warm-up: the step scale gamma")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
-        description="learning rate after the warm-up: constant, or a cosine decay over "
-        "lr_horizon (default steps: resuming with more steps then changes the schedule)",
+        description="learning rate after the warm-up: constant, or a cosine decay that "
+        "ends at lr_horizon",
     )
     lr_min_ratio: float = Field(
         0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of lr"
@@ -52,9 +52,9 @@ class TrainSettings(BaseModel):
     lr_horizon: int | None = Field(
         None,
         ge=1,
-        description="cosine: the step the decay ends at, fixed (then lr * lr_min_ratio); "
-        "none: steps. A fixed horizon keeps a resumed run with more steps on the schedule "
-        "of an uninterrupted one",
+        description="cosine: the step the decay ends at (then lr * lr_min_ratio); none: "
+        "the first run's steps, recorded, so a resumed run keeps its schedule. Set it on "
+        "resume to stretch the decay over more steps",
     )
     normalise: Literal["auto", "standard", "global", "images", "none"] = Field(
         "auto",
@@ -116,6 +116,7 @@ RESUMABLE = (
     "plot_steps",
     "plot_n",
     "threads",
+    "lr_horizon",
 )
 COMPONENT_KINDS = ("data", "sde", "score", "loss")
 
