@@ -23,8 +23,9 @@ EXACT = [
     ("ddim", {}),
     ("dpm_solver", {}),
     ("dpm_solver", {"order": 2}),
-    ("dpm_solver_pp", {}),
-    ("dpm_solver_pp", {"order": 3}),
+    ("dpm_solver_pp", {}),  # 3M
+    ("dpm_solver_pp", {"order": 2}),
+    ("dpm_solver_pp_ring", {}),  # 2M, quadratic
     ("dpm_solver_pp_gits", {}),
     ("edm", {}),
     ("edm", {"denoise": False}),

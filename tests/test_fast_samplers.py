@@ -184,8 +184,8 @@ def summary_bounds(mixture, n: int, allowance: dict[str, float]) -> dict[str, fl
 RECOVERY_CASES = [
     ("ddim", {"steps": 49}),
     ("dpm_solver", {"steps": 16}),  # singlestep 3: 49 NFE
-    ("dpm_solver_pp", {"steps": 49}),
-    ("dpm_solver_pp", {"steps": 49, "order": 3, "schedule": "logsnr"}),
+    ("dpm_solver_pp_ring", {"steps": 49}),  # 2M, quadratic, eps 3e-3
+    ("dpm_solver_pp", {"steps": 49}),  # 3M, logsnr, eps 1e-3
     ("edm", {"steps": 24}),
     ("unipc", {"steps": 49, "order": 2}),
 ]
@@ -330,15 +330,62 @@ def test_bench_cli_bad_input(tmp_path, args, needle):
 def test_issue_target_at_20_evaluations(engine, seed):
     """Issue 6's target, as docs/benchmarks.md measures it: at 20 score evaluations on
     the 2-D ring (n = 50k) weight error <= 0.01, std error <= 0.02, centre error <= 0.05.
-    The registry's dpm_solver_pp (2M, quadratic schedule, final Tweedie step from
-    t = 3e-3) reaches about 0.005 / 0.014 / 0.023; the sampling noise of the three
-    summaries at this n is about 0.003 / 0.008 / 0.011."""
-    r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=50000, seed=seed)
+
+    Pinned to ``dpm_solver_pp_ring`` (2M, quadratic schedule, final Tweedie step from
+    t = 3e-3): the settings tuned on this ring alone, which were ``dpm_solver_pp`` until
+    issue 16 chose that entry by the sampling suite's worst case (3M, logsnr, eps 1e-3:
+    std error about 0.05 here; worst figure over the suite's selection beds 11 against
+    the ring entry's 24, see ``test_dpm_solver_pp_holds_off_the_ring``). The ring entry
+    reaches about 0.005 / 0.014 / 0.023; the sampling noise of the three summaries at
+    this n is about 0.003 / 0.008 / 0.011."""
+    r = engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp_ring", shape=50000, seed=seed)
     assert r.nfe == 20
     from diffuse_engine import mode_statistics
 
     st = mode_statistics(r.samples, r.score.mixture)
     assert st["weight_tv"] <= 0.01 and st["std_error"] <= 0.02 and st["centre_error"] <= 0.05, st
+
+
+@pytest.fixture(scope="module")
+def bed_engine(tmp_path_factory):
+    """An engine whose registry adds two of the sampling suite's beds (score entries
+    ``bed-scale-small``, ``bed-ring-wide``)."""
+    from diffuse_engine import Engine
+    from diffuse_engine.testbed.bench.beds import bed, registry_text
+
+    path = tmp_path_factory.mktemp("beds") / "beds.toml"
+    path.write_text(registry_text((bed("scale-small"), bed("ring-wide"))))
+    return Engine(registry=path, autoload=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "bed,sde",
+    [
+        ("scale-small", "subvp"),  # ring of data std 0.05 (radius 0.071, mode std 0.0071)
+        ("ring-wide", "ve"),  # radius 4, mode std 0.3
+    ],
+)
+def test_dpm_solver_pp_holds_off_the_ring(bed_engine, bed, sde, seed):
+    """The registry's ``dpm_solver_pp`` at its 20 evaluations on two of the sampling
+    suite's beds other than the built-in ring, where the ring-tuned settings fail:
+    ``dpm_solver_pp_ring`` has centre error 0.44 (scale-small, sub-VP) and std / centre
+    error 0.07 / 0.075 (ring-wide, VE) there, from the same noise, so this test fails
+    with them (checked when the entry changed)."""
+    n = 50000
+    r = bed_engine.sampling(score=f"bed-{bed}", sde=sde, solver="dpm_solver_pp", shape=n, seed=seed)
+    assert r.nfe == 20
+    from diffuse_engine import mode_statistics
+
+    st = mode_statistics(r.samples, r.score.mixture)
+    # twice the sampling noise at n = 50k (weight 0.012, std 0.018, centre 0.025) plus
+    # the solver's systematic error at 20 evaluations: measured 0.013-0.029 (std) and
+    # 0.019-0.039 (centre) on these beds, seeds 0-2, at n = 20k and 50k alike, so the
+    # allowances 0.02 / 0.03 leave about 0.01 of margin; the weight is the noise's own
+    # mode assignment (both entries alike), 0.005 for the few samples a solve moves
+    bounds = summary_bounds(r.score.mixture, n, {"w": 0.005, "std": 0.02, "c": 0.03})
+    for key, bound in bounds.items():
+        assert st[key] <= bound, (key, st[key], bound)
 
 
 @pytest.mark.parametrize("solver", ["torchsde", "ode_adaptive"])
