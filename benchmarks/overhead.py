@@ -1,14 +1,15 @@
 """Engine overhead with a trivial score: ``Engine.sample`` against hand-written loops.
 
-    python benchmarks/overhead.py                       # pc, ode, ddim, dpm_solver_pp; 100, 10 000
+    python benchmarks/overhead.py              # pc, ode, ddim, dpm_solver_pp_ring; 100, 10 000
     python benchmarks/overhead.py --solvers ddim --batches 100 --repeats 5 --no-doc
 
 The score is ``-x``, the exact score of ``N(0, I)`` data under the VP SDE at every
 ``t`` (a closed form costing one tensor op), so almost all of a step's time is the
 sampler's own work. Each solver runs 1000 steps on the VP SDE from the registry entry
 (``pc``: Langevin corrector + reverse-diffusion predictor, uniform times; ``ode``: RK4,
-uniform; ``ddim``: eta = 0, quadratic; ``dpm_solver_pp``: DPM-Solver++(2M), quadratic,
-``eps = 3e-3``), each with its final Tweedie step.
+uniform; ``ddim``: eta = 0, quadratic; ``dpm_solver_pp_ring``: DPM-Solver++(2M),
+quadratic, ``eps = 3e-3``, which was ``dpm_solver_pp`` before issue 16 made that entry 3M
+on log-SNR steps), each with its final Tweedie step.
 
 Each hand-written loop is what a careful user writes for that sampler from the papers:
 the VP closed forms as Python floats, one ``t`` tensor per distinct time, and the same
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DOC, SAMPLING_DOC = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "sampling.md"
 BEGIN, END = "<!-- overhead-trivial:begin -->", "<!-- overhead-trivial:end -->"
 SUMMARY_BEGIN, SUMMARY_END = "<!-- overhead-summary:begin -->", "<!-- overhead-summary:end -->"
-SOLVERS = ("pc", "ode", "ddim", "dpm_solver_pp")
+SOLVERS = ("pc", "ode", "ddim", "dpm_solver_pp_ring")
 #: VP SDE of the default registry (beta_min, beta_max), checked against the built SDE
 BETA_MIN, BETA_MAX = 0.1, 20.0
 #: largest |engine - loop| sample difference accepted as "the same math" (float32
@@ -185,7 +186,9 @@ def hand(name: str, score, solver, x, steps: int, eps: float, gen):
         return hand_rk4(score, x, steps, eps)
     if name == "ddim":
         return hand_ddim(score, x, steps, eps)
-    return hand_dpmpp_2m(score, x, steps, eps)
+    if name == "dpm_solver_pp_ring":
+        return hand_dpmpp_2m(score, x, steps, eps)
+    raise SystemExit(f"no hand-written loop for {name!r}; choices: {', '.join(SOLVERS)}")
 
 
 # ---- timing ---------------------------------------------------------------------------

@@ -269,6 +269,26 @@ def test_steps_for_budget(engine):
     assert steps_for_budget(engine, "gmm", "vp", "pc", 2, {}) is None
 
 
+def test_bench_variants_say_what_their_names_promise(engine):
+    """Benchmark variants keep the settings their committed results were made with,
+    whatever their base entry says (issue 16 changed ``dpm_solver_pp`` to 3M)."""
+    from diffuse_engine.cli.bench_cmd import DEFAULT_SOLVERS
+    from diffuse_engine.testbed.bench import DEFAULT_SOLVERS as SOLVERS
+    from diffuse_engine.testbed.bench import resolve_variant
+
+    assert DEFAULT_SOLVERS == ",".join(SOLVERS)
+    expect = {
+        "dpm_solver_pp3": (3, 3e-3, True),
+        "dpm_solver_pp_nd": (2, 3e-3, False),
+        "dpm_solver_pp_ring": (2, 3e-3, True),
+        "dpm_solver_pp": (3, 1e-3, True),
+    }
+    for name, want in expect.items():
+        entry, kw = resolve_variant(name)
+        c = engine.build("solver", entry, **kw).config
+        assert (c.order, c.eps, c.denoise) == want, name
+
+
 def test_bench_cli_small_run(tmp_path):
     from diffuse_engine.cli import build_app
 

@@ -189,9 +189,11 @@ def _plot(sub, path: Path, title: str, plt) -> None:
             if b not in by_b or _worst(r) < _worst(by_b[b]):
                 by_b[b] = r
     for ax, (key, label, target) in zip(axes, metrics, strict=True):
-        for solver in solvers:
+        for i, solver in enumerate(solvers):
             pts = sorted((r["nfe"], max(r[key], 1e-5)) for r in best[solver].values())
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=solver)
+            # the colour cycle has 10 colours: past it a marker tells solvers apart
+            mark = ("o", "s", "^")[i // 10 % 3]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=mark, label=solver)
         ax.axhline(target, color="0.5", ls="--", lw=1)
         if key == "std_error":  # the 10-evaluation target
             ax.plot([10], [0.05], marker="x", color="red", ms=12, mew=2.5, ls="none", zorder=5)
