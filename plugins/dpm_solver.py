@@ -7,8 +7,16 @@ linear part is integrated exactly and the prediction is expanded in ``lambda``
 * ``prediction = "noise"``: DPM-Solver, ``x_t = (a_t/a_s) x_s - s_t (e^h - 1) eps_s + ...``
 * ``prediction = "data"``: DPM-Solver++, ``x_t = (s_t/s_s) x_s + a_t (1 - e^-h) x0_s + ...``
 
-with ``h = lambda_t - lambda_s``. Orders 1 to 3; ``singlestep`` (intermediate points at
-``r = 1/2`` or ``1/3, 2/3`` of each step in ``lambda``, Alg. 1-2 of Lu et al. 2022a)
+with ``h = lambda_t - lambda_s``. ``stochastic = true`` (data prediction, multistep, order
+1 or 2) integrates the reverse-time SDE instead, SDE-DPM-Solver++(1/2M) (Lu et al. 2022b,
+App. B; the "sde-dpmsolver++" of diffusers, k-diffusion's ``sample_dpmpp_2m_sde`` with
+the midpoint rule): ``x_t = (s_t/s_s) e^-h x_s + a_t (1 - e^-2h) (x0_s + D/2) + s_t
+sqrt(1 - e^-2h) z``. Its fresh noise corrects errors of a learned score that the ODE
+carries to the end (Karras et al. 2022, Sec. 4): a few samples of the ODE land far out
+where the score was learned from little data (docs/training.md).
+
+Orders 1 to 3; ``singlestep`` (intermediate points at ``r = 1/2`` or ``1/3, 2/3`` of
+each step in ``lambda``, Alg. 1-2 of Lu et al. 2022a)
 or ``multistep`` (the previous steps' predictions, Lu et al. 2022b, Alg. 2 and App. B).
 Order 1 is DDIM. The update formulas follow the authors' reference implementation
 (``dpm_solver_pytorch.py``, solver type "dpmsolver"). Written through the kernel, so
@@ -34,7 +42,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from diffuse_engine import hookimpl
+from diffuse_engine import hookimpl, noise_like
 from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
 from diffuse_engine.components.schedules import time_from_log_snr
 from diffuse_engine.components.solver import time_tensors
@@ -56,6 +64,11 @@ class DPMSolverConfig(KernelSolverConfig):
         None,
         min_length=1,
         description="singlestep: the order of each step (replaces steps and lower_order_final)",
+    )
+    stochastic: bool = Field(
+        False,
+        description="integrate the reverse SDE (SDE-DPM-Solver++; data prediction, "
+        "multistep, order 1-2) instead of the probability-flow ODE",
     )
 
     def budget(self, nfe: int) -> dict:
@@ -79,6 +92,14 @@ class DPMSolverConfig(KernelSolverConfig):
 
     @model_validator(mode="after")
     def _check_orders(self):
+        if self.stochastic and (
+            self.prediction != "data" or self.method != "multistep" or self.order > 2
+        ):
+            raise ValueError(
+                "stochastic = true is SDE-DPM-Solver++: prediction 'data', method "
+                f"'multistep', order 1 or 2 (got {self.prediction!r}, {self.method!r}, "
+                f"order {self.order})"
+            )
         if self.orders is not None:
             if self.method != "singlestep":
                 raise ValueError("orders applies to method = 'singlestep'")
@@ -106,6 +127,10 @@ class DPMSolver(KernelSolver):
     supports_transform = True
     Config = DPMSolverConfig
 
+    @property
+    def deterministic(self) -> bool:
+        return not self.config.stochastic
+
     # x_t = ratio * x_s - K_t * [...]: the linear part for each prediction
     def _lin(self, g, i: int, j: int) -> tuple[float, float, float]:
         """``(ratio, K_j, hh)`` of a step from grid index ``i`` to ``j``."""
@@ -115,6 +140,8 @@ class DPMSolver(KernelSolver):
         return g.a[j] / g.a[i], g.s[j], h
 
     def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
+        if self.config.stochastic:
+            return self._multistep_sde(score, sde, x, generator, callback, transform)
         if self.config.method == "multistep":
             return self._multistep(score, sde, x, callback, transform)
         return self._singlestep(score, sde, x, callback, transform)
@@ -150,6 +177,35 @@ class DPMSolver(KernelSolver):
                 x = transform(x, i + 1, g.t[i + 1])
             if i + 1 < steps:
                 ms.append(self.predict(score, x, next(ts), g.a[i + 1], g.s[i + 1], pred))
+                del ms[: -c.order]
+            if callback is not None:
+                callback(i + 1, steps, g.t[i + 1])
+        return self.finish(score, sde, x, g.t[-1])
+
+    def _multistep_sde(self, score, sde, x, generator, callback, transform):
+        """SDE-DPM-Solver++(1M / 2M), midpoint rule (module docstring)."""
+        c = self.config
+        g = self.grid(sde, score, x)
+        steps = len(g) - 1
+        ts = time_tensors(g.t[:-1], x)
+        ms = [self.predict(score, x, next(ts), g.a[0], g.s[0], "data")]
+        for i in range(steps):
+            order = min(c.order, i + 1)
+            if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
+                order = min(order, steps - i)
+            h = g.lam[i + 1] - g.lam[i]
+            decay = math.exp(-h)
+            gain = g.a[i + 1] * -math.expm1(-2.0 * h)  # a_t (1 - e^-2h)
+            m = ms[-1]
+            if order == 2:
+                r = (g.lam[i] - g.lam[i - 1]) / h
+                m = m + (0.5 / r) * (ms[-1] - ms[-2])
+            x = (g.s[i + 1] / g.s[i] * decay) * x + gain * m
+            x = x + (g.s[i + 1] * math.sqrt(-math.expm1(-2.0 * h))) * noise_like(x, generator)
+            if transform is not None:  # a guidance projection (guidance.py)
+                x = transform(x, i + 1, g.t[i + 1])
+            if i + 1 < steps:
+                ms.append(self.predict(score, x, next(ts), g.a[i + 1], g.s[i + 1], "data"))
                 del ms[: -c.order]
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])
