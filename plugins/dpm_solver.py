@@ -164,15 +164,17 @@ class DPMSolver(KernelSolver):
             x = x * ratio - (K * p1) * m0
             if order >= 2:
                 r0 = (g.lam[i] - g.lam[i - 1]) / h
-                d1_0 = (m0 - ms[-2]) / r0
+                # differences are temporaries: none is kept alive through the next step
                 if order == 2:
-                    x = x - (0.5 * K * p1) * d1_0
+                    x = x - (0.5 * K * p1) * ((m0 - ms[-2]) / r0)
                 else:
+                    d1_0 = (m0 - ms[-2]) / r0
                     r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
                     d1_1 = (ms[-2] - ms[-3]) / r1
                     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
                     d2 = (d1_0 - d1_1) / (r0 + r1)
                     x = x - (K * p2) * d1 - (K * p3) * d2
+                    del d1_0, d1_1, d1, d2
             if transform is not None:  # a guidance projection (guidance.py)
                 x = transform(x, i + 1, g.t[i + 1])
             if i + 1 < steps:

@@ -34,7 +34,8 @@ def vp(engine):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3, TIME_BLOCK_ELEMENTS // 5 + 1])
+# several steps per block, and from TIME_BLOCK_ELEMENTS // 2 up one fill per step
+@pytest.mark.parametrize("batch", [1, 3, TIME_BLOCK_ELEMENTS // 5 + 1, TIME_BLOCK_ELEMENTS // 2])
 def test_time_tensors_are_fills_bit_for_bit(dtype, batch):
     times = [1.0 - i / 997 * (1 - 1e-3) for i in range(150)]  # several blocks
     like = torch.zeros(batch, 2, dtype=dtype)

@@ -77,10 +77,11 @@ def kernel_prediction(
     tt = (
         t if isinstance(t, Tensor) else torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
     )
-    sc = score(x, tt)
+    # the score's output is a temporary of the expression, freed as soon as it is
+    # used (a name would keep one more batch-sized buffer alive through the update)
     if prediction == "data":
-        return (x + (s * s) * sc) / a
-    return sc * (-s)
+        return (x + (s * s) * score(x, tt)) / a
+    return score(x, tt) * (-s)
 
 
 class ScoreConfig(ComponentConfig):

@@ -204,9 +204,11 @@ def innermost(score: ScoreFn) -> ScoreFn:
     return score
 
 
-#: elements of one block of :func:`time_tensors` (4 MiB of float32): the steps of a
-#: block share one allocation, and a large batch gets fewer steps per block
-TIME_BLOCK_ELEMENTS = 2**16
+#: elements of one block of :func:`time_tensors` (64 KiB of float32): the steps of a
+#: block share one allocation, and a large batch gets fewer steps per block; from
+#: ``TIME_BLOCK_ELEMENTS // 2`` samples up a block would hold one step, so each step
+#: gets its own fill
+TIME_BLOCK_ELEMENTS = 2**14
 #: most steps per block of :func:`time_tensors`
 TIME_BLOCK_STEPS = 64
 
@@ -216,14 +218,21 @@ def time_tensors(times: Sequence[float], like: Tensor) -> Iterator[Tensor]:
     ``times`` in order: ``torch.full((B,), t)`` with ``like``'s batch size, dtype and
     device, the same values bit for bit.
 
-    They are made a block of steps at a time (one small tensor of the block's times
-    and one broadcast copy into a ``(steps, B)`` buffer, whose rows are yielded), so a
-    step costs a ``next()`` instead of a fill: a few microseconds per step at small
-    batches, where the loop's own Python work is most of the time. Rows are distinct
-    memory, as separate fills would be.
+    At small batches they are made a block of steps at a time (one small tensor of the
+    block's times and one broadcast copy into a ``(steps, B)`` buffer, whose rows are
+    yielded), so a step costs a ``next()`` instead of a fill: a few microseconds per
+    step, where the loop's own Python work is most of the time. At large batches the
+    copy costs more than the fill's call (a broadcast copy writes and reads, a fill
+    only writes) and a block would keep several steps' times in memory the step's
+    other tensors want in cache, so every step gets its own ``torch.full`` there, as a
+    hand-written loop does. Rows are distinct memory, as separate fills would be.
     """
     B = like.shape[0]
     block = max(1, min(TIME_BLOCK_STEPS, TIME_BLOCK_ELEMENTS // max(B, 1)))
+    if block == 1:
+        for t in times:
+            yield torch.full((B,), t, dtype=like.dtype, device=like.device)
+        return
     for j in range(0, len(times), block):
         part = torch.tensor(times[j : j + block], dtype=like.dtype, device=like.device)
         yield from part[:, None].expand(-1, B).contiguous().unbind(0)
