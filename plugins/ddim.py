@@ -39,18 +39,29 @@ class DDIM(KernelSolver):
     def deterministic(self) -> bool:
         return self.config.eta == 0
 
+    def coefficients(self, g) -> list[tuple[float, float, float, float, float]]:
+        """``(a, s, a_next, c_eps, sigma)`` of every step of the grid ``g`` as Python
+        floats, computed once before the loop: ``x_next = a_next x0 + c_eps eps +
+        sigma z`` with ``c_eps = sqrt(s_next^2 - sigma^2)`` (module docstring)."""
+        eta = self.config.eta
+        out = []
+        for i in range(len(g) - 1):
+            a, s, a_n, s_n = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
+            var_ts = max(s * s - (a / a_n) ** 2 * s_n * s_n, 0.0)
+            sigma = eta * math.sqrt(var_ts * s_n * s_n / (s * s))
+            out.append((a, s, a_n, math.sqrt(max(s_n * s_n - sigma * sigma, 0.0)), sigma))
+        return out
+
     def sample(self, score, sde, x, *, generator=None, callback=None, transform=None):
         g = self.grid(sde, score, x)
         steps = len(g) - 1
-        eta = self.config.eta
-        ts = time_tensors(g.t[:-1], x)  # the (B,) time of each step, made in blocks
-        for i in range(steps):
-            a, s, a_n, s_n = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
-            x0 = self.predict(score, x, next(ts), a, s, "data")
+        predict = self.predictor()
+        ts = time_tensors(g.t[:-1], x)  # the (B,) time of each step (blocks or fills)
+        plan = zip(ts, self.coefficients(g), strict=True)
+        for i, (tt, (a, s, a_n, c_eps, sigma)) in enumerate(plan):
+            x0 = predict(score, x, tt, a, s, "data")
             eps = (x - a * x0) / s
-            var_ts = max(s * s - (a / a_n) ** 2 * s_n * s_n, 0.0)
-            sigma = eta * math.sqrt(var_ts * s_n * s_n / (s * s))
-            x = a_n * x0 + math.sqrt(max(s_n * s_n - sigma * sigma, 0.0)) * eps
+            x = a_n * x0 + c_eps * eps
             if sigma > 0:
                 x = x + sigma * noise_like(x, generator)
             if transform is not None:  # a guidance projection (guidance.py)

@@ -151,8 +151,9 @@ class DPMSolver(KernelSolver):
         g = self.grid(sde, score, x)
         steps = len(g) - 1
         pred = c.prediction
-        ts = time_tensors(g.t[:-1], x)  # the (B,) time of each prediction, made in blocks
-        ms = [self.predict(score, x, next(ts), g.a[0], g.s[0], pred)]  # newest last
+        predict = self.predictor()
+        ts = time_tensors(g.t[:-1], x)  # the (B,) time of each prediction (blocks or fills)
+        ms = [predict(score, x, next(ts), g.a[0], g.s[0], pred)]  # newest last
         for i in range(steps):
             order = min(c.order, i + 1)
             if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
@@ -178,7 +179,7 @@ class DPMSolver(KernelSolver):
             if transform is not None:  # a guidance projection (guidance.py)
                 x = transform(x, i + 1, g.t[i + 1])
             if i + 1 < steps:
-                ms.append(self.predict(score, x, next(ts), g.a[i + 1], g.s[i + 1], pred))
+                ms.append(predict(score, x, next(ts), g.a[i + 1], g.s[i + 1], pred))
                 del ms[: -c.order]
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])

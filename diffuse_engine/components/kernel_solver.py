@@ -182,6 +182,15 @@ class KernelSolver(Solver):
         x0 = self.clip_x0(kernel_prediction(score, x, t, a, s, "data"))
         return x0 if prediction == "data" else (x - a * x0) / s
 
+    def predictor(self):
+        """:meth:`predict` for a solver loop to bind once: :func:`kernel_prediction`
+        itself when no x0 clipping is configured (the same values, one Python frame
+        less per score call), else :meth:`predict`; same signature either way."""
+        c = self.config
+        if c.x0_clip is None and c.x0_threshold is None:
+            return kernel_prediction
+        return self.predict
+
     def clip_x0(self, x0: Tensor) -> Tensor:
         """Static (``x0_clip``) or dynamic (``x0_threshold``) thresholding of ``x0``."""
         c = self.config
