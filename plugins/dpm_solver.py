@@ -38,7 +38,7 @@ takes ``N - 1`` steps, singlestep the order recipe of Lu et al. (2022a, Sec. 3.4
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
@@ -109,6 +109,22 @@ class DPMSolverConfig(KernelSolverConfig):
         return self
 
 
+class _MultistepStep(NamedTuple):
+    """One multistep step of :meth:`DPMSolver._multistep`: its order and the update's
+    coefficients, ``x = ratio x - K phi_1 m0 - ...`` (``None`` where the order has no use)."""
+
+    order: int
+    ratio: float
+    kp1: float  # K (e^hh - 1)
+    half_kp1: float  # 2nd order: K (e^hh - 1) / 2
+    r0: float | None  # h_{i-1} / h_i
+    r1: float | None  # 3rd order: h_{i-2} / h_i
+    w: float | None  # r0 / (r0 + r1)
+    r01: float | None  # r0 + r1
+    kp2: float  # 3rd order: K phi_2
+    kp3: float  # 3rd order: K phi_3
+
+
 #: as in the reference implementation, lower final orders only matter for short runs
 LOWER_ORDER_FINAL_BELOW = 15
 
@@ -146,6 +162,30 @@ class DPMSolver(KernelSolver):
             return self._multistep(score, sde, x, callback, transform)
         return self._singlestep(score, sde, x, callback, transform)
 
+    def _multistep_plan(self, g) -> list[_MultistepStep]:
+        """Each multistep step's order and coefficients as Python floats, computed once
+        before the loop (Lu et al. 2022b, Alg. 2; the reference code's 3rd order)."""
+        c = self.config
+        steps = len(g) - 1
+        plan = []
+        for i in range(steps):
+            order = min(c.order, i + 1)
+            if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
+                order = min(order, steps - i)
+            ratio, K, hh = self._lin(g, i, i + 1)
+            p1, p2, p3 = _phis(hh)
+            h = g.lam[i + 1] - g.lam[i]
+            r0 = r1 = w = r01 = None
+            if order >= 2:
+                r0 = (g.lam[i] - g.lam[i - 1]) / h
+            if order == 3:
+                r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
+                w, r01 = r0 / (r0 + r1), r0 + r1
+            plan.append(
+                _MultistepStep(order, ratio, K * p1, 0.5 * K * p1, r0, r1, w, r01, K * p2, K * p3)
+            )
+        return plan
+
     def _multistep(self, score, sde, x, callback, transform):
         c = self.config
         g = self.grid(sde, score, x)
@@ -154,28 +194,21 @@ class DPMSolver(KernelSolver):
         predict = self.predictor()
         ts = time_tensors(g.t[:-1], x)  # the (B,) time of each prediction (blocks or fills)
         ms = [predict(score, x, next(ts), g.a[0], g.s[0], pred)]  # newest last
-        for i in range(steps):
-            order = min(c.order, i + 1)
-            if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
-                order = min(order, steps - i)
-            ratio, K, hh = self._lin(g, i, i + 1)
-            p1, p2, p3 = _phis(hh)
-            h = g.lam[i + 1] - g.lam[i]
+        for i, (order, ratio, kp1, half_kp1, r0, r1, w, r01, kp2, kp3) in enumerate(
+            self._multistep_plan(g)
+        ):
             m0 = ms[-1]
-            x = x * ratio - (K * p1) * m0
-            if order >= 2:
-                r0 = (g.lam[i] - g.lam[i - 1]) / h
-                # differences are temporaries: none is kept alive through the next step
-                if order == 2:
-                    x = x - (0.5 * K * p1) * ((m0 - ms[-2]) / r0)
-                else:
-                    d1_0 = (m0 - ms[-2]) / r0
-                    r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
-                    d1_1 = (ms[-2] - ms[-3]) / r1
-                    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                    d2 = (d1_0 - d1_1) / (r0 + r1)
-                    x = x - (K * p2) * d1 - (K * p3) * d2
-                    del d1_0, d1_1, d1, d2
+            x = x * ratio - kp1 * m0
+            # differences are temporaries: none is kept alive through the next step
+            if order == 2:
+                x = x - half_kp1 * ((m0 - ms[-2]) / r0)
+            elif order == 3:
+                d1_0 = (m0 - ms[-2]) / r0
+                d1_1 = (ms[-2] - ms[-3]) / r1
+                d1 = d1_0 + w * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / r01
+                x = x - kp2 * d1 - kp3 * d2
+                del d1_0, d1_1, d1, d2
             if transform is not None:  # a guidance projection (guidance.py)
                 x = transform(x, i + 1, g.t[i + 1])
             if i + 1 < steps:
