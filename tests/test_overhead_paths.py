@@ -160,3 +160,16 @@ def test_step_solvers_hand_the_score_the_grid(engine, vp, solver):
     per_step = 2 if solver == "pc" else 1  # corrector and predictor share t
     expected = [t for t in grid[:-1] for _ in range(per_step)] + [grid[-1]]
     assert _times_seen(engine, solver, steps=7) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("clip", [{}, {"x0_clip": 0.5}, {"x0_clip": 1.0, "x0_threshold": 0.9}])
+def test_bound_predictor_keeps_the_clipping(engine, clip):
+    """The loops' once-bound ``predictor()`` is ``predict``: clipped when configured."""
+    solver = engine.build("solver", "ddim", **clip)
+    x = 3 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    t, bound = torch.full((8,), 0.5), solver.predictor()
+    for prediction in ("data", "noise"):
+        want = solver.predict(lambda x, t: -x, x, t, 0.8, 0.6, prediction)
+        assert torch.equal(bound(lambda x, t: -x, x, t, 0.8, 0.6, prediction), want)
+    x0 = bound(lambda x, t: -x, x, t, 0.8, 0.6, "data")
+    assert (x0.abs().max() <= 0.5) == ("x0_clip" in clip and clip["x0_clip"] == 0.5)
