@@ -162,16 +162,21 @@ class DPMSolver(KernelSolver):
             return self._multistep(score, sde, x, callback, transform)
         return self._singlestep(score, sde, x, callback, transform)
 
+    def _multistep_orders(self, steps: int) -> list[int]:
+        """The order of each multistep step: warming up from 1 (only so many earlier
+        predictions exist) and, with ``lower_order_final`` on short runs, ending at 1."""
+        c = self.config
+        orders = [min(c.order, i + 1) for i in range(steps)]
+        if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
+            orders = [min(o, steps - i) for i, o in enumerate(orders)]
+        return orders
+
     def _multistep_plan(self, g) -> list[_MultistepStep]:
         """Each multistep step's order and coefficients as Python floats, computed once
         before the loop (Lu et al. 2022b, Alg. 2; the reference code's 3rd order)."""
-        c = self.config
         steps = len(g) - 1
         plan = []
-        for i in range(steps):
-            order = min(c.order, i + 1)
-            if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
-                order = min(order, steps - i)
+        for i, order in enumerate(self._multistep_orders(steps)):
             ratio, K, hh = self._lin(g, i, i + 1)
             p1, p2, p3 = _phis(hh)
             h = g.lam[i + 1] - g.lam[i]
@@ -225,10 +230,7 @@ class DPMSolver(KernelSolver):
         steps = len(g) - 1
         ts = time_tensors(g.t[:-1], x)
         ms = [self.predict(score, x, next(ts), g.a[0], g.s[0], "data")]
-        for i in range(steps):
-            order = min(c.order, i + 1)
-            if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
-                order = min(order, steps - i)
+        for i, order in enumerate(self._multistep_orders(steps)):
             h = g.lam[i + 1] - g.lam[i]
             decay = math.exp(-h)
             gain = g.a[i + 1] * -math.expm1(-2.0 * h)  # a_t (1 - e^-2h)
