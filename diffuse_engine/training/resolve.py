@@ -31,9 +31,9 @@ def check_task_loss(settings: TrainSettings, loss_cls: type) -> None:
 def lr_horizon(settings: TrainSettings) -> int | None:
     """The recorded end of a cosine decay: ``lr_horizon``, else this first run's
     ``steps`` (so a resumed run, with whatever ``steps``, keeps the schedule it began)."""
-    if settings.lr_schedule != "cosine":
-        return settings.lr_horizon
-    return settings.lr_horizon if settings.lr_horizon is not None else settings.steps
+    if settings.lr_schedule == "cosine" and settings.lr_horizon is None:
+        return settings.steps
+    return settings.lr_horizon
 
 
 def resolve_config(
