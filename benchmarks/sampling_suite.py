@@ -60,6 +60,17 @@ def main() -> None:
     ap.add_argument("--budgets", default="10,20,50")
     ap.add_argument("--seeds", type=int, default=8, help="evaluate: seeds 1..K; adaptive: 2..K+1")
     ap.add_argument("--keep", type=int, default=None, help="sweep: prune to the best K")
+    ap.add_argument(
+        "--schedules",
+        default="logsnr,quadratic,karras,gits",
+        help="sweep: the candidates' schedules (to extend an earlier sweep by one)",
+    )
+    ap.add_argument(
+        "--solvers",
+        default="dpm_solver_pp:2,dpm_solver_pp:3,unipc:3",
+        help="sweep: the candidates' solver entries and orders (NAME:ORDER,...)",
+    )
+    ap.add_argument("--fit-orders", default="1,2", help="sweep: gits fit orders (1,2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     deadline = time.time() + 60 * args.minutes
@@ -69,7 +80,14 @@ def main() -> None:
     if args.step == "sweep":
         S.sweep_candidates(
             e,
-            S.candidates(),
+            S.candidates(
+                solvers=[
+                    (name, {"order": int(order)})
+                    for name, order in (v.split(":") for v in args.solvers.split(","))
+                ],
+                schedules=tuple(args.schedules.split(",")),
+                fit_orders=tuple(int(o) for o in args.fit_orders.split(",")),
+            ),
             OUT / "candidates.jsonl",
             sdes=sdes,
             budgets=budgets,

@@ -34,6 +34,28 @@ def test_summary_takes_the_worst_bed_apart_for_held_out_beds():
     assert held[("vp", 10)]["bed"] == "c"
 
 
+def test_choose_takes_the_smallest_worst_case_and_a_pilot_only_when_clearly_better():
+    beds = (B.Bed("a", {}), B.Bed("b", {}))
+
+    def cand(label, worst_a, worst_b, setup=0):
+        return [
+            {**rec(bed, w, 1, 1), "label": label, "solver": label, "fields": {}, "setup_nfe": setup}
+            for bed, w in (("a", worst_a), ("b", worst_b))
+        ]
+
+    def pick(*cands):
+        records = {f"{r['label']}/{r['bed']}": r for c in cands for r in c}
+        return S.choose(records, "vp", 10, beds=beds)
+
+    plain, other = cand("plain", 2.0, 3.0), cand("other", 3.5, 1.0)
+    assert pick(plain, other) == (plain[1], 3.0)  # the minimax, not the mean
+    # a fitted schedule within 5 % of the best plain one is not worth its pilot
+    assert pick(plain, cand("fitted", 2.9, 2.9, setup=401))[0]["label"] == "plain"
+    assert pick(plain, cand("fitted", 2.5, 2.5, setup=401))[0]["label"] == "fitted"
+    # a candidate missing a bed (a pruned sweep) does not compete
+    assert pick(plain, cand("fitted", 1.0, 1.0, setup=401)[:1])[0]["label"] == "plain"
+
+
 def test_exact_samples_score_near_one_and_the_reference_says_so():
     bed = B.Bed("tiny", B._ring(2.0, 0.1), n=4000)
     held = B.Bed("tiny-held", B._ring(3.0, 0.2), n=4000, held_out=True)

@@ -156,3 +156,32 @@ def test_step_costs_do_not_depend_on_chunking():
     assert torch.equal(whole.isinf(), one_by_one.isinf())
     finite = whole.isfinite()
     assert torch.allclose(whole[finite], one_by_one[finite], rtol=1e-6)
+
+
+@pytest.mark.parametrize("sde", ("vp", "ve"))
+def test_step_costs_have_the_local_order_of_their_step(engine, sde):
+    """On the exact flow of Gaussian data (closed form, as above) the cost of one step of
+    log-SNR length ``h`` is its local error: ``O(h^2)`` for DDIM (``order = 1``), so
+    doubling ``h`` multiplies it by 4, and ``O(h^3)`` for the second-order step, by 8.
+    A wrong second-order coefficient leaves the ratio at 4."""
+    from diffuse_engine.components.gits import step_costs
+    from diffuse_engine.components.schedules import kernel_coefficients
+
+    mu, s0 = 0.7, 0.3
+    s = engine.build("sde", sde)
+    times = time_grid(s, 400, s.sampling_eps, "logsnr")
+    a, sd, lam = kernel_coefficients(s, times)
+    x_T = torch.linspace(-3, 3, 17, dtype=torch.float64)[:, None] * s.prior_std
+    sig = [q / p for p, q in zip(a, sd, strict=True)]
+    xs = [
+        a[k] * (mu + math.sqrt((s0**2 + sig[k] ** 2) / (s0**2 + sig[0] ** 2)) * (x_T / a[0] - mu))
+        for k in range(len(times))
+    ]
+    # Tweedie's data prediction of the Gaussian: the posterior mean of x0 given x_t
+    ds = [mu + s0**2 / (s0**2 + sig[k] ** 2) * (xs[k] / a[k] - mu) for k in range(len(times))]
+    i = 200  # the middle of the log-SNR range, where the flow bends
+    for order, growth in ((1, 4.0), (2, 8.0)):
+        C = step_costs(xs, ds, a, sd, lam, order=order)
+        costs = [float(C[i, i + k]) for k in (2, 4, 8)]
+        for short, long in pairwise(costs):
+            assert 0.85 * growth < long / short < 1.15 * growth, (order, costs)

@@ -56,16 +56,24 @@ def candidates(
         ("dpm_solver_pp", {"order": 3}),
         ("unipc", {"order": 3}),
     ),
-    schedules: Iterable[str] = ("logsnr", "quadratic", "karras"),
+    schedules: Iterable[str] = ("logsnr", "quadratic", "karras", "gits"),
     ends: Iterable[tuple[float, bool]] = ((1e-3, True), (1e-4, True), (1e-5, False)),
+    fit_orders: Iterable[int] = (1, 2),
 ) -> list[Candidate]:
-    """The product of solvers, schedules and ``(eps, denoise)`` ends."""
-    return [
-        Candidate(s, {**kw, "schedule": sch, "eps": eps, "denoise": dn})
-        for s, kw in solvers
-        for sch in schedules
-        for eps, dn in ends
-    ]
+    """The product of solvers, schedules and ``(eps, denoise)`` ends; ``gits`` schedules
+    once per ``fit_order`` (the order of the step its fit measures; 1 has no field)."""
+    out = []
+    for s, kw in solvers:
+        for sch in schedules:
+            fits = (
+                [{}] if sch != "gits" else [{} if o == 1 else {"fit_order": o} for o in fit_orders]
+            )
+            for fit in fits:
+                for eps, dn in ends:
+                    out.append(
+                        Candidate(s, {**kw, "schedule": sch, **fit, "eps": eps, "denoise": dn})
+                    )
+    return out
 
 
 def run_one(
@@ -202,12 +210,19 @@ def _worst_so_far(done, sde, nfe, labels, exclude) -> dict[str, float]:
 
 
 def choose(
-    records: dict[str, dict[str, Any]], sde: str, nfe: int, beds: Iterable[Bed] = BEDS
+    records: dict[str, dict[str, Any]],
+    sde: str,
+    nfe: int,
+    beds: Iterable[Bed] = BEDS,
+    fitted_margin: float = 0.05,
 ) -> tuple[dict[str, Any], float] | None:
     """Step 2: the candidate (its record's ``solver`` and ``fields``) with the smallest
     worst normalised error over the selection beds that ran ``sde`` at ``nfe``; only
     the candidates measured on the most beds compete (every bed, unless a pruned sweep
-    left each candidate without one)."""
+    left each candidate without one). A candidate that fits its schedule on a pilot
+    batch first (``setup_nfe > 0``: a cost every run pays) wins only when it is more
+    than ``fitted_margin`` below the best one without a pilot; closer than that is
+    within one seed's noise."""
     names = {b.name for b in beds if not b.held_out and sde in b.sdes}
     worst: dict[str, float] = {}
     seen: dict[str, set] = {}
@@ -224,6 +239,11 @@ def choose(
     most = max(len(v) for v in seen.values())
     full = [k for k in worst if len(seen[k]) == most]
     best = min(full, key=lambda k: worst[k])
+    plain = [k for k in full if not proto[k].get("setup_nfe")]
+    if proto[best].get("setup_nfe") and plain:
+        cheap = min(plain, key=lambda k: worst[k])
+        if worst[best] >= (1.0 - fitted_margin) * worst[cheap]:
+            best = cheap
     return proto[best], worst[best]
 
 
