@@ -70,7 +70,6 @@ def main() -> None:
         default="dpm_solver_pp:2,dpm_solver_pp:3,unipc:3",
         help="sweep: the candidates' solver entries and orders (NAME:ORDER,...)",
     )
-    ap.add_argument("--fit-orders", default="1,2", help="sweep: gits fit orders (1,2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     deadline = time.time() + 60 * args.minutes
@@ -86,7 +85,6 @@ def main() -> None:
                     for name, order in (v.split(":") for v in args.solvers.split(","))
                 ],
                 schedules=tuple(args.schedules.split(",")),
-                fit_orders=tuple(int(o) for o in args.fit_orders.split(",")),
             ),
             OUT / "candidates.jsonl",
             sdes=sdes,
@@ -130,6 +128,11 @@ def main() -> None:
             (
                 "Registry defaults: the best-SDE-NFE table, fresh seeds 1-8",
                 "defaults",
+            ),
+            (
+                "Before: the table without fitted schedules (logsnr / quadratic / karras "
+                "candidates only), fresh seeds 1-8",
+                "defaults-before-gits",
             ),
             (
                 "The adaptive solver (dpm_adaptive, its defaults, no cap), fresh seeds from 2",

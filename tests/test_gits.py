@@ -159,11 +159,10 @@ def test_step_costs_do_not_depend_on_chunking():
 
 
 @pytest.mark.parametrize("sde", ("vp", "ve"))
-def test_step_costs_have_the_local_order_of_their_step(engine, sde):
+def test_step_costs_are_the_local_error_of_a_ddim_step(engine, sde):
     """On the exact flow of Gaussian data (closed form, as above) the cost of one step of
-    log-SNR length ``h`` is its local error: ``O(h^2)`` for DDIM (``order = 1``), so
-    doubling ``h`` multiplies it by 4, and ``O(h^3)`` for the second-order step, by 8.
-    A wrong second-order coefficient leaves the ratio at 4."""
+    log-SNR length ``h`` is DDIM's local error, ``O(h^2)``: doubling ``h`` multiplies it
+    by 4 (a cost that did not compare against the teacher's states would not grow so)."""
     from diffuse_engine.components.gits import step_costs
     from diffuse_engine.components.schedules import kernel_coefficients
 
@@ -179,9 +178,8 @@ def test_step_costs_have_the_local_order_of_their_step(engine, sde):
     ]
     # Tweedie's data prediction of the Gaussian: the posterior mean of x0 given x_t
     ds = [mu + s0**2 / (s0**2 + sig[k] ** 2) * (xs[k] / a[k] - mu) for k in range(len(times))]
+    C = step_costs(xs, ds, a, sd, lam)
     i = 200  # the middle of the log-SNR range, where the flow bends
-    for order, growth in ((1, 4.0), (2, 8.0)):
-        C = step_costs(xs, ds, a, sd, lam, order=order)
-        costs = [float(C[i, i + k]) for k in (2, 4, 8)]
-        for short, long in pairwise(costs):
-            assert 0.85 * growth < long / short < 1.15 * growth, (order, costs)
+    costs = [float(C[i, i + k]) for k in (2, 4, 8)]
+    for short, long in pairwise(costs):
+        assert 3.4 < long / short < 4.6, costs

@@ -90,27 +90,16 @@ def step_costs(
     s: list[float],
     lam: list[float],
     chunk_elements: int = 1 << 24,
-    order: int = 1,
 ) -> Tensor:
-    """``C[i, j]``: pilot RMS error of one step ``i -> j`` against the teacher, over
+    """``C[i, j]``: pilot RMS error of one DDIM step ``i -> j`` against the teacher, over
     ``s_j`` (``inf`` where ``j <= i``), as float64 on the CPU.
-
-    ``order = 1`` is the DDIM step of Chen et al. (2024). ``order = 2`` adds the
-    second-order term of the data-prediction exponential integrator with ``D`` linear
-    in ``lambda`` between the teacher's ``D_i`` and ``D_j`` (Lu et al. 2022b, eq. 9 with
-    a first-order Taylor term): ``+ a_j (1 + expm1(-h) / h) (D_j - D_i)``, a local error
-    of ``O(h^3)`` as the second-order multistep solvers have, so steps are placed for
-    them rather than for DDIM.
 
     Targets ``j`` are taken in chunks of at most ``chunk_elements`` tensor elements, so
     the temporaries stay small for image-sized data.
     """
-    if order not in (1, 2):
-        raise DiffuseError(f"schedule 'gits': fit_order must be 1 or 2, not {order}")
     M = len(xs) - 1
     C = torch.full((M + 1, M + 1), math.inf, dtype=torch.float64)
     X = torch.stack([v.flatten(1) for v in xs])  # (M+1, n, d), the pilot's dtype
-    D = torch.stack([v.flatten(1) for v in ds]) if order == 2 else None
     per_target = X[0].numel()
     step = max(1, chunk_elements // per_target)
     for i in range(M):
@@ -122,13 +111,6 @@ def step_costs(
                 [a[j] * -math.expm1(-(lam[j] - lam[i])) for j in js], dtype=X.dtype, device=X.device
             )
             pred = ratio[:, None, None] * X[i] + coef[:, None, None] * d_i
-            if D is not None:
-                c2 = torch.tensor(
-                    [a[j] * (1.0 + math.expm1(-(lam[j] - lam[i])) / (lam[j] - lam[i])) for j in js],
-                    dtype=X.dtype,
-                    device=X.device,
-                )
-                pred = pred + c2[:, None, None] * (D[js.start : js.stop] - d_i)
             err2 = (pred - X[js.start : js.stop]).double().pow(2).sum(-1).mean(-1)
             C[i, js.start : js.stop] = err2.sqrt().cpu() / torch.tensor(
                 [s[j] for j in js], dtype=torch.float64
@@ -162,7 +144,6 @@ def gits_time_grid(
     pilot: int = 512,
     fine: int = 100,
     seed: int = 0,
-    order: int = 1,
 ) -> list[float]:
     """``steps + 1`` decreasing times from ``T`` to ``eps`` fitted to ``score``.
 
@@ -187,7 +168,7 @@ def gits_time_grid(
     with torch.no_grad():
         xs, ds = teacher_trajectory(score, sde, x, times)
         a, s, lam = kernel_coefficients(sde, times)
-        C = step_costs(xs, ds, a, s, lam, order=order)
+        C = step_costs(xs, ds, a, s, lam)
     upper = torch.ones_like(C, dtype=torch.bool).triu(1)
     if not torch.isfinite(C[upper]).all():
         raise DiffuseError(

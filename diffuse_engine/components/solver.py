@@ -8,7 +8,7 @@ once before the loop, so the loop never syncs with the device to read a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -42,11 +42,6 @@ class SolverConfig(ComponentConfig):
     rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
     pilot: int = Field(512, ge=1, description="gits schedule: pilot batch size")
     fine: int = Field(100, ge=2, description="gits schedule: fine log-SNR grid intervals")
-    fit_order: Literal[1, 2] = Field(
-        1,
-        description="gits schedule: order of the step whose pilot error the fit measures "
-        "(1: DDIM, as Chen et al. 2024; 2: a second-order exponential integrator)",
-    )
     nfe: int | None = Field(
         None,
         ge=1,
@@ -134,14 +129,7 @@ class Solver(Component):
         fitted = getattr(self, "_gits_fit", None)
         if fitted is None or fitted[0] != key:  # score and SDE compare by identity
             grid = gits_time_grid(
-                score,
-                sde,
-                c.steps,
-                self.eps(sde),
-                like,
-                pilot=c.pilot,
-                fine=c.fine,
-                order=c.fit_order,
+                score, sde, c.steps, self.eps(sde), like, pilot=c.pilot, fine=c.fine
             )
             self._gits_fit = fitted = (key, grid)
         return list(fitted[1])

@@ -58,22 +58,14 @@ def candidates(
     ),
     schedules: Iterable[str] = ("logsnr", "quadratic", "karras", "gits"),
     ends: Iterable[tuple[float, bool]] = ((1e-3, True), (1e-4, True), (1e-5, False)),
-    fit_orders: Iterable[int] = (1, 2),
 ) -> list[Candidate]:
-    """The product of solvers, schedules and ``(eps, denoise)`` ends; ``gits`` schedules
-    once per ``fit_order`` (the order of the step its fit measures; 1 has no field)."""
-    out = []
-    for s, kw in solvers:
-        for sch in schedules:
-            fits = (
-                [{}] if sch != "gits" else [{} if o == 1 else {"fit_order": o} for o in fit_orders]
-            )
-            for fit in fits:
-                for eps, dn in ends:
-                    out.append(
-                        Candidate(s, {**kw, "schedule": sch, **fit, "eps": eps, "denoise": dn})
-                    )
-    return out
+    """The product of solvers, schedules and ``(eps, denoise)`` ends."""
+    return [
+        Candidate(s, {**kw, "schedule": sch, "eps": eps, "denoise": dn})
+        for s, kw in solvers
+        for sch in schedules
+        for eps, dn in ends
+    ]
 
 
 def run_one(
