@@ -1,28 +1,48 @@
-"""The engine's registry defaults against diffusers' DPM-Solver++ on the same beds.
+"""The engine's registry defaults against diffusers' and k-diffusion's samplers on the same beds.
 
     python benchmarks/sampling_peers.py --budgets 5,10,20,50 --beds ring,mix64,ring12-1to20
 
-Needs diffusers (the ``diffusers`` extra; no other torch). k-diffusion is not run: its
-wheel pulls another torch (``pip install --dry-run k-diffusion`` wants torch 2.14 and
-CUDA wheels), which this project's machines must not install.
+Needs diffusers (the ``bench`` extra) and, for k-diffusion,
+``pip install --no-deps k-diffusion==0.1.1.post1``: its wheel's requirements pull another
+torch (``pip install --dry-run k-diffusion`` wants torch 2.14 and CUDA wheels), which
+this project's machines must not install, and its package ``__init__`` imports training
+utilities (torchvision, clip, kornia, ...) that sampling does not need. So only its
+``k_diffusion/sampling.py`` is loaded, unchanged, under a bare package; when
+torchvision is missing an empty module stands in for it (``k_diffusion.utils`` imports
+it for image transforms, which sampling never calls). Without k-diffusion its peers are
+skipped with a note.
 
 Bed: the DDPM chain of diffusers' default scheduler (linear betas 1e-4 .. 0.02, 1000
-steps) is the registry's ``ddpm`` SDE, so both sample the same exact mixture: diffusers
-gets the noise prediction ``eps = -s(t) * score(x, t)`` at engine time ``(k + 1) / 1000``
-of its timestep ``k``, one call per inference step (``num_inference_steps = N``, its
-final step to sigma 0 included: ``N`` evaluations). Its variants: DPMSolverMultistep
-(dpmsolver++, order 2) with its default spacing, Karras sigmas and Lu lambdas; the best
-of them per bed and budget is the peer. The engine: the registry's ``best-vp-B`` entry
-(the VP table; the chain is a VP SDE) with ``nfe = N``. Prints and writes
-``docs/suite/peers.jsonl``: per bed and budget the figure of each (each floor-normalised
-error's mean over seeds 1..K, the worst of the three; ``suite.bed_error``) and the
-engine / best-peer ratio.
+steps) is the registry's ``ddpm`` SDE, so every sampler sees the same exact mixture:
+
+* diffusers gets the noise prediction ``eps = -s(t) * score(x, t)`` at engine time
+  ``(k + 1) / 1000`` of its timestep ``k``, one call per inference step
+  (``num_inference_steps = N``, its final step to sigma 0 included: ``N`` evaluations).
+  Variants: DPMSolverMultistep (dpmsolver++, order 2) with its default spacing, Karras
+  sigmas and Lu lambdas.
+* k-diffusion gets its denoiser ``D(x~, sigma)`` in the variance-exploding form it
+  works in (``x~ = x / a``, ``sigma = s / a``): ``t`` with ``s(t) / a(t) = sigma`` by
+  bisection on the chain's log-SNR, ``D = (x + s^2 score(x, t)) / a`` (Tweedie), from
+  ``sigma_max = sigma(T)`` (prior ``N(0, (1 + sigma_max^2) I)``, the chain's own) to
+  ``sigma_min = sigma(sampling_eps)``. Variants: ``sample_dpmpp_2m`` on Karras and on
+  exponential (log-SNR) sigmas (``N`` evaluations, the last step to 0 a denoising
+  step), ``sample_lms`` (order 4) on Karras sigmas, ``sample_heun`` on Karras sigmas
+  (``(N + 1) // 2`` steps: ``N`` or ``N - 1`` evaluations) and ``sample_dpm_fast``
+  (DPM-Solver-fast, ``N`` evaluations). Every peer's calls are counted and checked
+  against its budget.
+
+The best variant per bed and budget is the peer. The engine: the registry's
+``best-vp-B`` entry (the VP table; the chain is a VP SDE) with ``nfe = N``. Prints and
+writes ``docs/suite/peers.jsonl``: per bed and budget the figure of each (each
+floor-normalised error's mean over seeds 1..K, the worst of the three;
+``suite.bed_error``) and the engine / best-peer ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +77,154 @@ def diffusers_sample(score, sde, shape, nfe: int, seed: int, **kw) -> torch.Tens
     return x
 
 
+def load_kdiffusion_sampling():
+    """k-diffusion's ``sampling`` module, or ``None`` when k-diffusion is not installed
+    (see the module docstring for why only that file is loaded)."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if "k_diffusion" not in sys.modules:
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["k_diffusion"] = pkg
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+        stubs = {
+            "torchvision": tv,
+            "torchvision.transforms": tv.transforms,
+            "torchvision.transforms.functional": tv.transforms.functional,
+        }
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    finally:  # gone again, so that diffusers' own probe for torchvision is not misled
+        for name in stubs:
+            sys.modules.pop(name, None)
+
+
+class KDenoiser:
+    """The exact score as k-diffusion's denoiser ``D(x~, sigma)`` on a VP-type SDE
+    (``x~ = x / a``, ``sigma = s / a``); counts its calls."""
+
+    def __init__(self, score, sde):
+        from diffuse_engine.components.schedules import time_from_log_snr
+
+        self.score, self.sde, self.calls, self._t = score, sde, 0, {}
+        self._invert = lambda sig: time_from_log_snr(
+            sde, [-math.log(sig)], sde.sampling_eps, float(sde.T)
+        )[0]
+
+    def sigma(self, t: float) -> float:
+        a, s = self.sde.marginal(torch.tensor([t], dtype=torch.float64))
+        return float(torch.as_tensor(s).flatten()[0] / torch.as_tensor(a).flatten()[0])
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        sig = float(sigma.flatten()[0])
+        if sig not in self._t:
+            self._t[sig] = self._invert(sig)
+        t = torch.full((x.shape[0],), self._t[sig], dtype=torch.float64)
+        a, s = self.sde.marginal(t)
+        a = torch.as_tensor(a, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        s = torch.as_tensor(s, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        xt = a * x
+        return (xt + s**2 * self.score(xt, t)) / a
+
+
+def kdiffusion_sample(K, score, sde, shape, nfe: int, seed: int, variant: str) -> torch.Tensor:
+    """One k-diffusion sampler on the exact score with ``nfe`` evaluations at most."""
+    model = KDenoiser(score, sde)
+    smax, smin = model.sigma(float(sde.T)), model.sigma(sde.sampling_eps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * math.sqrt(1.0 + smax**2)
+    if variant == "kd-dpm-fast":
+        out = K.sample_dpm_fast(model, x, smin, smax, nfe, disable=True)
+        budget = nfe
+    else:
+        steps = (nfe + 1) // 2 if variant == "kd-heun-karras" else nfe
+        budget = 2 * steps - 1 if variant == "kd-heun-karras" else nfe
+        if variant == "kd-dpmpp2m-exp":
+            sigmas = K.get_sigmas_exponential(steps, smin, smax)
+        else:
+            sigmas = K.get_sigmas_karras(steps, smin, smax)
+        sigmas = sigmas.to(torch.float64)
+        fn = {
+            "kd-dpmpp2m-karras": K.sample_dpmpp_2m,
+            "kd-dpmpp2m-exp": K.sample_dpmpp_2m,
+            "kd-lms-karras": K.sample_lms,
+            "kd-heun-karras": K.sample_heun,
+        }[variant]
+        out = fn(model, x, sigmas, disable=True)
+    assert model.calls == budget <= nfe, (variant, model.calls, nfe)
+    # back from k-diffusion's x~ = x / a at sigma 0 (a = 1) or sigma_min (dpm_fast)
+    a_end = 1.0 if variant != "kd-dpm-fast" else 1.0 / math.sqrt(1.0 + smin**2)
+    return out * a_end
+
+
+KD_VARIANTS = (
+    "kd-dpmpp2m-karras",
+    "kd-dpmpp2m-exp",
+    "kd-lms-karras",
+    "kd-heun-karras",
+    "kd-dpm-fast",
+)
+
+
+def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
+    """The engine's ``dpm_adaptive`` (its defaults) against k-diffusion's
+    ``sample_dpm_adaptive`` (its defaults: DPM-Solver-23, rtol 0.05, atol 0.0078) on the
+    chain: each one's figure and its most evaluations over the seeds, into
+    ``docs/suite/peers-adaptive.jsonl``."""
+    from diffuse_engine.components.mixture import mode_statistics
+    from diffuse_engine.testbed.bench.beds import normalised
+
+    out = Path("docs/suite/peers-adaptive.jsonl")
+    part = out.with_suffix(".partial")
+    part.unlink(missing_ok=True)
+    for name in beds:
+        bed = B.bed(name)
+        sde = e.build("sde", "ddpm")
+        score = e.build("score", bed.entry, sde=sde)
+        floor = floors.of(score.mixture, bed.name, bed.n)
+        mine = [run_one(e, bed, "ddpm", "dpm_adaptive", {}, None, s, floors) for s in seeds]
+        kd, kd_nfe = [], 0
+        for seed in seeds:
+            model = KDenoiser(score, sde)
+            smax, smin = model.sigma(float(sde.T)), model.sigma(sde.sampling_eps)
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn((bed.n, *score.data_shape), generator=g, dtype=torch.float64)
+            x = x * math.sqrt(1.0 + smax**2)
+            x, info = K.sample_dpm_adaptive(model, x, smin, smax, disable=True, return_info=True)
+            x = x / math.sqrt(1.0 + smin**2)  # x~ at sigma_min back to x
+            r = normalised(mode_statistics(x, score.mixture), floor)
+            kd.append({**{f"{m}_ratio": r[m] for m in B.METRICS}, "worst": r["worst"]})
+            kd_nfe = max(kd_nfe, model.calls)
+        rec = {
+            "bed": name,
+            "seeds": len(seeds),
+            "engine_worst": bed_error(mine),
+            "engine_nfe": max(r["nfe"] for r in mine),
+            "kdiffusion_worst": bed_error(kd),
+            "kdiffusion_nfe": kd_nfe,
+        }
+        print(
+            f"{name:14s} dpm_adaptive {rec['engine_worst']:6.2f} ({rec['engine_nfe']} evals)  "
+            f"k-diffusion {rec['kdiffusion_worst']:6.2f} ({kd_nfe} evals)",
+            flush=True,
+        )
+        with part.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    part.replace(out)
+
+
 def main() -> None:
     from diffuse_engine.components.mixture import mode_statistics
     from diffuse_engine.testbed.bench.beds import normalised
@@ -65,6 +233,11 @@ def main() -> None:
     ap.add_argument("--budgets", default="5,10,20,50")
     ap.add_argument("--beds", default="ring,ring-wide,mix64,ring12-1to20,mix32-1to50")
     ap.add_argument("--seeds", type=int, default=4, help="seeds 1..K per cell")
+    ap.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="compare the adaptive solvers (dpm_adaptive, k-diffusion's) instead",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     import sys
@@ -73,6 +246,14 @@ def main() -> None:
     from sampling_suite import engine
 
     e, floors = engine(), B.Floors()
+    K = load_kdiffusion_sampling()
+    if K is None:
+        print("k-diffusion is not installed: its peers are skipped (see the docstring)")
+    if args.adaptive:
+        if K is None:
+            raise SystemExit("--adaptive compares with k-diffusion, which is not installed")
+        adaptive_comparison(e, floors, args.beds.split(","), range(1, 1 + args.seeds), K)
+        return
     out = Path("docs/suite/peers.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_suffix(".partial")  # the old results stay until the new are complete
@@ -87,10 +268,15 @@ def main() -> None:
             seeds = range(1, 1 + args.seeds)
             mine = [run_one(e, bed, "ddpm", entry, {}, nfe, s, floors, label=entry) for s in seeds]
             peers = {}
-            for label, kw in VARIANTS.items():
+            shape = (bed.n, *score.data_shape)
+            labels = [*VARIANTS, *(KD_VARIANTS if K is not None else ())]
+            for label in labels:
                 recs = []
                 for seed in seeds:
-                    x = diffusers_sample(score, sde, (bed.n, *score.data_shape), nfe, seed, **kw)
+                    if label in VARIANTS:
+                        x = diffusers_sample(score, sde, shape, nfe, seed, **VARIANTS[label])
+                    else:
+                        x = kdiffusion_sample(K, score, sde, shape, nfe, seed, label)
                     r = normalised(mode_statistics(x, score.mixture), floor)
                     recs.append({**{f"{m}_ratio": r[m] for m in B.METRICS}, "worst": r["worst"]})
                 peers[label] = bed_error(recs)

@@ -36,7 +36,7 @@ def write_report(
         "to refresh. " + title_note,
         "",
         "Registry defaults on the suite of test beds (held-out beds apart) and against "
-        "diffusers: [`benchmarks-suite.md`](benchmarks-suite.md) "
+        "diffusers and k-diffusion: [`benchmarks-suite.md`](benchmarks-suite.md) "
         "(`benchmarks/sampling_suite.py`, `benchmarks/sampling_peers.py`).",
         "",
         "Quality on the exact-GMM test bed, per score evaluation (NFE): **w** = per-mode "
