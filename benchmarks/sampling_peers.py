@@ -179,7 +179,7 @@ KD_VARIANTS = (
 
 
 def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
-    """The engine's ``dpm_adaptive`` (its defaults) against k-diffusion's
+    """The engine's ``dpm_adaptive`` and ``dpm_adaptive_ms`` (their defaults) against k-diffusion's
     ``sample_dpm_adaptive`` (its defaults: DPM-Solver-23, rtol 0.05, atol 0.0078) on the
     chain: each one's figure and its most evaluations over the seeds, into
     ``docs/suite/peers-adaptive.jsonl``."""
@@ -194,7 +194,10 @@ def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
         sde = e.build("sde", "ddpm")
         score = e.build("score", bed.entry, sde=sde)
         floor = floors.of(score.mixture, bed.name, bed.n)
-        mine = [run_one(e, bed, "ddpm", "dpm_adaptive", {}, None, s, floors) for s in seeds]
+        ours = {
+            entry: [run_one(e, bed, "ddpm", entry, {}, None, s, floors) for s in seeds]
+            for entry in ("dpm_adaptive", "dpm_adaptive_ms")
+        }
         kd, kd_nfe = [], 0
         for seed in seeds:
             model = KDenoiser(score, sde)
@@ -207,17 +210,15 @@ def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
             r = normalised(mode_statistics(x, score.mixture), floor)
             kd.append({**{f"{m}_ratio": r[m] for m in B.METRICS}, "worst": r["worst"]})
             kd_nfe = max(kd_nfe, model.calls)
-        rec = {
-            "bed": name,
-            "seeds": len(seeds),
-            "engine_worst": bed_error(mine),
-            "engine_nfe": max(r["nfe"] for r in mine),
-            "kdiffusion_worst": bed_error(kd),
-            "kdiffusion_nfe": kd_nfe,
-        }
+        rec = {"bed": name, "seeds": len(seeds)}
+        for entry, recs in ours.items():
+            rec[f"{entry}_worst"] = bed_error(recs)
+            rec[f"{entry}_nfe"] = max(r["nfe"] for r in recs)
+        rec.update({"kdiffusion_worst": bed_error(kd), "kdiffusion_nfe": kd_nfe})
         print(
-            f"{name:14s} dpm_adaptive {rec['engine_worst']:6.2f} ({rec['engine_nfe']} evals)  "
-            f"k-diffusion {rec['kdiffusion_worst']:6.2f} ({kd_nfe} evals)",
+            f"{name:14s} "
+            + "  ".join(f"{k} {rec[k + '_worst']:6.2f} ({rec[k + '_nfe']})" for k in ours)
+            + f"  k-diffusion {rec['kdiffusion_worst']:6.2f} ({kd_nfe})",
             flush=True,
         )
         with part.open("a") as fh:

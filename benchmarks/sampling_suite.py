@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="10,20,50")
     ap.add_argument("--seeds", type=int, default=8, help="evaluate: seeds 1..K; adaptive: 2..K+1")
     ap.add_argument("--keep", type=int, default=None, help="sweep: prune to the best K")
+    ap.add_argument("--entry", default="dpm_adaptive", help="adaptive: the solver entry")
     ap.add_argument(
         "--schedules",
         default="logsnr,quadratic,karras,gits",
@@ -118,9 +119,10 @@ def main() -> None:
         entries = {k: v for k, v in table_entries(e).items() if k[0] in sdes}
         S.evaluate(e, entries, OUT / "defaults.jsonl", seeds=tuple(range(1, 1 + args.seeds)))
     elif args.step == "adaptive":
-        entries = {(sde, None): "dpm_adaptive" for sde in sdes}
+        entries = {(sde, None): args.entry for sde in sdes}
+        name = "adaptive" if args.entry == "dpm_adaptive" else f"adaptive-{args.entry}"
         # its defaults were chosen on seed 1 of the selection beds: fresh seeds from 2
-        S.evaluate(e, entries, OUT / "adaptive.jsonl", seeds=tuple(range(2, 2 + args.seeds)))
+        S.evaluate(e, entries, OUT / f"{name}.jsonl", seeds=tuple(range(2, 2 + args.seeds)))
     else:
         from diffuse_engine.testbed.bench.report import write_suite_report
 
@@ -137,6 +139,11 @@ def main() -> None:
             (
                 "The adaptive solver (dpm_adaptive, its defaults, no cap), fresh seeds from 2",
                 "adaptive",
+            ),
+            (
+                "The adaptive solver on multistep updates (dpm_adaptive_ms: 3M with an "
+                "embedded 2M estimate, no cap), fresh seeds from 2",
+                "adaptive-dpm_adaptive_ms",
             ),
             (
                 "Before: the reference's error control (state tolerance, unbounded step "
