@@ -140,19 +140,9 @@ class DPMAdaptive(KernelSolver):
                 if final:
                     accept = True
                 else:
-                    if c.tolerance == "noise":
-                        delta = torch.full_like(x_low, c.ntol * g.s[0])
-                    else:
-                        delta = torch.maximum(
-                            torch.full_like(x_low, c.atol * scale),
-                            c.rtol * torch.maximum(x_low.abs(), x.abs()),
-                        )
-                    per = ((x_new - x_low) / delta).flatten(1).pow(2).mean(1).sqrt()
-                    E = float(per.max() if c.norm == "max" else per.pow(2).mean().sqrt())
+                    E = self._error(x_low, x_new, x, g.s[0], scale)
                     accept = E <= 1.0
-                    fac = c.theta * max(E, 1e-10) ** (-1.0 / c.order)
-                    if c.facmax is not None:  # Hairer et al., Solving ODEs I, II.4
-                        fac = min(fac, 1.0 if rejected else c.facmax)
+                    fac = self._factor(E, c.order, rejected)
                     rejected = not accept
                     h = h * fac
             if not accept:
@@ -165,11 +155,7 @@ class DPMAdaptive(KernelSolver):
             if lam_s < lam_eps - 1e-12:
                 m_s = self.predict(score, x, t_s, a_s, s_s, "data")
                 left -= 1
-            if callback is not None:  # progress in log-SNR, 100 ticks
-                now = min(100, int(100 * (lam_s - lam_T) / (lam_eps - lam_T) + 1e-9))
-                for tick in range(ticks + 1, now + 1):
-                    callback(tick, 100, t_s)
-                ticks = max(ticks, now)
+            ticks = self._progress(callback, ticks, (lam_s - lam_T) / (lam_eps - lam_T), t_s)
         else:
             raise RuntimeError(f"dpm_adaptive: no end after {c.max_trials} trial steps")
         return self.finish(score, sde, x, eps)
@@ -193,6 +179,7 @@ class DPMAdaptive(KernelSolver):
         t_s, s_s, lam_s = T, g0.s[0], lam_T
         hist = [(lam_T, self.predict(score, x, t_s, g0.a[0], s_s, "data"))]
         left -= 1
+        scale = max(float(hist[0][1].pow(2).mean().sqrt()), 1e-12)
         h, rejected, ticks, done = c.h_init, False, 0, 0
         for _ in range(c.max_trials):
             if lam_s >= lam_eps - 1e-12:
@@ -234,18 +221,8 @@ class DPMAdaptive(KernelSolver):
                         high = high - (a_t * phi3) * d2  # 3M
                 x_new = high
                 if not final:
-                    if c.tolerance == "noise":
-                        delta = torch.full_like(low, c.ntol * s_t)
-                    else:
-                        delta = torch.maximum(
-                            torch.full_like(low, c.atol * float(hist[0][1].pow(2).mean().sqrt())),
-                            c.rtol * torch.maximum(low.abs(), x.abs()),
-                        )
-                    per = ((high - low) / delta).flatten(1).pow(2).mean(1).sqrt()
-                    E = float(per.max() if c.norm == "max" else per.pow(2).mean().sqrt())
-                    fac = c.theta * max(E, 1e-10) ** (-1.0 / order)
-                    if c.facmax is not None:
-                        fac = min(fac, 1.0 if rejected else c.facmax)
+                    E = self._error(low, high, x, s_t, scale)
+                    fac = self._factor(E, order, rejected)
                     rejected = E > 1.0
                     if rejected:  # retry from the same state: no evaluation spent
                         h *= fac
@@ -259,14 +236,43 @@ class DPMAdaptive(KernelSolver):
                 hist = [*hist[-2:], (lam_s, self.predict(score, x, t_s, a_t, s_t, "data"))]
                 left -= 1
                 h *= fac
-            if callback is not None:  # progress in log-SNR, 100 ticks
-                now = min(100, int(100 * (lam_s - lam_T) / (lam_eps - lam_T) + 1e-9))
-                for tick in range(ticks + 1, now + 1):
-                    callback(tick, 100, t_s)
-                ticks = max(ticks, now)
+            ticks = self._progress(callback, ticks, (lam_s - lam_T) / (lam_eps - lam_T), t_s)
         else:
             raise RuntimeError(f"dpm_adaptive: no end after {c.max_trials} trial steps")
         return self.finish(score, sde, x, eps)
+
+    def _error(self, low, high, x, s_t: float, scale: float) -> float:
+        """The step's error estimate ``E``: the RMS of ``(high - low) / delta`` per sample,
+        combined over the batch by ``norm``; ``delta`` the configured tolerance."""
+        c = self.config
+        if c.tolerance == "noise":
+            delta = torch.full_like(low, c.ntol * s_t)
+        else:
+            delta = torch.maximum(
+                torch.full_like(low, c.atol * scale),
+                c.rtol * torch.maximum(low.abs(), x.abs()),
+            )
+        per = ((high - low) / delta).flatten(1).pow(2).mean(1).sqrt()
+        return float(per.max() if c.norm == "max" else per.pow(2).mean().sqrt())
+
+    def _factor(self, E: float, order: int, rejected: bool) -> float:
+        """The next step's ``h`` over this one's: ``theta E^(-1/order)``, at most
+        ``facmax``, and at most 1 right after a rejected trial (Hairer et al., II.4)."""
+        c = self.config
+        fac = c.theta * max(E, 1e-10) ** (-1.0 / order)
+        if c.facmax is not None:
+            fac = min(fac, 1.0 if rejected else c.facmax)
+        return fac
+
+    @staticmethod
+    def _progress(callback, ticks: int, done: float, t: float) -> int:
+        """Report progress in log-SNR as 100 ticks up to the fraction ``done``."""
+        if callback is None:
+            return ticks
+        now = min(100, int(100 * done + 1e-9))
+        for tick in range(ticks + 1, now + 1):
+            callback(tick, 100, t)
+        return max(ticks, now)
 
     def _pair(self, score, x, m_s, s_s, g, h, r):
         """``(x_low, x_high)`` at ``g.t[0]`` from ``x`` at ``s`` (DPM-Solver++ singlestep
