@@ -191,10 +191,7 @@ class DPMAdaptive(KernelSolver):
                 left -= 1
             ticks = self._progress(callback, ticks, (lam_s - lam_T) / (lam_eps - lam_T), t_s)
         else:
-            raise DiffuseError(
-                f"solver {self.name!r}: no end after max_trials = {c.max_trials} trial "
-                "steps; raise max_trials or ntol"
-            )
+            raise self._no_end()
         return self.finish(score, sde, x, eps)
 
     def _sample_multistep(self, score, sde, x, callback, transform):
@@ -262,11 +259,15 @@ class DPMAdaptive(KernelSolver):
                 h *= fac
             ticks = self._progress(callback, ticks, (lam_s - lam_T) / (lam_eps - lam_T), t_s)
         else:
-            raise DiffuseError(
-                f"solver {self.name!r}: no end after max_trials = {c.max_trials} trial "
-                "steps; raise max_trials or ntol"
-            )
+            raise self._no_end()
         return self.finish(score, sde, x, eps)
+
+    def _no_end(self) -> DiffuseError:
+        """The error for a run that used ``max_trials`` trial steps without reaching eps."""
+        return DiffuseError(
+            f"solver {self.name!r}: no end after max_trials = {self.config.max_trials} "
+            "trial steps; raise max_trials or ntol"
+        )
 
     def _error(self, low, high, x, s_t: float, scale: float) -> float:
         """The step's error estimate ``E``: the RMS of ``(high - low) / delta`` per sample,
