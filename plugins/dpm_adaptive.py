@@ -1,5 +1,8 @@
 """Adaptive DPM-Solver: error-controlled step sizes in the log-SNR (Lu et al. 2022a,
-"DPM-Solver", NeurIPS, Sec. 3.3 and App. C, Alg. 4 "DPM-Solver-12" / "DPM-Solver-23").
+"DPM-Solver", NeurIPS, Sec. 3.3 and App. C, Alg. 4 "DPM-Solver-12" / "DPM-Solver-23"),
+and, with ``method = "multistep"``, the same error control over DPM-Solver++ 3M / 2M
+multistep updates (:func:`multistep_pair`; one evaluation per accepted step, none per
+rejected trial; the registry's ``dpm_adaptive_ms``).
 
 Each step from ``lambda_s`` to ``lambda_t = lambda_s + h`` (``lambda = log(a / s)``)
 computes a lower- and a higher-order exponential-integrator solution that share their
