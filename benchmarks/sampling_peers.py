@@ -145,12 +145,19 @@ class KDenoiser:
         return (xt + s**2 * self.score(xt, t)) / a
 
 
-def kdiffusion_sample(K, score, sde, shape, nfe: int, seed: int, variant: str) -> torch.Tensor:
-    """One k-diffusion sampler on the exact score with ``nfe`` evaluations at most."""
+def kdiffusion_start(score, sde, shape, seed: int):
+    """``(model, x~_T, sigma_min, sigma_max)`` for a k-diffusion sampler on the chain: the
+    denoiser and the prior ``N(0, (1 + sigma_max^2) I)`` in its ``x~ = x / a`` form."""
     model = KDenoiser(score, sde)
     smax, smin = model.sigma(float(sde.T)), model.sigma(sde.sampling_eps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * math.sqrt(1.0 + smax**2)
+    return model, x, smin, smax
+
+
+def kdiffusion_sample(K, score, sde, shape, nfe: int, seed: int, variant: str) -> torch.Tensor:
+    """One k-diffusion sampler on the exact score with ``nfe`` evaluations at most."""
+    model, x, smin, smax = kdiffusion_start(score, sde, shape, seed)
     if variant == "kd-dpm-fast":
         out = K.sample_dpm_fast(model, x, smin, smax, nfe, disable=True)
         budget = nfe
@@ -206,11 +213,7 @@ def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
         }
         kd, kd_nfe = [], 0
         for seed in seeds:
-            model = KDenoiser(score, sde)
-            smax, smin = model.sigma(float(sde.T)), model.sigma(sde.sampling_eps)
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn((bed.n, *score.data_shape), generator=g, dtype=torch.float64)
-            x = x * math.sqrt(1.0 + smax**2)
+            model, x, smin, smax = kdiffusion_start(score, sde, (bed.n, *score.data_shape), seed)
             x, info = K.sample_dpm_adaptive(model, x, smin, smax, disable=True, return_info=True)
             x = x / math.sqrt(1.0 + smin**2)  # x~ at sigma_min back to x
             r = normalised(mode_statistics(x, score.mixture), floor)

@@ -6,7 +6,8 @@ estimate on error-controlled log-SNR steps.
   shrinks, for VP, sub-VP and VE;
 * a rejected trial costs no score evaluation: the score is called once per accepted
   step, at strictly decreasing times;
-* ``nfe`` caps it; on the 2-D ring and on data of std 0.05 it is within sampling noise.
+* ``nfe`` caps it; on data of std 0.05 it is within sampling noise (the 2-D ring, with
+  ``dpm_adaptive``'s, is in tests/test_budgets.py).
 """
 
 from __future__ import annotations
@@ -141,16 +142,6 @@ def test_a_score_that_turns_nan_is_named(engine):
         x = sde.prior_sample((64, 2), generator=torch.Generator().manual_seed(0))
         with pytest.raises(DiffuseError, match="NaN/Inf"):
             solver.sample(score, sde, x)
-
-
-def test_recovers_the_ring_within_forty_evaluations(engine):
-    n = 4000
-    r = engine.sampling(score="gmm", sde="vp", solver="dpm_adaptive_ms", shape=n, seed=3)
-    st = mode_statistics(r.samples, r.score.mixture)
-    assert r.nfe <= 40
-    # sampling noise at n = 4000 (500 per mode), as for dpm_adaptive (test_budgets.py):
-    # weight ~0.02 TV, std ~0.03, centre ~0.045; 2x that is a real failure
-    assert st["weight_tv"] < 0.04 and st["std_error"] < 0.06 and st["centre_error"] < 0.09
 
 
 def test_holds_on_data_far_below_unit_scale():
