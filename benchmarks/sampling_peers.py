@@ -116,48 +116,35 @@ def load_kdiffusion_sampling():
             sys.modules.pop(name, None)
 
 
-class KDenoiser:
-    """The exact score as k-diffusion's denoiser ``D(x~, sigma)`` on a VP-type SDE
-    (``x~ = x / a``, ``sigma = s / a``); counts its calls."""
+class Counted:
+    """A score function that counts its calls (one call is one score evaluation)."""
 
-    def __init__(self, score, sde):
-        from diffuse_engine.components.schedules import time_from_log_snr
+    def __init__(self, score):
+        self.score, self.calls = score, 0
 
-        self.score, self.sde, self.calls, self._t = score, sde, 0, {}
-        self._invert = lambda sig: time_from_log_snr(
-            sde, [-math.log(sig)], sde.sampling_eps, float(sde.T)
-        )[0]
-
-    def sigma(self, t: float) -> float:
-        a, s = self.sde.marginal(torch.tensor([t], dtype=torch.float64))
-        return float(torch.as_tensor(s).flatten()[0] / torch.as_tensor(a).flatten()[0])
-
-    def __call__(self, x, sigma):
+    def __call__(self, x, t):
         self.calls += 1
-        sig = float(sigma.flatten()[0])
-        if sig not in self._t:
-            self._t[sig] = self._invert(sig)
-        t = torch.full((x.shape[0],), self._t[sig], dtype=torch.float64)
-        a, s = self.sde.marginal(t)
-        a = torch.as_tensor(a, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
-        s = torch.as_tensor(s, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
-        xt = a * x
-        return (xt + s**2 * self.score(xt, t)) / a
+        return self.score(x, t)
 
 
 def kdiffusion_start(score, sde, shape, seed: int):
-    """``(model, x~_T, sigma_min, sigma_max)`` for a k-diffusion sampler on the chain: the
-    denoiser and the prior ``N(0, (1 + sigma_max^2) I)`` in its ``x~ = x / a`` form."""
-    model = KDenoiser(score, sde)
-    smax, smin = model.sigma(float(sde.T)), model.sigma(sde.sampling_eps)
+    """``(D, counter, x~_T, sigma_min, sigma_max)`` for a k-diffusion sampler on the
+    chain: the exact score as its denoiser through :func:`diffuse_engine.interop.
+    to_denoiser`, a counter of its score calls and the prior ``N(0, (1 + sigma_max^2)
+    I)`` in the ``x~ = x / a`` form it works in."""
+    from diffuse_engine.interop import to_denoiser
+
+    counted = Counted(score)
+    model = to_denoiser(counted, sde)  # the engine's k-diffusion bridge
+    smax, smin = model.sigma_max, model.sigma_min
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * math.sqrt(1.0 + smax**2)
-    return model, x, smin, smax
+    return model, counted, x, smin, smax
 
 
 def kdiffusion_sample(K, score, sde, shape, nfe: int, seed: int, variant: str) -> torch.Tensor:
     """One k-diffusion sampler on the exact score with ``nfe`` evaluations at most."""
-    model, x, smin, smax = kdiffusion_start(score, sde, shape, seed)
+    model, counted, x, smin, smax = kdiffusion_start(score, sde, shape, seed)
     if variant == "kd-dpm-fast":
         out = K.sample_dpm_fast(model, x, smin, smax, nfe, disable=True)
         budget = nfe
@@ -176,7 +163,7 @@ def kdiffusion_sample(K, score, sde, shape, nfe: int, seed: int, variant: str) -
             "kd-heun-karras": K.sample_heun,
         }[variant]
         out = fn(model, x, sigmas, disable=True)
-    assert model.calls == budget <= nfe, (variant, model.calls, nfe)
+    assert counted.calls == budget <= nfe, (variant, counted.calls, nfe)
     # back from k-diffusion's x~ = x / a at sigma 0 (a = 1) or sigma_min (dpm_fast)
     a_end = 1.0 if variant != "kd-dpm-fast" else 1.0 / math.sqrt(1.0 + smin**2)
     return out * a_end
@@ -213,12 +200,14 @@ def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
         }
         kd, kd_nfe = [], 0
         for seed in seeds:
-            model, x, smin, smax = kdiffusion_start(score, sde, (bed.n, *score.data_shape), seed)
+            model, counted, x, smin, smax = kdiffusion_start(
+                score, sde, (bed.n, *score.data_shape), seed
+            )
             x, info = K.sample_dpm_adaptive(model, x, smin, smax, disable=True, return_info=True)
             x = x / math.sqrt(1.0 + smin**2)  # x~ at sigma_min back to x
             r = normalised(mode_statistics(x, score.mixture), floor)
             kd.append({**{f"{m}_ratio": r[m] for m in B.METRICS}, "worst": r["worst"]})
-            kd_nfe = max(kd_nfe, model.calls)
+            kd_nfe = max(kd_nfe, counted.calls)
         rec = {"bed": name, "seeds": len(seeds)}
         for entry, recs in ours.items():
             rec[f"{entry}_worst"] = bed_error(recs)
