@@ -19,9 +19,14 @@ Orders 1 to 3; ``singlestep`` (intermediate points at ``r = 1/2`` or ``1/3, 2/3`
 each step in ``lambda``, Alg. 1-2 of Lu et al. 2022a)
 or ``multistep`` (the previous steps' predictions, Lu et al. 2022b, Alg. 2 and App. B).
 Order 1 is DDIM. The update formulas follow the authors' reference implementation
-(``dpm_solver_pytorch.py``, solver type "dpmsolver"). Written through the kernel, so
-they apply to every SDE with a Gaussian kernel (see
-:mod:`diffuse_engine.components.kernel_solver`).
+(``dpm_solver_pytorch.py``, solver type "dpmsolver"), except multistep order 3: the
+reference (and diffusers, and k-diffusion) weights its second backward difference by
+half the Taylor coefficient, a second-order method (:meth:`DPMSolver._multistep_plan`).
+``third_order = "taylor"`` (the default) is the third-order update; ``"reference"`` is
+the reference's, kept because it reproduces those libraries' samples (the diffusers
+bridge uses it) and because, damped, it is the better of the two at 10-20 steps on the
+sampling suite (docs/sampling.md). Written through the kernel, so the updates apply to
+every SDE with a Gaussian kernel (see :mod:`diffuse_engine.components.kernel_solver`).
 
 With ``lower_order_final`` (the default) a run of fewer than 15 steps uses order ``k`` at
 its ``k``-th last step, as the reference implementation does for multistep (and as its
@@ -64,6 +69,12 @@ class DPMSolverConfig(KernelSolverConfig):
         None,
         min_length=1,
         description="singlestep: the order of each step (replaces steps and lower_order_final)",
+    )
+    third_order: Literal["taylor", "reference"] = Field(
+        "taylor",
+        description="multistep order 3: taylor (third order) or reference (the reference "
+        "code's, diffusers' and k-diffusion's update: second order, damped); no effect "
+        "on other orders and methods",
     )
     stochastic: bool = Field(
         False,
@@ -122,7 +133,7 @@ class _MultistepStep(NamedTuple):
     w: float | None  # r0 / (r0 + r1)
     r01: float | None  # r0 + r1
     kp2: float  # 3rd order: K phi_2
-    kp3: float  # 3rd order: K phi_3
+    kp3: float  # 3rd order: 2 K phi_3 (``third_order = "reference"``: K phi_3)
 
 
 #: as in the reference implementation, lower final orders only matter for short runs
@@ -173,8 +184,17 @@ class DPMSolver(KernelSolver):
 
     def _multistep_plan(self, g) -> list[_MultistepStep]:
         """Each multistep step's order and coefficients as Python floats, computed once
-        before the loop (Lu et al. 2022b, Alg. 2; the reference code's 3rd order)."""
+        before the loop (Lu et al. 2022b, Alg. 2, and its variable-step 3rd order).
+
+        The 3rd order expands the prediction to second order in ``lambda``; its term is
+        ``K h^2 phi_3 D''`` and the backward difference ``d2 = (d1_0 - d1_1) / (r0 + r1)``
+        is ``h^2 D'' / 2``, so ``d2`` is weighted by ``2 K phi_3``. The reference code
+        (and diffusers') weights it by ``K phi_3``, which leaves an ``O(h^3)`` local
+        error: a second-order method (``tests/test_fast_samplers.py`` tests the step is
+        exact when the prediction is quadratic in ``lambda``); ``third_order =
+        "reference"`` keeps that weight."""
         steps = len(g) - 1
+        d2_weight = 2.0 if self.config.third_order == "taylor" else 1.0
         plan = []
         for i, order in enumerate(self._multistep_orders(steps)):
             ratio, K, hh = self._lin(g, i, i + 1)
@@ -187,7 +207,9 @@ class DPMSolver(KernelSolver):
                 r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
                 w, r01 = r0 / (r0 + r1), r0 + r1
             plan.append(
-                _MultistepStep(order, ratio, K * p1, 0.5 * K * p1, r0, r1, w, r01, K * p2, K * p3)
+                _MultistepStep(
+                    order, ratio, K * p1, 0.5 * K * p1, r0, r1, w, r01, K * p2, d2_weight * K * p3
+                )
             )
         return plan
 

@@ -236,6 +236,7 @@ def _like_dpm(sched, ts: list[int], N: int) -> dict[str, Any]:
         "solver": "dpm_solver",
         "method": "multistep",
         "order": int(c.solver_order),
+        "third_order": "reference",  # diffusers' 3M update (plugins/dpm_solver.py)
         "prediction": "data" if c.algorithm_type == "dpmsolver++" else "noise",
         # "zero": diffusers' last step (to sigma 0) is the engine's denoising step, and the
         # step before it keeps its order; otherwise the final orders step down alike

@@ -49,7 +49,10 @@ DEFAULT_PROBLEMS = ("gmm", "gmm64")
 #: entry does not change what a variant's committed results mean. The DPM-Solver++
 #: variants keep the settings they were measured with: the ring entry's eps = 3e-3.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dpm_solver_pp3": ("dpm_solver_pp_ring", {"order": 3, "eps": 3e-3}),
+    "dpm_solver_pp3": (
+        "dpm_solver_pp_ring",
+        {"order": 3, "third_order": "reference", "eps": 3e-3},
+    ),
     "unipc2": ("unipc", {"order": 2}),
     "dpm_solver2s": ("dpm_solver", {"order": 2, "method": "singlestep"}),
     # no final denoising call: at a few evaluations it is better spent on a step
