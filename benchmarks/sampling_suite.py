@@ -52,6 +52,12 @@ def table_entries(e: Engine) -> dict[tuple[str, int], str]:
     return out
 
 
+def solver_fields(spec: str) -> tuple[str, dict]:
+    """``NAME:ORDER[:THIRD_ORDER]`` -> ``(NAME, {"order": ORDER[, "third_order": ...]})``."""
+    name, order, *third = spec.split(":")
+    return name, {"order": int(order), **({"third_order": third[0]} if third else {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=("sweep", "choose", "evaluate", "adaptive", "report"))
@@ -68,8 +74,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--solvers",
-        default="dpm_solver_pp:2,dpm_solver_pp:3,unipc:3",
-        help="sweep: the candidates' solver entries and orders (NAME:ORDER,...)",
+        default="dpm_solver_pp:2,dpm_solver_pp:3:taylor,dpm_solver_pp:3:reference,unipc:3",
+        help="sweep: the candidates' solver entries, orders and (DPM-Solver 3M) "
+        "third_order (NAME:ORDER[:THIRD_ORDER],...)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -81,10 +88,7 @@ def main() -> None:
         S.sweep_candidates(
             e,
             S.candidates(
-                solvers=[
-                    (name, {"order": int(order)})
-                    for name, order in (v.split(":") for v in args.solvers.split(","))
-                ],
+                solvers=[solver_fields(v) for v in args.solvers.split(",")],
                 schedules=tuple(args.schedules.split(",")),
             ),
             OUT / "candidates.jsonl",
@@ -111,6 +115,8 @@ def main() -> None:
                 print(f"[solver.best-{sde}-{nfe}]  # worst {worst:.2f} over {len(beds)} beds")
                 base = dict(e.registry.entry("solver", rec["solver"]).fields)
                 base.pop("steps", None)  # nfe sets it
+                if {**base, **f}.get("order") != 3:  # only 3M reads it
+                    base.pop("third_order", None)
                 print(f'type = "{base.pop("type")}"\nnfe = {nfe}')
                 for k, v in sorted({**base, **f}.items()):
                     print(f"{k} = {B._toml(v)}")

@@ -53,7 +53,8 @@ class Candidate:
 def candidates(
     solvers: Iterable[tuple[str, dict[str, Any]]] = (
         ("dpm_solver_pp", {"order": 2}),
-        ("dpm_solver_pp", {"order": 3}),
+        ("dpm_solver_pp", {"order": 3, "third_order": "taylor"}),
+        ("dpm_solver_pp", {"order": 3, "third_order": "reference"}),
         ("unipc", {"order": 3}),
     ),
     schedules: Iterable[str] = ("logsnr", "quadratic", "karras", "gits"),
