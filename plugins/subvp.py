@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffuse_engine import SDE, hookimpl
-from diffuse_plugins.vp import BetaConfig
+from diffuse_plugins.vp import BetaConfig, time_of_beta_integral
 
 
 class SubVPSDE(SDE):
@@ -33,6 +33,13 @@ class SubVPSDE(SDE):
     def marginal(self, t):
         b = self.beta_integral(t)
         return torch.exp(-0.5 * b), -torch.expm1(-b)
+
+    def time_of_log_snr(self, lam):
+        """With ``u = exp(-b / 2)`` (``b`` the beta integral), ``e^lambda = u / (1 - u^2)``:
+        ``u = 2 e^lambda / (1 + sqrt(1 + 4 e^(2 lambda)))``, then ``b = -2 log u``."""
+        e = torch.exp(lam)
+        u = 2 * e / (1 + torch.sqrt(1 + 4 * e * e))
+        return time_of_beta_integral(self.config, -2 * torch.log(u))
 
 
 @hookimpl

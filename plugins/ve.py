@@ -54,6 +54,10 @@ class VESDE(SDE):
     def marginal(self, t):
         return torch.ones_like(t), self.sigma(t)
 
+    def time_of_log_snr(self, lam):
+        """``lambda = -log sigma(t)``: ``t = (-lambda - log sigma_min) / log(max / min)``."""
+        return (-lam - math.log(self.config.sigma_min)) / self.log_ratio
+
     def discretize(self, x, t, t_prev):
         # SMLD's noise ladder: G^2 = sigma(t)^2 - sigma(t_prev)^2 (Song et al. 2021, eq. 46)
         g2 = self.sigma(t) ** 2 - self.sigma(t_prev) ** 2

@@ -7,6 +7,7 @@ beta)``. Reverse-diffusion and ancestral steps use the DDPM discretisation.
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field, model_validator
 
 from diffuse_engine import SDEConfig, VPFamilySDE, hookimpl
@@ -21,6 +22,13 @@ class BetaConfig(SDEConfig):
         if self.beta_min >= self.beta_max:
             raise ValueError(f"beta_min ({self.beta_min}) must be < beta_max ({self.beta_max})")
         return self
+
+
+def time_of_beta_integral(config: BetaConfig, b):
+    """The ``t >= 0`` with ``b0 t + (b1 - b0) t^2 / 2 = b`` (``b >= 0``), written
+    ``2 b / (b0 + sqrt(b0^2 + 2 (b1 - b0) b))`` so that small ``b`` lose no digits."""
+    b0, d = config.beta_min, config.beta_max - config.beta_min
+    return 2 * b / (b0 + torch.sqrt(b0 * b0 + 2 * d * b))
 
 
 class VPSDE(VPFamilySDE):
@@ -40,6 +48,11 @@ class VPSDE(VPFamilySDE):
 
     def log_mean_coeff_rate(self, t):
         return -0.5 * self.beta(t)
+
+    def time_of_log_snr(self, lam):
+        """``a^2 = sigmoid(2 lambda)``, so ``log a = -softplus(-2 lambda) / 2``, and
+        ``log a = -(b0 t + (b1 - b0) t^2 / 2) / 2`` is a quadratic in ``t``."""
+        return time_of_beta_integral(self.config, torch.nn.functional.softplus(-2 * lam))
 
 
 @hookimpl

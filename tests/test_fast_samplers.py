@@ -53,6 +53,54 @@ def test_logsnr_and_karras_spacing(engine, sde):
     assert max(d) - min(d) < 1e-8 * abs(sig[0])
 
 
+SDE_CONFIGS = [
+    ("vp", {}),
+    ("vp", {"beta_min": 0.5, "beta_max": 12.0}),
+    ("subvp", {}),
+    ("ve", {}),
+    ("ve", {"sigma_min": 0.002, "sigma_max": 80.0}),
+]
+
+
+@pytest.mark.parametrize("sde,kw", SDE_CONFIGS)
+def test_closed_form_log_snr_inverse_is_the_bisection(engine, sde, kw):
+    """VP, sub-VP and VE invert lambda(t) in closed form (``SDE.time_of_log_snr``); the
+    schedules' times equal the bisection's to float64 round-off (the bisection halves
+    ``[eps, T]`` 64 times: exact to about 1e-16), targets beyond either end included."""
+    from diffuse_engine.components.schedules import bisect_time, time_from_log_snr
+
+    s = engine.build("sde", sde, **kw)
+    eps = s.sampling_eps
+    lam_T, lam_eps = log_snr(s, [s.T, eps])
+    lams = torch.linspace(lam_T - 3, lam_eps + 3, 1001, dtype=torch.float64)
+    closed = torch.tensor(time_from_log_snr(s, lams.tolist(), eps, s.T), dtype=torch.float64)
+    assert torch.equal(closed, s.time_of_log_snr(lams).clamp(eps, s.T))  # the closed form
+    assert (closed - bisect_time(s, lams, eps, s.T)).abs().max() < 1e-14
+    inside = (lams > lam_T) & (lams < lam_eps)
+    back = s.log_snr(closed[inside])
+    assert torch.allclose(back, lams[inside], rtol=1e-12, atol=1e-12)
+
+
+def test_an_inherited_inverse_that_no_longer_fits_falls_back_to_bisection(engine):
+    """A subclass that changes the kernel but keeps its parent's ``time_of_log_snr``
+    gets the bisection's times, not the parent's wrong ones."""
+    from diffuse_engine.components.schedules import bisect_time, time_from_log_snr
+    from diffuse_plugins.vp import VPSDE
+
+    class WiderVP(VPSDE):
+        name = "wider_vp"
+
+        def marginal(self, t):
+            a, s = super().marginal(t)
+            return a, 1.15 * s
+
+    s = WiderVP()
+    lams = torch.linspace(-8.0, 5.0, 50, dtype=torch.float64)
+    got = torch.tensor(time_from_log_snr(s, lams.tolist(), 1e-3, 1.0), dtype=torch.float64)
+    assert torch.equal(got, bisect_time(s, lams, 1e-3, 1.0))
+    assert (got - s.time_of_log_snr(lams).clamp(1e-3, 1.0)).abs().max() > 1e-3
+
+
 def test_default_schedule_is_uniform_in_t(engine):
     for name in ("pc", "ode"):
         solver = engine.build("solver", name, steps=10)

@@ -15,9 +15,10 @@ schedule, a registry field of every solver entry (``schedule = "logsnr"``):
   solver's ``time_grid`` calls it.
 
 The schedules use only the SDE's kernel (``sde.log_snr``), so they work for every SDE
-with a Gaussian kernel (VE, VP, sub-VP, the DDPM chain, plugins). Where ``lambda(t)``
-has no closed-form inverse the times are found by bisection on the monotone
-``lambda``, in float64 on the CPU, once per grid: never inside a sampling loop. Grids
+with a Gaussian kernel (VE, VP, sub-VP, the DDPM chain, plugins). VE, VP and sub-VP
+invert ``lambda(t)`` in closed form (:meth:`SDE.time_of_log_snr`); for the others the
+times are found by bisection on the monotone ``lambda``, in float64 on the CPU, once
+per grid: never inside a sampling loop. Grids
 are lists of Python floats so loops never read a time back from the device.
 """
 
@@ -66,11 +67,38 @@ def kernel_coefficients(
 
 
 def time_from_log_snr(sde, lams: Sequence[float], eps: float, T: float) -> list[float]:
-    """Invert the decreasing ``lambda(t)`` on ``[eps, T]`` by bisection (float64, CPU).
+    """Invert the decreasing ``lambda(t)`` on ``[eps, T]`` (float64, CPU).
 
-    Targets outside ``[lambda(T), lambda(eps)]`` clamp to the nearest end.
+    Targets outside ``[lambda(T), lambda(eps)]`` clamp to the nearest end. An SDE's
+    closed-form inverse (:meth:`SDE.time_of_log_snr`) is used when its times give back
+    the targets (to 1e-9: a subclass that changes the kernel but inherits the inverse
+    fails this), else bisection.
     """
     target = torch.tensor(list(lams), dtype=torch.float64)
+    try:
+        t = sde.time_of_log_snr(target).clamp(eps, T)
+    except NotImplementedError:
+        t = None
+    if t is not None and _inverts(sde, t, target, eps, T):
+        return t.tolist()
+    return bisect_time(sde, target, eps, T).tolist()
+
+
+def _inverts(sde, t: torch.Tensor, target: torch.Tensor, eps: float, T: float) -> bool:
+    """Whether ``t`` (clamped to ``[eps, T]``) meets ``target``: exactly where inside,
+    and with the target beyond ``lambda`` of the end it was clamped to."""
+    if not bool(torch.isfinite(t).all()):
+        return False
+    lam = sde.log_snr(t)
+    inside = (t > eps) & (t < T)
+    close = (lam - target).abs() <= 1e-9 * target.abs().clamp_min(1.0)
+    beyond = torch.where(t <= eps, target >= lam, target <= lam)
+    return bool(torch.where(inside, close, beyond | close).all())
+
+
+def bisect_time(sde, target: torch.Tensor, eps: float, T: float) -> torch.Tensor:
+    """The times in ``[eps, T]`` where ``sde.log_snr`` meets ``target`` (float64), by
+    bisection on the decreasing ``lambda``: the general path of :func:`time_from_log_snr`."""
     lo = torch.full_like(target, eps)  # lambda(lo) >= target
     hi = torch.full_like(target, T)  # lambda(hi) <= target
     for _ in range(_BISECT_ITERS):
@@ -78,7 +106,7 @@ def time_from_log_snr(sde, lams: Sequence[float], eps: float, T: float) -> list[
         above = sde.log_snr(mid) >= target
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
-    return (0.5 * (lo + hi)).tolist()
+    return 0.5 * (lo + hi)
 
 
 def check_monotone(sde, eps: float, T: float, probes: int = 257) -> None:

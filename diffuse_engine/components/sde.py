@@ -92,6 +92,14 @@ class SDE(Component):
         a, s = self.marginal(t)
         return torch.log(a) - torch.log(s)
 
+    def time_of_log_snr(self, lam: Tensor) -> Tensor:
+        """The inverse of :meth:`log_snr` in closed form, for ``lam`` of any shape
+        (float64; values outside ``[lambda(T), lambda(0)]`` may give times outside
+        ``[0, T]``, which the caller clamps). Optional: without it the schedules find
+        the times by bisection (:func:`~diffuse_engine.components.schedules.time_from_log_snr`),
+        the same to float64 round-off, about 60 kernel evaluations per grid."""
+        raise NotImplementedError
+
     # ---- prior ----------------------------------------------------------------
     #: Standard deviation of the isotropic Gaussian prior at ``T``.
     prior_std: float = 1.0

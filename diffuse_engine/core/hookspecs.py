@@ -46,7 +46,10 @@ def diffuse_register_sdes():
     ``(B,)``, its Gaussian perturbation kernel ``marginal(t) -> (mean_coeff, std)``
     each ``(B,)``, the prior at ``T`` (``prior_sample``, ``prior_log_prob`` -> ``(B,)``)
     and the discretisations used by the predictors. Results keep ``x``'s dtype and
-    device. Time runs forward (data at 0, noise at ``T``).
+    device. Time runs forward (data at 0, noise at ``T``). Optionally,
+    ``time_of_log_snr(lam)`` inverts ``log_snr`` in closed form (VP, sub-VP and VE do);
+    the log-SNR and Karras schedules then skip their bisection, and a closed form whose
+    times do not give back the targets is ignored.
     """
 
 
