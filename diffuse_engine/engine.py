@@ -359,7 +359,16 @@ class Engine:
             progress=progress,
             step_hook=self.pm.hook.diffuse_sampling_step if observe else None,
         )
-        return SamplingResult(samples, nfe, seconds, config, job.sde, job.score, setup_nfe)
+        return SamplingResult(
+            samples,
+            nfe,
+            seconds,
+            config,
+            job.sde,
+            job.score,
+            setup_nfe,
+            fitted_times=job.solver.fitted_times,
+        )
 
     # ---- likelihood ----------------------------------------------------------------------
     def log_likelihood(self, x: Tensor, score: Any = "gmm", sde: str = "vp", **overrides) -> Tensor:

@@ -227,6 +227,19 @@ def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> 
     console.print(table)
 
 
+def print_fitted_hint(out: Any, name: str) -> None:
+    """After a run whose schedule was fitted: where the grid is and how to reuse it."""
+    from diffuse_engine.runs.fitted import FITTED_FILE
+
+    path = Path(out) / FITTED_FILE
+    console.print(
+        f"fitted time grid kept in {path}; sample on it without the pilot: "
+        f"--registry {path} --solver {name}",
+        markup=False,
+        highlight=False,
+    )
+
+
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

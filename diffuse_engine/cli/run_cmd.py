@@ -18,6 +18,7 @@ from diffuse_engine.cli.common import (
     handle_errors,
     make_engine,
     out_option,
+    print_fitted_hint,
     print_table,
     refuse_nproc_here,
     use_loggers,
@@ -122,6 +123,8 @@ def register(app: typer.Typer) -> None:
             rows,
             ["metric", "value", f"floor (exact samples, n={plan.n})"],
         )
+        if metrics.get("fitted_solver"):
+            print_fitted_hint(out, metrics["fitted_solver"])
 
 
 def _check_device(device: str) -> None:

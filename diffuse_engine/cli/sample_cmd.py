@@ -22,6 +22,7 @@ from diffuse_engine.cli.common import (
     handle_errors,
     make_engine,
     out_option,
+    print_fitted_hint,
     print_table,
     refuse_nproc_here,
     use_loggers,
@@ -179,6 +180,7 @@ def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solve
     from diffuse_engine.components.mixture import mode_statistics
     from diffuse_engine.output.files import write_json
     from diffuse_engine.runs import save_tensor
+    from diffuse_engine.runs.fitted import write_fitted
     from diffuse_engine.training import plot_result
 
     if folder is None:  # another rank: its shards are in rank 0's samples
@@ -202,6 +204,8 @@ def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solve
         _plot_class_rows(x, per_class, dataset, folder.path / "samples.png", title)
     else:
         plot_result(x, folder.path / "samples.png", dataset=dataset, title=title)
+    if result.fitted_times is not None:  # keep the grid, so it is fitted once
+        metrics["fitted_solver"] = write_fitted(folder.path, result)
     write_json(folder.path / "metrics.json", metrics)
     return metrics
 
@@ -224,6 +228,8 @@ def _table(result, metrics, ckpt, solver, n, samples_path, out) -> None:
         rows,
         ["", "value", "note"],
     )
+    if metrics.get("fitted_solver"):
+        print_fitted_hint(out, metrics["fitted_solver"])
 
 
 # ---- conditional sampling (--label, --guidance, --scale, --classifier) ------------------------

@@ -142,6 +142,13 @@ class Solver(Component):
             return self.time_grid(sde, score, like)
         return None
 
+    @property
+    def fitted_times(self) -> list[float] | None:
+        """The grid :meth:`prepare` fitted (a ``gits`` schedule), else ``None``; passed as
+        ``times`` it samples on the same steps without fitting again."""
+        fitted = getattr(self, "_gits_fit", None)
+        return None if fitted is None else list(fitted[1])
+
     def adopt(self, grid: list[float]) -> None:
         """Use ``grid``, another process's :meth:`prepare` result, as the fitted grid, so
         every rank of a distributed run samples on rank 0's times."""

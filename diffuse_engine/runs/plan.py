@@ -23,6 +23,7 @@ from diffuse_engine.core.distributed import on_main
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.output.files import RunFolder, save_tensor, write_json
 from diffuse_engine.output.plotting import plot_samples
+from diffuse_engine.runs.fitted import write_fitted
 
 #: ``train(plan, out, progress=...) -> score model``: trains a plan's model into ``out``
 TrainFn = Callable[..., Any]
@@ -181,6 +182,8 @@ def execute_run(
         save_tensor(x, folder.path / f"samples.{sample_format}")
         title = f"{plan.sde} / {plan.solver}: {plan.n} samples, {result.nfe} score evaluations"
         plot_samples(x, folder.path / "samples.png", reference=reference, title=title)
+        if result.fitted_times is not None:  # keep the grid, so it is fitted once
+            metrics["fitted_solver"] = write_fitted(folder.path, result)
         write_json(folder.path / "metrics.json", metrics)
     builder.hook.diffuse_run_end(
         run={"command": "run", "out": str(out), "config": plan.as_dict()}, metrics=metrics

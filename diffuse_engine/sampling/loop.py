@@ -43,6 +43,9 @@ class SamplingResult:
     score: Any = None
     #: score evaluations spent once per run before sampling (a fitted schedule's pilot)
     setup_nfe: int = 0
+    #: the time grid fitted for this run (``gits``), ``None`` when nothing was fitted:
+    #: ``times=fitted_times`` samples on it again without the pilot
+    fitted_times: list[float] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,54 @@
+"""A fitted time grid kept as a registry entry, so a schedule fitted once (``gits``'s
+pilot batch, Chen et al. 2024 fit theirs once per model too) is reused instead of fitted
+on every run: ``diffuse run`` and ``diffuse sample`` write ``fitted.toml`` into the run
+folder, and ``--registry OUT/fitted.toml --solver NAME-fitted`` samples on that grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from diffuse_engine.output.files import atomic_write_bytes
+
+#: the file in a run folder that holds the fitted solver entry
+FITTED_FILE = "fitted.toml"
+#: fields an explicit ``times`` grid replaces, or that only the fit reads
+REPLACED = ("name", "schedule", "steps", "eps", "nfe", "times", "pilot", "fine", "rho")
+
+
+def fitted_entry_name(solver: str) -> str:
+    """The registry name of ``solver``'s entry on its fitted grid."""
+    return f"{solver}-fitted"
+
+
+def fitted_toml(solver: dict[str, Any], times: list[float], *, fitted_on: str) -> str:
+    """A registry file with one entry, ``[solver.NAME-fitted]``: the run's resolved
+    solver config ``solver`` (its ``name``, ``type`` and fields) sampling on ``times``.
+
+    Fields the grid replaces (schedule, steps, eps, nfe, the fit's own) are left out, and
+    so are unset (``None``) ones, which TOML cannot write and which are the defaults."""
+    entry = {k: v for k, v in solver.items() if k not in REPLACED and v is not None}
+    entry["times"] = [float(t) for t in times]
+    name = fitted_entry_name(solver["name"])
+    head = (
+        f"# {solver['name']!r} on the time grid fitted for {fitted_on}.\n"
+        f"# Reuse it without the pilot: --registry THIS_FILE --solver {name}\n"
+    )
+    return head + tomli_w.dumps({"solver": {name: entry}})
+
+
+def write_fitted(folder: Path, result) -> str:
+    """Write ``folder/fitted.toml`` for a :class:`SamplingResult` whose schedule was
+    fitted; the entry's name."""
+    cfg = result.config
+    shape = tuple(result.samples.shape[1:])
+    on = (
+        f"score {cfg['score']['name']!r} / SDE {cfg['sde']['name']!r}, samples of shape "
+        f"{shape}, {result.samples.dtype} on {result.samples.device.type}"
+    )
+    text = fitted_toml(cfg["solver"], result.fitted_times, fitted_on=on)
+    atomic_write_bytes(Path(folder) / FITTED_FILE, text.encode())
+    return fitted_entry_name(cfg["solver"]["name"])

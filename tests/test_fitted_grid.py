@@ -1,0 +1,109 @@
+"""A fitted ``gits`` grid is fitted once: ``SamplingResult.fitted_times`` in Python, and
+``fitted.toml`` (a registry entry on that grid) in the folder of ``diffuse run`` and
+``diffuse sample``; sampling on it again gives the same samples without the pilot."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffuse_engine import Engine
+from diffuse_engine.cli import build_app
+from diffuse_engine.runs.fitted import FITTED_FILE, fitted_toml
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def app():
+    return build_app(with_plugin_commands=False)
+
+
+def test_fitted_times_sample_again_without_the_pilot(engine):
+    kw = dict(score="gmm", sde="vp", shape=2000, seed=4)
+    first = engine.sampling(solver="dpm_solver_pp_gits", **kw)
+    assert first.setup_nfe == 401 and len(first.fitted_times) == first.nfe + 1  # no denoise
+    again = engine.sampling(solver="dpm_solver_pp_gits", times=first.fitted_times, **kw)
+    assert again.setup_nfe == 0 and again.fitted_times is None
+    assert torch.equal(first.samples, again.samples)
+
+
+def test_nothing_fitted_without_a_fitted_schedule(engine):
+    assert (
+        engine.sampling(score="gmm", sde="vp", solver="dpm_solver_pp", shape=8).fitted_times is None
+    )
+
+
+def test_fitted_entry_keeps_the_solver_and_drops_what_the_grid_replaces(tmp_path):
+    solver = {
+        "name": "best-vp-10",
+        "type": "dpm_solver",
+        "schedule": "gits",
+        "steps": 9,
+        "nfe": 10,
+        "eps": 1e-5,
+        "pilot": 512,
+        "fine": 100,
+        "order": 2,
+        "denoise": True,
+        "x0_clip": None,
+    }
+    text = fitted_toml(solver, [1.0, 0.5, 0.01], fitted_on="a test")
+    entry = tomllib.loads(text)["solver"]["best-vp-10-fitted"]
+    assert entry == {"type": "dpm_solver", "order": 2, "denoise": True, "times": [1.0, 0.5, 0.01]}
+    path = tmp_path / FITTED_FILE
+    path.write_text(text)
+    built = Engine(registry=path).build("solver", "best-vp-10-fitted")
+    assert built.config.times == [1.0, 0.5, 0.01] and built.config.steps == 2
+
+
+def test_run_keeps_the_grid_and_a_rerun_on_it_needs_no_pilot(app, tmp_path):
+    out = tmp_path / "fit"
+    res = runner.invoke(
+        app, ["run", "--sde", "vp", "--nfe", "10", "--n", "2000", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["setup_nfe"] == 401 and metrics["fitted_solver"] == "best-vp-10-fitted"
+    assert f"--registry {out / FITTED_FILE} --solver best-vp-10-fitted" in res.output.replace(
+        "\n", ""
+    )
+    again = tmp_path / "again"
+    res = runner.invoke(
+        app,
+        ["run", "--sde", "vp", "--n", "2000", "--out", str(again)]
+        + ["--registry", str(out / FITTED_FILE), "--solver", "best-vp-10-fitted"],
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((again / "metrics.json").read_text())
+    assert metrics["nfe"] == 10 and "setup_nfe" not in metrics and "fitted_solver" not in metrics
+    assert not (again / FITTED_FILE).exists()
+    assert torch.equal(torch.load(out / "samples.pt"), torch.load(again / "samples.pt"))
+
+
+def test_sample_from_a_checkpoint_keeps_the_grid(app, tmp_path):
+    trained = tmp_path / "ring"
+    tiny = ["--set", "hidden=32", "--set", "depth=1", "--set", "plot_n=64", "--set"]
+    tiny += ["plot_steps=5", "--threads", "1", "--batch-size", "64", "-q"]
+    res = runner.invoke(
+        app,
+        ["train", "--data", "gmm", "--sde", "vp", "--model", "mlp", "--steps", "5"]
+        + ["--out", str(trained), *tiny],
+    )
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "s"
+    res = runner.invoke(
+        app,
+        ["sample", "--checkpoint", str(trained), "--solver", "dpm_solver_pp_gits"]
+        + ["--n", "300", "--set", "pilot=64", "--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    entry = tomllib.loads((out / FITTED_FILE).read_text())["solver"]["dpm_solver_pp_gits-fitted"]
+    assert len(entry["times"]) == 11 and "schedule" not in entry
+    assert json.loads((out / "metrics.json").read_text())["fitted_solver"] == (
+        "dpm_solver_pp_gits-fitted"
+    )
