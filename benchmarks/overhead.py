@@ -23,6 +23,10 @@ fastest. ``extra us/step`` is (engine - loop) / steps: what the engine's Python 
 per step, including its once-per-call set-up (resolving and validating the entries,
 the memory check, the time grid) spread over the steps.
 
+A control row times two equivalent hand-written DDIM loops against each other (the same
+tensor operations, one with its coefficients in a table made before the loop): what the
+ratio reads for code whose tensor work is identical, the resolution of this measurement.
+
 Writes the table into docs/benchmarks.md ("Engine overhead") and the summary into
 docs/sampling.md ("Overhead"), between markers.
 """
@@ -47,6 +51,8 @@ BENCH_DOC, SAMPLING_DOC = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "samp
 BEGIN, END = "<!-- overhead-trivial:begin -->", "<!-- overhead-trivial:end -->"
 SUMMARY_BEGIN, SUMMARY_END = "<!-- overhead-summary:begin -->", "<!-- overhead-summary:end -->"
 SOLVERS = ("pc", "ode", "ddim", "dpm_solver_pp_ring")
+#: the row of two equivalent hand-written DDIM loops (:func:`measure_control`)
+CONTROL = "control: ddim loop, table"
 #: VP SDE of the default registry (beta_min, beta_max), checked against the built SDE
 BETA_MIN, BETA_MAX = 0.1, 20.0
 #: largest |engine - loop| sample difference accepted as "the same math" (float32
@@ -153,6 +159,20 @@ def hand_ddim(score, x, steps: int, eps: float):
     return tweedie(score, x, ts[-1])
 
 
+def hand_ddim_table(score, x, steps: int, eps: float):
+    """The control: :func:`hand_ddim`'s tensor operations, in the same order, with the
+    step coefficients looked up in a table made before the loop instead of computed in
+    it. Its time over :func:`hand_ddim`'s shows how far the measurement moves for code
+    whose tensor work is identical (the allocation pattern, where the buffers land)."""
+    ts = quadratic_times(steps, eps)
+    table = [(*kernel(ts[i]), *kernel(ts[i + 1])) for i in range(steps)]
+    for i, (a, s, a_n, s_n) in enumerate(table):
+        x0 = (x + (s * s) * score(x, full(x, ts[i]))) / a
+        e = (x - a * x0) / s
+        x = a_n * x0 + s_n * e
+    return tweedie(score, x, ts[-1])
+
+
 def hand_dpmpp_2m(score, x, steps: int, eps: float):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) as the authors' reference code writes
     the second-order multistep update (``dpm_solver_pytorch.py``, "dpmsolver")."""
@@ -220,6 +240,35 @@ def measure(engine, name: str, batch: int, steps: int, repeats: int, seed: int =
         loop()
         t_loop.append(time.process_time() - start)
     e, h = min(t_engine), min(t_loop)
+    return _row(name, steps, batch, e, h, diff, t_engine, t_loop)
+
+
+def measure_control(engine, batch: int, steps: int, repeats: int, seed: int = 0) -> dict:
+    """:func:`hand_ddim_table` (in the engine's columns) against :func:`hand_ddim`,
+    alternating as :func:`measure` does: the ratio two equivalent loops give."""
+    sde = engine.build("sde", "vp")
+    eps = engine.build("solver", "ddim", steps=steps).eps(sde)
+
+    def run(loop, score=trivial_score):
+        gen = torch.Generator().manual_seed(shard_seed(seed, 0))
+        x = sde.prior_sample((batch, 2), generator=gen)
+        with torch.no_grad():
+            return loop(score, x, steps, eps)
+
+    diff = (run(hand_ddim_table, check_score) - run(hand_ddim, check_score)).abs().max().item()
+    t_control, t_loop = [], []
+    for _ in range(repeats):
+        start = time.process_time()
+        run(hand_ddim_table)
+        t_control.append(time.process_time() - start)
+        start = time.process_time()
+        run(hand_ddim)
+        t_loop.append(time.process_time() - start)
+    c, h = min(t_control), min(t_loop)
+    return _row(CONTROL, steps, batch, c, h, diff, t_control, t_loop)
+
+
+def _row(name, steps, batch, e, h, diff, t_engine, t_loop) -> dict:
     return {
         "solver": name,
         "steps": steps,
@@ -232,6 +281,14 @@ def measure(engine, name: str, batch: int, steps: int, repeats: int, seed: int =
         "engine_runs_ms": [1e3 * v for v in t_engine],
         "loop_runs_ms": [1e3 * v for v in t_loop],
     }
+
+
+def _line(row: dict) -> str:
+    return (
+        f"{row['solver']:14s} batch {row['batch']:6d}: engine {row['engine_ms']:7.1f} ms, "
+        f"loop {row['loop_ms']:7.1f} ms, ratio {row['ratio']:.3f}, "
+        f"{row['extra_us_per_step']:+.2f} us/step"
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -252,14 +309,21 @@ def table(rows: list[dict]) -> str:
 def summary(rows: list[dict], target: float) -> str:
     """The docs/sampling.md bullet: ratios per batch, and whether each meets ``target``."""
     by_batch: dict[int, list[dict]] = {}
+    controls = {r["batch"]: r for r in rows if r["solver"] == CONTROL}
     for r in rows:
-        by_batch.setdefault(r["batch"], []).append(r)
+        if r["solver"] != CONTROL:
+            by_batch.setdefault(r["batch"], []).append(r)
     parts = []
     for b, rs in sorted(by_batch.items()):
         worst = max(rs, key=lambda r: r["ratio"])
         met = "met" if worst["ratio"] <= target else "not met"
         ratios = ", ".join(f"`{r['solver']}` {r['ratio']:.3f}" for r in rs)
-        parts.append(f"batch {b}: {met} ({ratios}; worst {worst['extra_us_per_step']:.2f} us/step)")
+        control = (
+            f"; two equivalent hand loops: {controls[b]['ratio']:.3f}" if b in controls else ""
+        )
+        parts.append(
+            f"batch {b}: {met} ({ratios}; worst {worst['extra_us_per_step']:.2f} us/step{control})"
+        )
     return (
         f"- **Overhead, trivial score (target <= {target} at 1000 steps):** "
         + "; ".join(parts)
@@ -278,6 +342,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.05)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--no-doc", action="store_true", help="print only")
+    ap.add_argument("--no-control", action="store_true", help="skip the two-loop control row")
     a = ap.parse_args()
     torch.set_num_threads(1)
     kept = keep_freed_memory()
@@ -287,12 +352,10 @@ def main() -> None:
         for name in a.solvers.split(","):
             row = measure(engine, name, batch, a.steps, a.repeats)
             rows.append(row)
-            print(
-                f"{name:14s} batch {batch:6d}: engine {row['engine_ms']:7.1f} ms, loop "
-                f"{row['loop_ms']:7.1f} ms, ratio {row['ratio']:.3f}, "
-                f"{row['extra_us_per_step']:+.2f} us/step",
-                flush=True,
-            )
+            print(_line(row), flush=True)
+        if not a.no_control:
+            rows.append(measure_control(engine, batch, a.steps, a.repeats))
+            print(_line(rows[-1]), flush=True)
     body = table(rows)
     print(body)
     if a.json:
