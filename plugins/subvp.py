@@ -35,11 +35,19 @@ class SubVPSDE(SDE):
         return torch.exp(-0.5 * b), -torch.expm1(-b)
 
     def time_of_log_snr(self, lam):
-        """With ``u = exp(-b / 2)`` (``b`` the beta integral), ``e^lambda = u / (1 - u^2)``:
-        ``u = 2 e^lambda / (1 + sqrt(1 + 4 e^(2 lambda)))``, then ``b = -2 log u``."""
-        e = torch.exp(lam)
-        u = 2 * e / (1 + torch.sqrt(1 + 4 * e * e))
-        return time_of_beta_integral(self.config, -2 * torch.log(u))
+        """With ``u = exp(-b / 2)`` (``b`` the beta integral), ``e^lambda = u / (1 - u^2)``,
+        so ``1 / u - u = 2 sinh(b / 2) = e^-lambda``: ``b = 2 asinh(e^-lambda / 2)``.
+
+        Written so that nothing overflows or cancels: for ``lambda > 0`` as it stands
+        (``asinh`` of a small argument keeps its digits where ``u`` is near 1, at small
+        ``t``), for ``lambda <= 0`` as ``-lambda + log((1 + sqrt(1 + 4 e^(2 lambda))) / 2)``."""
+        m = lam.abs()
+        half_b = torch.where(
+            lam > 0,
+            torch.asinh(0.5 * torch.exp(-m)),
+            m + torch.log(0.5 + 0.5 * torch.sqrt(1 + 4 * torch.exp(-2 * m))),
+        )
+        return time_of_beta_integral(self.config, 2 * half_b)
 
 
 @hookimpl
