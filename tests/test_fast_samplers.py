@@ -119,6 +119,26 @@ def test_an_inherited_inverse_that_no_longer_fits_falls_back_to_bisection(engine
     assert (got - s.time_of_log_snr(lams).clamp(1e-3, 1.0)).abs().max() > 1e-3
 
 
+def test_a_closed_form_inverse_off_by_more_than_round_off_falls_back_to_bisection():
+    """The closed form is taken only where it is as good as the bisection (float64
+    round-off of ``lambda``, about 1e-15 on VP, sub-VP and VE: see the tests above): an
+    inverse off by 1e-10 of ``t`` (a ``lambda`` error of 6e-11 to 8e-10, which the
+    earlier 1e-9 acceptance let through) gets the bisection's times."""
+    from diffuse_engine.components.schedules import bisect_time, time_from_log_snr
+    from diffuse_plugins.vp import VPSDE
+
+    class RoughVP(VPSDE):
+        name = "rough_vp"
+
+        def time_of_log_snr(self, lam):
+            return super().time_of_log_snr(lam) * (1 + 1e-10)
+
+    s = RoughVP()
+    lams = torch.linspace(-4.0, 4.0, 50, dtype=torch.float64)
+    got = torch.tensor(time_from_log_snr(s, lams.tolist(), 1e-3, 1.0), dtype=torch.float64)
+    assert torch.equal(got, bisect_time(s, lams, 1e-3, 1.0))
+
+
 def test_default_schedule_is_uniform_in_t(engine):
     for name in ("pc", "ode"):
         solver = engine.build("solver", name, steps=10)

@@ -44,6 +44,10 @@ SCHEDULE_HELP = (
 
 #: bisection iterations: (T - eps) / 2**64 is far below float64 resolution of t
 _BISECT_ITERS = 64
+#: a closed-form inverse is taken where its times give back the targets to this
+#: (relative to ``max(|lambda|, 1)``): float64 round-off of ``lambda`` is about 1e-15 on
+#: VP, sub-VP and VE, so only an inverse as good as the bisection passes
+_INVERSE_RTOL = 1e-12
 
 
 def log_snr(sde, times: Sequence[float]) -> list[float]:
@@ -71,8 +75,8 @@ def time_from_log_snr(sde, lams: Sequence[float], eps: float, T: float) -> list[
 
     Targets outside ``[lambda(T), lambda(eps)]`` clamp to the nearest end. An SDE's
     closed-form inverse (:meth:`SDE.time_of_log_snr`) is used when its times give back
-    the targets (to 1e-9: a subclass that changes the kernel but inherits the inverse
-    fails this), else bisection.
+    the targets (to 1e-12, ``_INVERSE_RTOL``: a subclass that changes the kernel but
+    inherits the inverse fails this, and so does an inaccurate one), else bisection.
     """
     target = torch.tensor(list(lams), dtype=torch.float64)
     try:
@@ -91,7 +95,7 @@ def _inverts(sde, t: torch.Tensor, target: torch.Tensor, eps: float, T: float) -
         return False
     lam = sde.log_snr(t)
     inside = (t > eps) & (t < T)
-    close = (lam - target).abs() <= 1e-9 * target.abs().clamp_min(1.0)
+    close = (lam - target).abs() <= _INVERSE_RTOL * target.abs().clamp_min(1.0)
     beyond = torch.where(t <= eps, target >= lam, target <= lam)
     return bool(torch.where(inside, close, beyond | close).all())
 
