@@ -107,3 +107,28 @@ def test_sample_from_a_checkpoint_keeps_the_grid(app, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["fitted_solver"] == (
         "dpm_solver_pp_gits-fitted"
     )
+
+
+@pytest.mark.parametrize(
+    "solver,kw",
+    [
+        ("ddim", {"steps": 6}),
+        ("dpm_solver", {"nfe": 10}),  # singlestep 3: the budget's orders with the grid
+        ("dpm_solver_pp", {"steps": 6}),  # 3M, third_order = "reference"
+        ("dpm_solver_pp_sde", {"steps": 6}),  # fresh noise: the same seed, the same draws
+        ("unipc", {"nfe": 7}),
+        ("edm", {"nfe": 9}),  # its s_tmax = inf default, which a registry file refuses
+    ],
+)
+def test_every_kernel_solver_samples_again_on_its_fitted_entry(engine, tmp_path, solver, kw):
+    """``fitted.toml`` of each kernel solver on a ``gits`` grid loads back and samples the
+    same, bit for bit, without the pilot (``nfe`` budgets included: the fields the budget
+    set, ``orders`` or ``euler_steps``, stay in the entry, ``nfe`` goes)."""
+    from diffuse_engine.runs.fitted import write_fitted
+
+    args = dict(score="gmm", sde="vp", shape=200, seed=2)
+    first = engine.sampling(solver=solver, schedule="gits", pilot=64, **args, **kw)
+    name = write_fitted(tmp_path, first)
+    again = Engine(autoload=False, registry=tmp_path / FITTED_FILE).sampling(solver=name, **args)
+    assert again.setup_nfe == 0 and again.nfe == first.nfe
+    assert torch.equal(first.samples, again.samples)

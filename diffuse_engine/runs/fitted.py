@@ -6,6 +6,7 @@ folder, and ``--registry OUT/fitted.toml --solver NAME-fitted`` samples on that 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ def fitted_toml(solver: dict[str, Any], times: list[float], *, fitted_on: str) -
     solver config ``solver`` (its ``name``, ``type`` and fields) sampling on ``times``.
 
     Fields the grid replaces (schedule, steps, eps, nfe, the fit's own) are left out, and
-    so are unset (``None``) ones, which TOML cannot write and which are the defaults."""
-    entry = {k: v for k, v in solver.items() if k not in REPLACED and v is not None}
+    so are unset (``None``) ones, which TOML cannot write, and non-finite floats (EDM's
+    ``s_tmax = inf``), which a registry file may not set: both can only be defaults,
+    since configs refuse them as input, so the entry gets the same values back."""
+    entry = {k: v for k, v in solver.items() if k not in REPLACED and not _default_only(v)}
     entry["times"] = [float(t) for t in times]
     name = fitted_entry_name(solver["name"])
     head = (
@@ -38,6 +41,11 @@ def fitted_toml(solver: dict[str, Any], times: list[float], *, fitted_on: str) -
         f"# Reuse it without the pilot: --registry THIS_FILE --solver {name}\n"
     )
     return head + tomli_w.dumps({"solver": {name: entry}})
+
+
+def _default_only(value: Any) -> bool:
+    """``None`` or a non-finite float: a value no registry entry can set."""
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
 def write_fitted(folder: Path, result) -> str:
