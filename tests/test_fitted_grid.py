@@ -132,3 +132,17 @@ def test_every_kernel_solver_samples_again_on_its_fitted_entry(engine, tmp_path,
     again = Engine(autoload=False, registry=tmp_path / FITTED_FILE).sampling(solver=name, **args)
     assert again.setup_nfe == 0 and again.nfe == first.nfe
     assert torch.equal(first.samples, again.samples)
+
+
+def test_no_fitted_entry_for_a_solver_that_takes_no_explicit_grid(engine, tmp_path):
+    """The PC sampler and the ODE solver fit a ``gits`` grid too, but have no ``times``
+    field to sample on it again: no ``fitted.toml`` (it would not load), and no name."""
+    from diffuse_engine.runs.fitted import write_fitted
+
+    for solver in ("pc", "ode"):
+        result = engine.sampling(
+            score="gmm", sde="vp", solver=solver, shape=50, steps=5, schedule="gits", pilot=32
+        )
+        assert result.fitted_times is not None
+        assert write_fitted(tmp_path, result) is None
+        assert not (tmp_path / FITTED_FILE).exists()

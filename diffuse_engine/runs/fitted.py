@@ -48,10 +48,13 @@ def _default_only(value: Any) -> bool:
     return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
-def write_fitted(folder: Path, result) -> str:
+def write_fitted(folder: Path, result) -> str | None:
     """Write ``folder/fitted.toml`` for a :class:`SamplingResult` whose schedule was
-    fitted; the entry's name."""
+    fitted; the entry's name. ``None``, and no file, for a solver without a ``times``
+    field (the PC sampler, the ODE solver): it fits a grid but cannot be given one."""
     cfg = result.config
+    if "times" not in cfg["solver"]:  # the resolved config lists every field
+        return None
     shape = tuple(result.samples.shape[1:])
     on = (
         f"score {cfg['score']['name']!r} / SDE {cfg['sde']['name']!r}, samples of shape "
