@@ -9,7 +9,7 @@ import pytest
 from diffuse_engine import Engine
 from diffuse_engine.components.mixture import mode_statistics
 from diffuse_engine.components.solver import best_at_budget
-from diffuse_engine.core.errors import DiffuseError
+from diffuse_engine.core.errors import DiffuseError, RegistryError
 
 #: (solver entry, extra fields): every built-in way of stepping
 EXACT = [
@@ -195,3 +195,16 @@ def test_budget_quality_never_worse_than_a_smaller_budget_on_the_ring(engine):
     # a step up may differ by sampling noise only (one noise unit)
     assert all(b <= a + 1.0 for a, b in zip(worst, worst[1:], strict=False)), worst
     assert math.isfinite(worst[-1])
+
+
+def test_an_override_of_steps_or_times_replaces_an_entrys_budget(engine):
+    """A best-at-budget entry carries ``nfe``: ``steps=`` or ``times=`` given for it
+    replace the budget instead of being ignored (steps) or refused (times); an entry's
+    ``steps`` give way to ``nfe=`` likewise. Both in one call are refused."""
+    assert engine.build("solver", "best-vp-10").config.nfe == 10
+    assert engine.build("solver", "best-vp-10", steps=5).config.steps == 5
+    c = engine.build("solver", "best-vp-10", times=[1.0, 0.5, 0.01]).config
+    assert c.nfe is None and c.steps == 2
+    assert engine.build("solver", "dpm_solver_pp", nfe=10).config.steps == 9  # entry: 19
+    with pytest.raises(RegistryError, match=r"nfe \(10\) and steps both fix the steps"):
+        engine.build("solver", "ddim", nfe=10, steps=4)

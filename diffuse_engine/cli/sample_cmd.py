@@ -205,7 +205,9 @@ def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solve
     else:
         plot_result(x, folder.path / "samples.png", dataset=dataset, title=title)
     if result.fitted_times is not None:  # keep the grid, so it is fitted once
-        metrics["fitted_solver"] = write_fitted(folder.path, result)
+        fitted = write_fitted(folder.path, result)  # None: the solver takes no times
+        if fitted is not None:
+            metrics["fitted_solver"] = fitted
     write_json(folder.path / "metrics.json", metrics)
     return metrics
 

@@ -50,6 +50,14 @@ class SolverConfig(ComponentConfig):
         "orders and final denoising step) to spend it; replaces steps",
     )
 
+    # nfe, steps and an explicit times grid each fix the steps: an override of one
+    # replaces the entry's others (a best-at-budget entry's nfe, an entry's steps)
+    override_replaces: ClassVar[dict[str, tuple[str, ...]]] = {
+        "nfe": ("steps", "times"),
+        "steps": ("nfe", "times"),
+        "times": ("nfe", "steps"),
+    }
+
     def budget(self, nfe: int) -> dict:
         """The field values that spend ``nfe`` score evaluations per sample.
 
@@ -64,8 +72,11 @@ class SolverConfig(ComponentConfig):
     def _spend_budget(self):
         """With ``nfe`` set, replace ``steps`` (and whatever :meth:`budget` says)."""
         if self.nfe is not None:
+            spend = self.budget(self.nfe)
+            if "steps" in self.model_fields_set:  # both given, in one entry or one call
+                raise ValueError(f"nfe ({self.nfe}) and steps both fix the steps; give one of them")
             # the config is frozen: the budget's fields are written once, here
-            self.__dict__.update(self.budget(self.nfe))
+            self.__dict__.update(spend)
         return self
 
 
@@ -144,8 +155,9 @@ class Solver(Component):
 
     @property
     def fitted_times(self) -> list[float] | None:
-        """The grid :meth:`prepare` fitted (a ``gits`` schedule), else ``None``; passed as
-        ``times`` it samples on the same steps without fitting again."""
+        """The grid :meth:`prepare` fitted (a ``gits`` schedule), else ``None``; a kernel
+        solver given it as ``times`` samples on the same steps without fitting again
+        (the PC sampler and the ODE solvers take no ``times``)."""
         fitted = getattr(self, "_gits_fit", None)
         return None if fitted is None else list(fitted[1])
 

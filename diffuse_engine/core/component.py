@@ -21,6 +21,9 @@ class ComponentConfig(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False
     )
+    #: ``{field: fields it replaces}``: an override of ``field`` drops the entry's own
+    #: values of those (``steps=`` on an entry with an ``nfe`` budget samples ``steps``)
+    override_replaces: ClassVar[dict[str, tuple[str, ...]]] = {}
 
 
 class ComponentRef:

@@ -227,6 +227,19 @@ class Registry:
                 + ", ".join(self.catalogue.names(kind))
             )
         impl = self.implementation(kind, entry.type, entry.where("type"))
+        replaced = {
+            f
+            for k in overrides or ()
+            for f in impl.Config.override_replaces.get(k, ())
+            if f not in (overrides or ())
+        }
+        if replaced:  # what an override replaces goes with it (override_replaces)
+            entry = Entry(
+                kind,
+                name,
+                {k: v for k, v in entry.fields.items() if k not in replaced},
+                {k: v for k, v in entry.sources.items() if k not in replaced},
+            )
         try:
             config = impl.Config.model_validate(entry.config_fields)
         except ValidationError as exc:

@@ -183,7 +183,9 @@ def execute_run(
         title = f"{plan.sde} / {plan.solver}: {plan.n} samples, {result.nfe} score evaluations"
         plot_samples(x, folder.path / "samples.png", reference=reference, title=title)
         if result.fitted_times is not None:  # keep the grid, so it is fitted once
-            metrics["fitted_solver"] = write_fitted(folder.path, result)
+            fitted = write_fitted(folder.path, result)  # None: the solver takes no times
+            if fitted is not None:
+                metrics["fitted_solver"] = fitted
         write_json(folder.path / "metrics.json", metrics)
     builder.hook.diffuse_run_end(
         run={"command": "run", "out": str(out), "config": plan.as_dict()}, metrics=metrics
