@@ -97,7 +97,7 @@ class SDE(Component):
         (float64; values outside ``[lambda(T), lambda(0)]`` may give times outside
         ``[0, T]``, which the caller clamps). Optional: without it the schedules find
         the times by bisection (:func:`~diffuse_engine.components.schedules.time_from_log_snr`),
-        the same to float64 round-off, about 60 kernel evaluations per grid."""
+        the same to float64 round-off, 64 kernel evaluations per grid."""
         raise NotImplementedError
 
     # ---- prior ----------------------------------------------------------------
