@@ -240,6 +240,8 @@ ORDER_CASES = [
     ("dpm_solver", {"order": 3, "method": "singlestep", "prediction": "data"}, 3),
     ("edm", {}, 2),
     ("unipc", {"order": 2, "lower_order_final": False}, 3),
+    # UniPC-3 (the VE-20 table entry's solver) on Karras steps: UniC makes it 4
+    ("unipc", {"order": 3, "lower_order_final": False, "schedule": "karras"}, 4),
 ]
 
 
