@@ -159,11 +159,12 @@ def main() -> None:
         ]
         floors = B.Floors()
         loaded = [(t, S.refloor(e, S.load(OUT / f"{f}.jsonl"), floors)) for t, f in sections]
-        refs = {  # exact samples with the seeds of each section: the figure's noise
-            t: S.exact_reference(e, B.BEDS, sorted({r["seed"] for r in recs.values()}), floors)
+        exact = {  # exact samples with the seeds of each section: the figure's noise
+            t: S.exact_figures(e, B.BEDS, sorted({r["seed"] for r in recs.values()}), floors)
             for t, recs in loaded
             if recs
         }
+        refs = {t: S.exact_reference(e, B.BEDS, (), floors, figures=f) for t, f in exact.items()}
         md = write_suite_report(
             [(t, r) for t, r in loaded if r],
             B.BEDS,
@@ -171,6 +172,7 @@ def main() -> None:
             targets=S.TARGETS,
             note=NOTE,
             references=refs,
+            exact=exact,
         )
         print(f"wrote {md}")
 

@@ -219,10 +219,13 @@ def write_suite_report(
     targets: dict[int, float],
     note: str = "",
     references: dict[str, dict] | None = None,
+    exact: dict[str, dict[str, float]] | None = None,
 ) -> Path:
     """The suite report (``docs/benchmarks-suite.md``): per section (a results file of
     :mod:`.suite`) the worst floor-normalised error per SDE and budget over the selection
-    beds and, apart, over the held-out beds, then every bed's own numbers."""
+    beds and, apart, over the held-out beds, then every bed's own numbers. ``exact`` (per
+    section title, each bed's figure for exact samples, ``suite.exact_figures``) adds
+    the figure over that: how far each default is from what a perfect sampler scores."""
     from diffuse_engine.testbed.bench.beds import METRICS
     from diffuse_engine.testbed.bench.suite import bed_error, summary
 
@@ -244,9 +247,10 @@ def write_suite_report(
             "three; the worst bed):",
             "",
             "| SDE | budget | target | selection beds (worst bed) | held-out beds (worst bed) "
-            "| evaluations used (max) |",
-            "|---|---|---|---|---|---|",
+            "| evaluations used (max) | over exact samples' figure: selection / held out |",
+            "|---|---|---|---|---|---|---|",
         ]
+        ex = (exact or {}).get(title)
         ref = (references or {}).get(title)
         if ref:
             lines[-2:-2] = [
@@ -256,6 +260,8 @@ def write_suite_report(
                 "",
             ]
         sel, held = summary(recs, False), summary(recs, True)
+        sel_x = summary(recs, False, ex) if ex else {}
+        held_x = summary(recs, True, ex) if ex else {}
         for key in sorted(set(sel) | set(held), key=lambda k: (k[0], k[1] or 0)):
             sde, nfe = key
             used = max(
@@ -266,13 +272,15 @@ def write_suite_report(
                 "–" if key not in d else f"{d[key]['worst']:.2f} ({d[key]['bed']})"
             )
             target = targets.get(nfe, "") if nfe is not None else "1.1 within 40"
+            over = f"{cell(sel_x)} / {cell(held_x)}" if ex else "–"
             lines.append(
-                f"| {sde} | {nfe or 'adaptive'} | {target} | {cell(sel)} | {cell(held)} | {used} |"
+                f"| {sde} | {nfe or 'adaptive'} | {target} | {cell(sel)} | {cell(held)} | "
+                f"{used} | {over} |"
             )
         lines += ["", "Per bed (the figure; w / std / c: each ratio's mean over the seeds):", ""]
         lines += [
-            "| bed | SDE | budget | entry | seeds | nfe | figure | w | std | c |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| bed | SDE | budget | entry | seeds | nfe | figure | w | std | c | over exact |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in recs.values():
@@ -282,10 +290,12 @@ def write_suite_report(
                 ).append(r)
         for (sde, nfe, bed, label), rs in sorted(groups.items()):
             mean = {m: sum(r[f"{m}_ratio"] for r in rs) / len(rs) for m in METRICS}
+            figure = bed_error(rs)
+            over = f"{figure / ex[bed]:.2f}" if ex and bed in ex else "–"
             lines.append(
                 f"| {bed} | {sde} | {nfe or 'adaptive'} | {label} | {len(rs)} | "
-                f"{max(r['nfe'] for r in rs)} | {bed_error(rs):.2f} | {mean['weight_tv']:.2f} | "
-                f"{mean['std_error']:.2f} | {mean['centre_error']:.2f} |"
+                f"{max(r['nfe'] for r in rs)} | {figure:.2f} | {mean['weight_tv']:.2f} | "
+                f"{mean['std_error']:.2f} | {mean['centre_error']:.2f} | {over} |"
             )
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -280,9 +280,15 @@ def bed_error(recs: list[dict[str, Any]]) -> float:
     return max(sum(r[f"{m}_ratio"] for r in recs) / len(recs) for m in METRICS)
 
 
-def summary(records: dict[str, dict[str, Any]], held_out: bool) -> dict[tuple[str, int], dict]:
+def summary(
+    records: dict[str, dict[str, Any]],
+    held_out: bool,
+    relative_to: dict[str, float] | None = None,
+) -> dict[tuple[str, int], dict]:
     """Worst normalised error per ``(sde, nfe)`` over the selection (``held_out``
-    False) or held-out beds, and its bed; each bed's figure is :func:`bed_error`."""
+    False) or held-out beds, and its bed; each bed's figure is :func:`bed_error`,
+    divided by ``relative_to[bed]`` when given (exact samples' figure there,
+    :func:`exact_figures`: how far from what a perfect sampler scores)."""
     per: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in records.values():
         if r["held_out"] != held_out or "skipped" in r:
@@ -290,19 +296,22 @@ def summary(records: dict[str, dict[str, Any]], held_out: bool) -> dict[tuple[st
         per.setdefault((r["sde"], r["nfe_budget"], r["bed"]), []).append(r)
     out: dict[tuple[str, int], dict] = {}
     for (sde, nfe, b), recs in per.items():
-        v = bed_error(recs)
+        v = bed_error(recs) / (relative_to[b] if relative_to is not None else 1.0)
         cur = out.get((sde, nfe))
         if cur is None or v > cur["worst"]:
             out[(sde, nfe)] = {"worst": v, "bed": b, "seeds": len(recs)}
     return out
 
 
-def exact_reference(engine: Any, beds: Iterable[Bed], seeds: Iterable[int], floors: Floors) -> dict:
-    """The same figure for *exact* samples of each bed (seeded like the solvers): the
-    noise level of :func:`summary`. ``{held_out: (worst, bed)}``."""
+def exact_figures(
+    engine: Any, beds: Iterable[Bed], seeds: Iterable[int], floors: Floors
+) -> dict[str, float]:
+    """Each bed's figure (:func:`bed_error`) for *exact* samples, seeded like the
+    solvers: what a perfect sampler scores there, the noise level of :func:`summary`."""
     import torch
 
-    out: dict[bool, tuple[float, str]] = {}
+    seeds = list(seeds)
+    out: dict[str, float] = {}
     for b in beds:
         mix = engine.build("score", b.entry, sde=engine.build("sde", "vp")).mixture
         recs = []
@@ -311,7 +320,24 @@ def exact_reference(engine: Any, beds: Iterable[Bed], seeds: Iterable[int], floo
             st = mode_statistics(mix.sample(b.n, generator=g, dtype=torch.float64), mix)
             ratios = normalised(st, floors.of(mix, b.name, b.n))
             recs.append({**{f"{m}_ratio": ratios[m] for m in METRICS}, "worst": ratios["worst"]})
-        v = bed_error(recs)
+        out[b.name] = bed_error(recs)
+    return out
+
+
+def exact_reference(
+    engine: Any,
+    beds: Iterable[Bed],
+    seeds: Iterable[int],
+    floors: Floors,
+    figures: dict[str, float] | None = None,
+) -> dict:
+    """The worst of :func:`exact_figures` (or the given ``figures``) over the selection
+    and over the held-out beds: ``{held_out: (worst, bed)}``."""
+    beds = list(beds)
+    figures = figures if figures is not None else exact_figures(engine, beds, seeds, floors)
+    out: dict[bool, tuple[float, str]] = {}
+    for b in beds:
+        v = figures[b.name]
         if b.held_out not in out or v > out[b.held_out][0]:
             out[b.held_out] = (v, b.name)
     return out
