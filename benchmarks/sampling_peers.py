@@ -37,7 +37,8 @@ The best variant per bed and budget is the peer. The engine: the registry's
 ``best-vp-B`` entry (the VP table; the chain is a VP SDE) with ``nfe = N``. Prints and
 writes ``docs/suite/peers.jsonl``: per bed and budget the figure of each (each
 floor-normalised error's mean over seeds 1..K, the worst of the three;
-``suite.bed_error``) and the engine / best-peer ratio.
+``suite.bed_error``), the engine / best-peer ratio, its 90 % bootstrap interval over
+the seeds (:func:`ratio_interval`) and the verdict it gives (win, tie or loss).
 """
 
 from __future__ import annotations
@@ -178,6 +179,21 @@ KD_VARIANTS = (
 )
 
 
+def ratio_interval(mine: list[dict], peer: list[dict], draws: int = 2000) -> tuple[float, float]:
+    """A 90 % bootstrap interval of the engine / peer figure ratio: seeds resampled with
+    replacement, the same seeds for both (seed ``k`` of each is one resampled unit), so
+    a ratio whose interval holds 1 is a tie at this many seeds, not a loss or a win."""
+    g = torch.Generator().manual_seed(0)
+    k = len(mine)
+    ratios = []
+    for _ in range(draws):
+        idx = torch.randint(k, (k,), generator=g).tolist()
+        a, b = bed_error([mine[i] for i in idx]), bed_error([peer[i] for i in idx])
+        ratios.append(a / b if b > 0 else math.inf)
+    ratios.sort()
+    return ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]
+
+
 def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
     """The engine's ``dpm_adaptive`` and ``dpm_adaptive_ms`` (their defaults) against k-diffusion's
     ``sample_dpm_adaptive`` (its defaults: DPM-Solver-23, rtol 0.05, atol 0.0078) on the
@@ -266,7 +282,7 @@ def main() -> None:
             entry = best_at_budget(e.registry.names("solver"), "vp", nfe)
             seeds = range(1, 1 + args.seeds)
             mine = [run_one(e, bed, "ddpm", entry, {}, nfe, s, floors, label=entry) for s in seeds]
-            peers = {}
+            peers, per_seed = {}, {}
             shape = (bed.n, *score.data_shape)
             labels = [*VARIANTS, *(KD_VARIANTS if K is not None else ())]
             for label in labels:
@@ -278,8 +294,9 @@ def main() -> None:
                         x = kdiffusion_sample(K, score, sde, shape, nfe, seed, label)
                     r = normalised(mode_statistics(x, score.mixture), floor)
                     recs.append({**{f"{m}_ratio": r[m] for m in B.METRICS}, "worst": r["worst"]})
-                peers[label] = bed_error(recs)
+                peers[label], per_seed[label] = bed_error(recs), recs
             best = min(peers, key=peers.get)
+            lo, hi = ratio_interval(mine, per_seed[best])
             rec = {
                 "bed": name,
                 "nfe": nfe,
@@ -289,10 +306,13 @@ def main() -> None:
                 "peers": peers,
                 "best_peer": best,
                 "ratio": bed_error(mine) / peers[best],
+                "ratio_90": [lo, hi],
+                "verdict": "win" if hi < 1 else "loss" if lo > 1 else "tie",
             }
             print(
                 f"{name:14s} nfe {nfe:3d}  engine {rec['engine_worst']:7.2f}  {best} "
-                f"{peers[best]:7.2f}  ratio {rec['ratio']:.2f}",
+                f"{peers[best]:7.2f}  ratio {rec['ratio']:.2f} [{lo:.2f}, {hi:.2f}] "
+                f"{rec['verdict']}",
                 flush=True,
             )
             with part.open("a") as fh:
