@@ -146,3 +146,19 @@ def test_no_fitted_entry_for_a_solver_that_takes_no_explicit_grid(engine, tmp_pa
         assert result.fitted_times is not None
         assert write_fitted(tmp_path, result) is None
         assert not (tmp_path / FITTED_FILE).exists()
+
+
+@pytest.mark.parametrize("guidance", ["conditional", "cfg"])
+def test_a_fitted_grid_serves_conditional_and_guided_sampling(engine, guidance):
+    """The grid is fitted once per run, with the model's unconditional score on the
+    pilot batch, and every shard samples on it whatever guidance wraps the score (the
+    guided score carries the shard's condition, which the pilot batch does not fit:
+    before, the solver fitted again with it and failed on the batch size)."""
+    y = torch.arange(1200) % 8
+    kw = dict(score="gmm", sde="vp", solver="dpm_solver_pp_gits", shape=1200, seed=5)
+    kw.update(cond={"label": y}, guidance=guidance, shard_size=500)
+    first = engine.sampling(**kw)
+    # cfg evaluates the conditional and the unconditional score at every step
+    assert first.setup_nfe == 401 and first.nfe == 10 * (2 if guidance == "cfg" else 1)
+    again = engine.sampling(**kw, times=first.fitted_times)
+    assert again.setup_nfe == 0 and torch.equal(first.samples, again.samples)

@@ -124,11 +124,15 @@ class Solver(Component):
 
         The ``gits`` schedule is fitted to ``score`` on a pilot batch shaped, placed and
         typed like ``like`` (:mod:`diffuse_engine.components.gits`); the fit is kept for the next
-        call with the same score, SDE and data, so sharded runs fit once.
+        call with the same score, SDE and data, so sharded runs fit once. A grid the run
+        pinned (:meth:`adopt`) is used whatever the score.
         """
         c = self.config
         if c.schedule != "gits":
             return time_grid(sde, c.steps, self.eps(sde), c.schedule, c.rho)
+        pinned = getattr(self, "_gits_pinned", None)
+        if pinned is not None:
+            return list(pinned)
         if score is None or like is None:
             raise IncompatibleError(
                 f"solver {self.name!r}: schedule 'gits' is fitted to the "
@@ -158,14 +162,18 @@ class Solver(Component):
         """The grid :meth:`prepare` fitted (a ``gits`` schedule), else ``None``; a kernel
         solver given it as ``times`` samples on the same steps without fitting again
         (the PC sampler and the ODE solvers take no ``times``)."""
+        pinned = getattr(self, "_gits_pinned", None)
+        if pinned is not None:
+            return list(pinned)
         fitted = getattr(self, "_gits_fit", None)
         return None if fitted is None else list(fitted[1])
 
     def adopt(self, grid: list[float]) -> None:
-        """Use ``grid``, another process's :meth:`prepare` result, as the fitted grid, so
-        every rank of a distributed run samples on rank 0's times."""
-        key, _ = self._gits_fit
-        self._gits_fit = (key, list(grid))
+        """Sample on ``grid`` from now on, whatever score :meth:`sample` gets. The engine
+        pins what :meth:`prepare` fitted with the model's own score (rank 0's, in a
+        distributed run, so every rank samples on the same times): a guidance method
+        then wraps the score, with each shard's condition, and must not refit."""
+        self._gits_pinned = list(grid)
 
     def sample(
         self,

@@ -91,8 +91,8 @@ def run_sampling(
             counted, sde, torch.empty((1, *shape[1:]), device=device, dtype=dtype)
         )
     setup_nfe = counted.calls
-    if fitted is not None and dist.enabled:  # round-off may differ across devices
-        solver.adopt(dist.all_gather_object(fitted)[0])
+    if fitted is not None:  # pinned: guided shards must not refit (round-off may differ
+        solver.adopt(dist.all_gather_object(fitted)[0] if dist.enabled else fitted)  # by rank)
 
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
 
