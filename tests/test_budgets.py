@@ -206,5 +206,6 @@ def test_an_override_of_steps_or_times_replaces_an_entrys_budget(engine):
     c = engine.build("solver", "best-vp-10", times=[1.0, 0.5, 0.01]).config
     assert c.nfe is None and c.steps == 2
     assert engine.build("solver", "dpm_solver_pp", nfe=10).config.steps == 9  # entry: 19
+    assert engine.build("solver", "dpm_solver_pp", nfe=None).config.steps == 19  # unset only
     with pytest.raises(RegistryError, match=r"nfe \(10\) and steps both fix the steps"):
         engine.build("solver", "ddim", nfe=10, steps=4)

@@ -227,11 +227,12 @@ class Registry:
                 + ", ".join(self.catalogue.names(kind))
             )
         impl = self.implementation(kind, entry.type, entry.where("type"))
-        replaced = {
+        replaced = {  # an override of None unsets its field and replaces nothing
             f
-            for k in overrides or ()
+            for k, v in (overrides or {}).items()
+            if v is not None
             for f in impl.Config.override_replaces.get(k, ())
-            if f not in (overrides or ())
+            if f not in overrides
         }
         if replaced:  # what an override replaces goes with it (override_replaces)
             entry = Entry(
