@@ -207,5 +207,21 @@ def test_an_override_of_steps_or_times_replaces_an_entrys_budget(engine):
     assert c.nfe is None and c.steps == 2
     assert engine.build("solver", "dpm_solver_pp", nfe=10).config.steps == 9  # entry: 19
     assert engine.build("solver", "dpm_solver_pp", nfe=None).config.steps == 19  # unset only
-    with pytest.raises(RegistryError, match=r"nfe \(10\) and steps both fix the steps"):
+    with pytest.raises(RegistryError, match=r"nfe \(10\) and steps \(4\) both fix the steps"):
         engine.build("solver", "ddim", nfe=10, steps=4)
+
+
+@pytest.mark.parametrize(
+    "entry, fields", [e for e in EXACT if e[0] != "edm"] + [("best-vp-10", {})]
+)  # edm's default s_tmax = inf does not re-validate at all (allow_inf_nan=False)
+def test_a_budgeted_config_validates_again_from_its_own_fields(engine, entry, fields):
+    """A config with ``nfe`` holds the ``steps`` its budget spent: its own dump (a run's
+    ``config.json``, ``--dry-run``) and ``Component(config, **fields)`` validate again to
+    the same config, since those steps agree with the budget; steps that disagree with
+    it are refused (the test above)."""
+    solver = engine.build("solver", entry, nfe=12, **fields)
+    c = solver.config
+    assert type(c).model_validate(c.model_dump()) == c
+    assert type(solver)(c, catalogue=solver.catalogue, denoise=c.denoise).config == c
+    with pytest.raises(ValueError, match=r"nfe \(12\) and steps"):
+        type(c).model_validate({**c.model_dump(), "steps": c.steps + 1})

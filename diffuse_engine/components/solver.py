@@ -70,11 +70,17 @@ class SolverConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _spend_budget(self):
-        """With ``nfe`` set, replace ``steps`` (and whatever :meth:`budget` says)."""
+        """With ``nfe`` set, replace ``steps`` (and whatever :meth:`budget` says). Steps
+        given too are refused unless they are the budget's own (a config's dump, which
+        ``Component(config, **fields)`` and ``config.json`` validate again)."""
         if self.nfe is not None:
             spend = self.budget(self.nfe)
-            if "steps" in self.model_fields_set:  # both given, in one entry or one call
-                raise ValueError(f"nfe ({self.nfe}) and steps both fix the steps; give one of them")
+            given = "steps" in self.model_fields_set  # in one entry or one call
+            if given and self.steps != spend["steps"]:
+                raise ValueError(
+                    f"nfe ({self.nfe}) and steps ({self.steps}) both fix the steps "
+                    f"(nfe {self.nfe} takes {spend['steps']}); give one of them"
+                )
             # the config is frozen: the budget's fields are written once, here
             self.__dict__.update(spend)
         return self
