@@ -162,3 +162,13 @@ def test_a_fitted_grid_serves_conditional_and_guided_sampling(engine, guidance):
     assert first.setup_nfe == 401 and first.nfe == 10 * (2 if guidance == "cfg" else 1)
     again = engine.sampling(**kw, times=first.fitted_times)
     assert again.setup_nfe == 0 and torch.equal(first.samples, again.samples)
+
+
+def test_a_pinned_grid_stays_with_its_run(engine):
+    """The pin lives on the solver of one call (each ``sampling`` builds its own), so a
+    later call with another SDE fits its own grid instead of reusing the first run's."""
+    kw = dict(score="gmm", solver="dpm_solver_pp_gits", shape=64, seed=1)
+    vp, ve = engine.sampling(sde="vp", **kw), engine.sampling(sde="ve", **kw)
+    assert vp.setup_nfe > 0 and ve.setup_nfe > 0
+    assert vp.fitted_times != ve.fitted_times
+    assert engine.sampling(sde="vp", **kw).fitted_times == vp.fitted_times  # seeded fit
