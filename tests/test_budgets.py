@@ -225,3 +225,16 @@ def test_a_budgeted_config_validates_again_from_its_own_fields(engine, entry, fi
     assert type(solver)(c, catalogue=solver.catalogue, denoise=c.denoise).config == c
     with pytest.raises(ValueError, match=r"nfe \(12\) and steps"):
         type(c).model_validate({**c.model_dump(), "steps": c.steps + 1})
+
+
+def test_a_calls_budget_beats_an_engine_wide_steps_and_a_grid_must_agree_with_steps():
+    """Precedence call > engine-wide sets > entry holds across the fields that fix the
+    steps: a call's ``nfe`` replaces a set ``steps`` (and a call's ``steps`` a set
+    ``nfe``); ``steps`` given with an explicit ``times`` grid must agree with it."""
+    e = Engine(sets=["steps=50"])
+    assert e.sampling(solver="ddim", nfe=10, shape=10).nfe == 10
+    assert e.sampling(solver="ddim", shape=10).config["solver"]["steps"] == 50  # the set
+    assert Engine(sets=["nfe=12"]).sampling(solver="ddim", steps=5, shape=10).nfe == 6
+    with pytest.raises(RegistryError, match=r"times \(3 times: 2 steps\) and steps \(5\)"):
+        Engine().build("solver", "ddim", steps=5, times=[1.0, 0.5, 0.01])
+    assert Engine().build("solver", "ddim", steps=2, times=[1.0, 0.5, 0.01]).config.steps == 2

@@ -108,9 +108,12 @@ class Builder:
         self, chosen: Mapping[str, type], overrides: Mapping[str, Any], *, with_sets: bool = True
     ) -> dict[str, dict[str, Any]]:
         """Send each ``FIELD`` or ``KIND.FIELD`` override to the chosen entry that has it
-        (``with_sets``: the engine-wide sets too, under the call's own overrides)."""
+        (``with_sets``: the engine-wide sets too, under the call's own overrides: a set
+        gives way to a call's field that replaces it, ``ComponentConfig.override_replaces``,
+        so a call's ``nfe=`` beats an engine-wide ``steps``)."""
         sets = self.set_overrides if with_sets else {}
         routed: dict[str, dict[str, Any]] = {k: {} for k in chosen}
+        from_set: dict[str, set[str]] = {k: set() for k in chosen}
         for key, value in {**sets, **overrides}.items():
             from_sets = key in sets and key not in overrides
             kind, _, fname = key.rpartition(".")
@@ -141,6 +144,14 @@ class Builder:
                     + ", ".join(f"{k}.{fname}" for k in targets)
                 )
             routed[targets[0]][fname] = value
+            if from_sets:
+                from_set[targets[0]].add(fname)
+        for kind, fields in routed.items():
+            replaces = getattr(chosen[kind].Config, "override_replaces", {})
+            for f in [f for f in fields if f not in from_set[kind] and fields[f] is not None]:
+                for g in replaces.get(f, ()):
+                    if g in from_set[kind]:
+                        fields.pop(g, None)
         return routed
 
     def known_setting(self, key: str) -> bool:

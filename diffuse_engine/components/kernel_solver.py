@@ -76,9 +76,16 @@ class KernelSolverConfig(SolverConfig):
     @model_validator(mode="before")
     @classmethod
     def _steps_from_times(cls, data: Any) -> Any:
-        """An explicit grid fixes the number of steps (whatever an entry's ``steps`` says)."""
+        """An explicit grid fixes the number of steps; ``steps`` given with it must agree
+        (an entry's own ``steps`` give way to an overriding grid in the registry)."""
         if isinstance(data, dict) and isinstance(data.get("times"), (list, tuple)):
-            data = {**data, "steps": max(len(data["times"]) - 1, 1)}
+            steps = max(len(data["times"]) - 1, 1)
+            if data.get("steps") is not None and data["steps"] != steps:
+                raise ValueError(
+                    f"times ({len(data['times'])} times: {steps} steps) and steps "
+                    f"({data['steps']}) both fix the steps; give one of them"
+                )
+            data = {**data, "steps": steps}
         return data
 
     def budget(self, nfe: int) -> dict:
