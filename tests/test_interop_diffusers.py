@@ -407,6 +407,13 @@ def test_cli_samples_a_diffusers_folder(ddim_folder, tmp_path, monkeypatch):
     assert config["sde"]["type"] == "diffusers" and config["solver"]["type"] == "ddim"
     result = CliRunner().invoke(app, ["sample", "-n", "3", "-q", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--diffusers" in result.output
+    # --nfe is a budget for the engine's own solver (it was silently ignored before)
+    budget = ["sample", "--diffusers", str(ddim_folder), "--solver", "ddim", "--nfe", "6"]
+    result = CliRunner().invoke(app, [*budget, "-n", "3", "-q", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["nfe"] == 6
+    result = CliRunner().invoke(app, [*args, "--nfe", "6", "-q", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--nfe does not apply with --like-diffusers" in result.output
 
 
 def test_registry_entries_name_a_diffusers_model(ddim_folder, tmp_path):

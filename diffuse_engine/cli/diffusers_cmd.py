@@ -23,6 +23,7 @@ def sample_diffusers(
     solver: str,
     n: int,
     steps: int | None,
+    nfe: int | None,
     seed: int,
     device: str,
     out: Path | None,
@@ -48,12 +49,17 @@ def sample_diffusers(
         raise DiffuseError(f"--n must be >= 1, got {n}")
     path = str(folder_in)
     fields = {"sde.scheduler": path, "score.path": path, **overrides}
+    if like and nfe is not None:  # the scheduler's own steps: --steps is its count
+        raise DiffuseError(
+            "--nfe does not apply with --like-diffusers (it takes the scheduler's steps); "
+            "give --steps, or drop --like-diffusers"
+        )
     if like:
         settings = like_diffusers(folder_in, steps if steps is not None else 50)
         solver = settings.pop("solver")
         fields.update(settings)
-    elif steps is not None:
-        fields["steps"] = steps
+    else:
+        fields.update({k: v for k, v in (("steps", steps), ("nfe", nfe)) if v is not None})
     name = folder_in.resolve().name or "diffusers"
     out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_folder = RunFolder(out, overwrite)

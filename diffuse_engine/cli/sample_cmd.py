@@ -99,9 +99,9 @@ def register(app: typer.Typer) -> None:
             from diffuse_engine.cli.diffusers_cmd import sample_diffusers
 
             return sample_diffusers(
-                engine, diffusers, solver=solver, n=n, steps=steps, seed=seed, device=device,
-                out=out, sample_format=sample_format, overwrite=overwrite, overrides=overrides,
-                like=like_diffusers, quiet=quiet,
+                engine, diffusers, solver=solver, n=n, steps=steps, nfe=nfe, seed=seed,
+                device=device, out=out, sample_format=sample_format, overwrite=overwrite,
+                overrides=overrides, like=like_diffusers, quiet=quiet,
             )  # fmt: skip
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
         if steps is not None:
