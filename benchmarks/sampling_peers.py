@@ -34,8 +34,10 @@ steps) is the registry's ``ddpm`` SDE, so every sampler sees the same exact mixt
   (about 0.5 % on the narrowest mode std of these beds, 0.1).
 
 The best variant per bed and budget is the peer. The engine: the registry's
-``best-vp-B`` entry (the VP table; the chain is a VP SDE) with ``nfe = N``. Prints and
-writes ``docs/suite/peers.jsonl``: per bed and budget the figure of each (each
+``best-vp-B`` entry (the VP table; the chain is a VP SDE) for the bed's data size, as
+``diffuse run --nfe N`` takes it (``best-vp-B-dim16`` from 16 numbers per sample), with
+``nfe = N``. Prints and writes ``docs/suite/peers.jsonl`` (the cells of the beds run
+replace theirs; other beds' stay): per bed and budget the figure of each (each
 floor-normalised error's mean over seeds 1..K, the worst of the three;
 ``suite.bed_error``), the engine / best-peer ratio, its 90 % bootstrap interval over
 the seeds (:func:`ratio_interval`) and the verdict it gives (win, tie or loss).
@@ -237,6 +239,11 @@ def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:
         )
         with part.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
+    rerun = set(beds)
+    if out.exists():  # the other beds' cells stay as they were measured
+        kept = [ln for ln in out.read_text().splitlines() if json.loads(ln)["bed"] not in rerun]
+        new = part.read_text()
+        part.write_text("".join(f"{ln}\n" for ln in kept) + new)
     part.replace(out)
 
 
@@ -247,7 +254,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="5,10,20,50")
     ap.add_argument("--beds", default="ring,ring-wide,mix64,ring12-1to20,mix32-1to50")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds 1..K per cell")
+    ap.add_argument("--seeds", type=int, default=8, help="seeds 1..K per cell")
     ap.add_argument(
         "--adaptive",
         action="store_true",
@@ -279,7 +286,7 @@ def main() -> None:
         score = e.build("score", bed.entry, sde=sde)
         floor = floors.of(score.mixture, bed.name, bed.n)
         for nfe in (int(b) for b in args.budgets.split(",")):
-            entry = best_at_budget(e.registry.names("solver"), "vp", nfe)
+            entry = best_at_budget(e.registry.names("solver"), "vp", nfe, bed.dims)
             seeds = range(1, 1 + args.seeds)
             mine = [run_one(e, bed, "ddpm", entry, {}, nfe, s, floors, label=entry) for s in seeds]
             peers, per_seed = {}, {}
@@ -317,6 +324,11 @@ def main() -> None:
             )
             with part.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+    rerun = set(args.beds.split(","))
+    if out.exists():  # the other beds' cells stay as they were measured
+        kept = [ln for ln in out.read_text().splitlines() if json.loads(ln)["bed"] not in rerun]
+        new = part.read_text()
+        part.write_text("".join(f"{ln}\n" for ln in kept) + new)
     part.replace(out)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from diffuse_engine import Engine
+from diffuse_engine.components.solver import BEST_NAME, best_at_budget
 from diffuse_engine.testbed.bench import beds as B
 from diffuse_engine.testbed.bench import suite as S
 
@@ -42,14 +43,13 @@ def engine() -> Engine:
     return Engine(registry=path)
 
 
-def table_entries(e: Engine) -> dict[tuple[str, int], str]:
-    """``{(sde, nfe): "best-SDE-NFE"}`` for the registry's best-at-budget table."""
-    out = {}
-    for name in e.registry.names("solver"):
-        parts = name.split("-")
-        if len(parts) == 3 and parts[0] == "best" and parts[2].isdigit():
-            out[(parts[1], int(parts[2]))] = name
-    return out
+def table_entries(e: Engine, dims: int) -> dict[tuple[str, int], str]:
+    """``{(sde, nfe): entry}``: the registry's best-at-budget table as ``diffuse run
+    --nfe`` reads it for data of ``dims`` numbers per sample (``best-SDE-NFE`` or, where
+    the table has one for that size, ``best-SDE-NFE-dimD``)."""
+    names = e.registry.names("solver")
+    keys = {(m["sde"], int(m["nfe"])) for m in map(BEST_NAME.fullmatch, names) if m}
+    return {(sde, nfe): best_at_budget(names, sde, nfe, dims) for sde, nfe in keys}
 
 
 def solver_fields(spec: str) -> tuple[str, dict]:
@@ -67,6 +67,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=8, help="evaluate: seeds 1..K; adaptive: 2..K+1")
     ap.add_argument("--keep", type=int, default=None, help="sweep: prune to the best K")
     ap.add_argument("--entry", default="dpm_adaptive", help="adaptive: the solver entry")
+    ap.add_argument(
+        "--dims",
+        type=int,
+        default=1,
+        help="choose: only beds of at least DIMS numbers per sample compete, for the "
+        "table's best-SDE-NFE-dimDIMS entries (1: every bed, best-SDE-NFE)",
+    )
     ap.add_argument(
         "--schedules",
         default="logsnr,quadratic,karras,gits",
@@ -101,7 +108,7 @@ def main() -> None:
         recs = S.refloor(e, S.load(OUT / "candidates.jsonl"), B.Floors())
         for sde in sdes:
             for nfe in budgets:
-                got = S.choose(recs, sde, nfe)
+                got = S.choose(recs, sde, nfe, min_dims=args.dims)
                 if got is None:
                     print(f"# {sde} {nfe}: not measured on every bed")
                     continue
@@ -110,9 +117,13 @@ def main() -> None:
                 beds = {
                     r["bed"]
                     for r in recs.values()
-                    if r["label"] == rec["label"] and r["sde"] == sde and r["nfe_budget"] == nfe
+                    if r["label"] == rec["label"]
+                    and r["sde"] == sde
+                    and r["nfe_budget"] == nfe
+                    and B.bed(r["bed"]).dims >= args.dims
                 }
-                print(f"[solver.best-{sde}-{nfe}]  # worst {worst:.2f} over {len(beds)} beds")
+                name = f"best-{sde}-{nfe}" + (f"-dim{args.dims}" if args.dims > 1 else "")
+                print(f"[solver.{name}]  # worst {worst:.2f} over {len(beds)} beds")
                 base = dict(e.registry.entry("solver", rec["solver"]).fields)
                 base.pop("steps", None)  # nfe sets it
                 if {**base, **f}.get("order") != 3:  # only 3M reads it
@@ -122,8 +133,10 @@ def main() -> None:
                     print(f"{k} = {B._toml(v)}")
                 print()
     elif args.step == "evaluate":
-        entries = {k: v for k, v in table_entries(e).items() if k[0] in sdes}
-        S.evaluate(e, entries, OUT / "defaults.jsonl", seeds=tuple(range(1, 1 + args.seeds)))
+        for b in B.BEDS:  # each bed with the entries `diffuse run --nfe` takes for its size
+            entries = {k: v for k, v in table_entries(e, b.dims).items() if k[0] in sdes}
+            seeds = tuple(range(1, 1 + args.seeds))
+            S.evaluate(e, entries, OUT / "defaults.jsonl", beds=(b,), seeds=seeds)
     elif args.step == "adaptive":
         entries = {(sde, None): args.entry for sde in sdes}
         name = "adaptive" if args.entry == "dpm_adaptive" else f"adaptive-{args.entry}"
@@ -134,8 +147,24 @@ def main() -> None:
 
         sections = [
             (
-                "Registry defaults: the best-SDE-NFE table, fresh seeds 1-8",
+                "Registry defaults: the best-SDE-NFE table (-dim16 entries on the beds of 16 "
+                "or more dimensions), fresh seeds 1-8",
                 "defaults",
+            ),
+            (
+                "Before: the same table started from the SDE's prior (prior='sde'; now "
+                "prior='auto' starts from p_T's moments), fresh seeds 1-8",
+                "defaults-sde-prior",
+            ),
+            (
+                "Before: one table for every data size (best-SDE-NFE on the beds of 16 or "
+                "more dimensions too, before the -dim16 entries; SDE's prior), fresh seeds 1-8",
+                "defaults-before-dims",
+            ),
+            (
+                "Rejected: sub-VP -dim16 entries (`choose --dims 16`; worse on the held-out "
+                "beds at 10 and 20, so not in the registry; SDE's prior), fresh seeds 1-8",
+                "dim16-subvp-rejected",
             ),
             (
                 "Before: the table without fitted schedules (logsnr / quadratic / karras "

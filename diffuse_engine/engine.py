@@ -279,9 +279,9 @@ class Engine:
         :class:`ScoreModel`, or a registry name. ``sde=None`` takes the score model's own
         SDE (a trained model's, a diffusers model's scheduler), else ``vp``. Remaining
         keyword arguments: ``device``, ``dtype``, ``progress``, ``nfe`` (a budget of score
-        evaluations per sample), ``cond`` / ``guidance`` / ``classifier`` / ``noise`` (see
-        :meth:`sampling`) and registry field overrides of the chosen entries (``steps=``,
-        ``snr=``, ``scale=``, ...).
+        evaluations per sample), ``cond`` / ``guidance`` / ``classifier`` / ``noise`` /
+        ``prior`` (see :meth:`sampling`) and registry field overrides of the chosen
+        entries (``steps=``, ``snr=``, ``scale=``, ...).
         """
         return self.sampling(
             score=score, sde=sde, solver=solver, shape=shape, seed=seed, **kwargs
@@ -304,6 +304,7 @@ class Engine:
         guidance: str | None = None,
         classifier: Any = None,
         noise: Tensor | None = None,
+        prior: str = "auto",
         **overrides,
     ) -> SamplingResult:
         """Like :meth:`sample`, returning a :class:`SamplingResult` (NFE, time, config).
@@ -319,6 +320,10 @@ class Engine:
         whose fields (``scale=``) are overrides too; ``classifier``: ``logits(x, t) -> (B,
         K)`` or a classifier entry, for ``guidance="classifier"``; ``noise``: the prior
         sample ``x_T`` to start from, of the samples' shape (default: drawn per shard).
+        ``prior``: where the draw comes from: ``"data"``, the Gaussian with the mean and
+        variance of ``p_T`` for the score model's data (``ScoreModel.data_moments()``),
+        ``"sde"``, the SDE's own prior (``N(0, I)`` for VP, as the reference code), or
+        ``"auto"`` (the default): ``"data"`` when the model knows its data's moments.
 
         NaN/Inf in the samples raises :class:`NumericalError` naming the step, time and
         component where it first appeared (located by a replay, see
@@ -351,6 +356,7 @@ class Engine:
             classifier=classifier,
             noise=noise,
             overrides=overrides,
+            prior=prior,
         )
         observe = self.has_observers("diffuse_sampling_step")
         samples, nfe, setup_nfe, seconds = run_sampling(

@@ -151,6 +151,11 @@ class GMMScore(ScoreModel):
         a, s = self.sde.marginal(t)
         return self.mixture.log_prob(x, a, s)
 
+    def data_moments(self):
+        """The mixture's per-coordinate mean and variance, of ``data_shape``."""
+        mean, var = self.mixture.moments()
+        return mean.reshape(self.data_shape), var.reshape(self.data_shape)
+
 
 class GMMClassifierConfig(MixtureFields):
     """The ``gmm`` classifier: the same mixture fields as the ``gmm`` score."""

@@ -56,6 +56,21 @@ def test_choose_takes_the_smallest_worst_case_and_a_pilot_only_when_clearly_bett
     assert pick(plain, cand("fitted", 1.0, 1.0, setup=401)[:1])[0]["label"] == "plain"
 
 
+def test_choose_for_a_data_size_reads_only_the_beds_of_that_size():
+    beds = (B.Bed("flat", {}), B.Bed("wide", {"layout": "random", "dim": 16}))
+    assert [b.dims for b in beds] == [2, 16]
+    assert B.Bed("img", {"dim": 48, "shape": [3, 4, 4]}).dims == 48
+    recs = [
+        {**rec(bed, w, 1, 1), "label": label, "solver": label, "fields": {}}
+        for label, ws in (("lowd", (1.0, 3.0)), ("highd", (9.0, 2.0)))
+        for bed, w in zip(("flat", "wide"), ws, strict=True)
+    ]
+    records = {f"{r['label']}/{r['bed']}": r for r in recs}
+    assert S.choose(records, "vp", 10, beds=beds)[0]["label"] == "lowd"  # worst 3 vs 9
+    assert S.choose(records, "vp", 10, beds=beds, min_dims=16)[0]["label"] == "highd"
+    assert S.choose(records, "vp", 10, beds=beds, min_dims=17) is None  # no bed that large
+
+
 def test_exact_samples_score_near_one_and_the_reference_says_so():
     bed = B.Bed("tiny", B._ring(2.0, 0.1), n=4000)
     held = B.Bed("tiny-held", B._ring(3.0, 0.2), n=4000, held_out=True)

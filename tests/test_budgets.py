@@ -8,7 +8,7 @@ import pytest
 
 from diffuse_engine import Engine
 from diffuse_engine.components.mixture import mode_statistics
-from diffuse_engine.components.solver import best_at_budget
+from diffuse_engine.components.solver import BEST_NAME, best_at_budget
 from diffuse_engine.core.errors import DiffuseError, RegistryError
 
 #: (solver entry, extra fields): every built-in way of stepping
@@ -153,20 +153,39 @@ def test_adaptive_step_growth_is_bounded(engine, monkeypatch):
 
 def test_best_at_budget_picks_the_largest_budget_that_fits():
     names = ["pc", "best-vp-10", "best-vp-20", "best-vp-50", "best-ve-10", "best-x"]
+    names += ["best-vp-10-fitted", "best-my-sde-20"]  # a fitted.toml entry; an SDE with '-'
     assert best_at_budget(names, "vp", 10) == "best-vp-10"
     assert best_at_budget(names, "vp", 35) == "best-vp-20"
     assert best_at_budget(names, "vp", 5) == "best-vp-10"
     assert best_at_budget(names, "ve", 100) == "best-ve-10"
     assert best_at_budget(names, "subvp", 10) is None
+    assert best_at_budget(names, "my-sde", 20) == "best-my-sde-20"
+
+
+def test_best_at_budget_takes_the_entries_for_the_datas_size():
+    names = ["best-vp-10", "best-vp-20", "best-vp-10-dim16", "best-vp-50-dim16", "best-ve-5-dim4"]
+    assert best_at_budget(names, "vp", 20, dims=2) == "best-vp-20"
+    assert best_at_budget(names, "vp", 20, dims=None) == "best-vp-20"  # size unknown
+    assert best_at_budget(names, "vp", 20, dims=16) == "best-vp-10-dim16"  # its own class
+    assert best_at_budget(names, "vp", 60, dims=192) == "best-vp-50-dim16"
+    assert best_at_budget(names, "vp", 5, dims=64) == "best-vp-10-dim16"
+    assert best_at_budget(names, "ve", 10, dims=2) is None  # only an entry for larger data
+    assert best_at_budget(names, "ve", 10, dims=4) == "best-ve-5-dim4"
 
 
 @pytest.mark.parametrize("sde", ["vp", "subvp", "ve"])
 def test_registry_table_entries_spend_their_budget(engine, sde):
-    table = [n for n in engine.registry.names("solver") if n.startswith(f"best-{sde}-")]
-    assert {int(n.rsplit("-", 1)[1]) for n in table} >= {5, 10, 20, 50}
-    for name in table:
-        nfe = int(name.rsplit("-", 1)[1])
-        assert engine.sampling(score="gmm", sde=sde, solver=name, shape=2).nfe == nfe
+    table = {}  # {dims class: {budget: entry}}
+    for m in map(BEST_NAME.fullmatch, engine.registry.names("solver")):
+        if m and m["sde"] == sde:
+            table.setdefault(int(m["dims"] or 1), {})[int(m["nfe"])] = m[0]
+    # any size, and (VP, VE) data of 16 or more numbers; sub-VP's -dim16 class was
+    # refuted by the held-out beds (registry.toml)
+    assert set(table) == ({1} if sde == "subvp" else {1, 16})
+    for budgets in table.values():  # each class covers the same budgets
+        assert set(budgets) == {5, 10, 20, 50}
+        for nfe, name in budgets.items():
+            assert engine.sampling(score="gmm", sde=sde, solver=name, shape=2).nfe == nfe
 
 
 def test_run_nfe_picks_the_table_entry(tmp_path):
@@ -181,6 +200,28 @@ def test_run_nfe_picks_the_table_entry(tmp_path):
     plan = json.loads(res.output)
     assert plan["plan"]["solver"] == "best-ve-10"
     assert plan["entries"]["solver"]["nfe"] == 12
+
+
+@pytest.mark.parametrize(
+    ("args", "entry"),
+    [
+        (["--score", "gmm64"], "best-vp-20-dim16"),  # 64 numbers per sample
+        (["--score", "gmm"], "best-vp-20"),
+        (["--score", "mlp"], "best-vp-20"),  # trained first, on no data yet: size unknown
+    ],
+)
+def test_run_nfe_picks_the_table_entry_for_the_datas_size(args, entry):
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    res = CliRunner().invoke(build_app(), ["run", "--nfe", "20", *args, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["plan"]["solver"] == entry
+    assert plan["entries"]["solver"]["nfe"] == 20
 
 
 def test_budget_quality_never_worse_than_a_smaller_budget_on_the_ring(engine):
@@ -238,3 +279,12 @@ def test_a_calls_budget_beats_an_engine_wide_steps_and_a_grid_must_agree_with_st
     with pytest.raises(RegistryError, match=r"times \(3 times: 2 steps\) and steps \(5\)"):
         Engine().build("solver", "ddim", steps=5, times=[1.0, 0.5, 0.01])
     assert Engine().build("solver", "ddim", steps=2, times=[1.0, 0.5, 0.01]).config.steps == 2
+
+
+def test_a_plans_data_size_is_the_score_models_or_the_training_datas(engine):
+    from diffuse_engine.runs.plan import data_dims
+
+    assert data_dims(engine.builder, engine.plan_run(score="gmm64")) == 64
+    assert data_dims(engine.builder, engine.plan_run(score="gmm")) == 2
+    assert data_dims(engine.builder, engine.plan_run(score="mlp", data="gmm")) == 2
+    assert data_dims(engine.builder, engine.plan_run(score="mlp")) is None

@@ -118,9 +118,10 @@ def test_default_check_adds_no_sync_per_step(engine, solver):
             engine.sample(shape=(16, 2), steps=steps, solver=solver)
         counts.append(mode.n)
     # no per-step sync: 5 and 40 steps convert the same number of tensors to Python (the
-    # end-of-run isfinite check, and the solver's float64 coefficient table built on the
-    # CPU before the loop, which is never a device sync)
-    assert counts[0] == counts[1] <= 3, counts
+    # end-of-run isfinite check, the solver's float64 coefficient table built on the
+    # CPU before the loop and the one check of the gmm's data moments for the data
+    # prior, CPU tensors too: never a device sync)
+    assert counts[0] == counts[1] <= 4, counts
 
 
 def test_check_every_reads_the_flag_every_k_calls_and_stops_early(engine):

@@ -38,10 +38,15 @@ def register(app: typer.Typer) -> None:
         nfe: int | None = typer.Option(
             None,
             help="score evaluations per sample; without --solver the registry's "
-            "best-SDE-NFE entry (the benchmark's best at that budget)",
+            "best-SDE-NFE entry for the data's size (the benchmark's best at that budget)",
         ),
         n: int | None = typer.Option(None, "--n", "-n", help="number of samples"),
         seed: int | None = typer.Option(None, help="random seed"),
+        prior: str | None = typer.Option(
+            None,
+            help="where sampling starts: data (p_T's mean and variance for the score's "
+            "data), sde (the SDE's prior, as the reference code), auto (data when known)",
+        ),
         device: str | None = typer.Option(None, help="torch device (cpu, cuda, cuda:1)"),
         out_: str | None = typer.Option(
             None, "--out", "-o", help="run folder (default runs/PRESET-SDE-SOLVER-TIME)"
@@ -66,9 +71,11 @@ def register(app: typer.Typer) -> None:
         budget = {} if nfe is None else {"nfe": nfe}
         if nfe is not None and solver is None:  # the best-at-budget table (registry.toml)
             from diffuse_engine.components.solver import best_at_budget
+            from diffuse_engine.runs.plan import data_dims
 
-            sde_name = sde or engine.plan_run(preset).sde
-            solver = best_at_budget(engine.registry.names("solver"), sde_name, nfe) or solver
+            base = engine.plan_run(preset, sde=sde, score=score)
+            dims = data_dims(engine.builder, base)  # the table has entries by data size
+            solver = best_at_budget(engine.registry.names("solver"), base.sde, nfe, dims) or solver
         plan = engine.plan_run(
             preset,
             sde=sde,
@@ -78,6 +85,7 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             device=device,
             steps=steps,
+            prior=prior,
             **budget,
         )
         _check_device(plan.device)

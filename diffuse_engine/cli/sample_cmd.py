@@ -47,6 +47,11 @@ def register(app: typer.Typer) -> None:
         steps: int | None = typer.Option(None, help="solver steps"),
         nfe: int | None = typer.Option(None, help="score evaluations per sample"),
         seed: int = typer.Option(0, help="random seed"),
+        prior: str = typer.Option(
+            "auto",
+            help="where sampling starts: data (p_T's mean and variance for the model's "
+            "data), sde (the SDE's prior), auto (data when the model knows them)",
+        ),
         device: str = typer.Option("cpu", help="torch device (cpu, cuda, cuda:1)"),
         ema: bool = typer.Option(True, "--ema/--no-ema", help="sample with the EMA weights"),
         out_: str | None = typer.Option(
@@ -86,6 +91,10 @@ def register(app: typer.Typer) -> None:
             )
         if n < 1:
             raise DiffuseError(f"--n must be >= 1, got {n}")
+        from diffuse_engine.sampling.request import PRIORS
+
+        if prior not in PRIORS:
+            raise DiffuseError(f"unknown --prior {prior!r}; choices: {', '.join(PRIORS)}")
         _check_device(device)
         refuse_nproc_here(nproc)
         out = out_option(out_)
@@ -116,7 +125,7 @@ def register(app: typer.Typer) -> None:
         out = out or Path("runs") / f"sample-{name}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_folder = RunFolder(out, overwrite)
         run_folder.check()  # the output exists, is a file, ...: refused before sampling
-        job = dict(solver=solver, n=n, seed=seed, device=device, progress=not quiet)
+        job = dict(solver=solver, n=n, seed=seed, device=device, progress=not quiet, prior=prior)
         job["conditioning"] = conditioning  # cond, guidance, scale, classifier (--label)
         run = {
             "command": "sample",
@@ -161,7 +170,9 @@ def _check_sampling(engine, model, cfg, solver: str, overrides: dict) -> None:
     engine.resolve("solver", solver, **routed["solver"])
 
 
-def _sample(engine, model, ckpt, overrides, *, solver, n, seed, device, progress, conditioning):
+def _sample(
+    engine, model, ckpt, overrides, *, solver, n, seed, device, progress, conditioning, prior
+):
     return engine.sampling(
         score=model,
         sde=ckpt.config["sde"]["type"],
@@ -170,6 +181,7 @@ def _sample(engine, model, ckpt, overrides, *, solver, n, seed, device, progress
         seed=seed,
         device=device,
         progress=progress,
+        prior=prior,
         **overrides,
         **conditioning,
     )

@@ -38,6 +38,14 @@ class GaussianMixture:
             return self.stds
         return self.stds[:, None].expand(-1, self.dim)
 
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """Per-dimension mean and variance of the mixture, each ``(d,)``: ``sum_k w_k
+        mu_k`` and ``sum_k w_k (sigma_k^2 + mu_k^2) - mean^2``."""
+        w = self.weights[:, None]
+        mean = (w * self.means).sum(0)
+        second = (w * (self.std_matrix**2 + self.means**2)).sum(0)
+        return mean, (second - mean**2).clamp(min=0.0)
+
     def to(self, device=None, dtype=None) -> GaussianMixture:
         return GaussianMixture(
             *(v.to(device=device, dtype=dtype) for v in (self.means, self.stds, self.weights))

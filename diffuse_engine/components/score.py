@@ -122,6 +122,15 @@ class ScoreModel(Component):
         """Raw model output at ``(x, t)`` (given ``cond``) in this model's parameterisation."""
         raise NotImplementedError
 
+    def data_moments(self) -> tuple[Tensor, Tensor] | None:
+        """Per-coordinate mean and variance of the data this model's score is of, each
+        of ``data_shape``, or ``None`` (the default) when the model does not know them.
+        Sampling with ``prior="auto"`` or ``"data"`` starts from the Gaussian with
+        ``p_T``'s first two moments (:meth:`~diffuse_engine.components.sde.SDE.data_prior`)
+        when they are known: for data far from unit scale the SDE's ``N(0, I)`` is not
+        ``p_T``, and no solver recovers from a wrong start."""
+        return None
+
     def __call__(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         out = self.forward(x, t, cond) if self.conditional else self.forward(x, t)
         return to_score(out, x, t, self.sde, self.config.parameterisation)

@@ -111,6 +111,19 @@ class SDE(Component):
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return z * self.prior_std
 
+    def data_prior(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loc, scale)`` of ``N(a mean, a^2 var + s^2)`` per coordinate, ``(a, s) =
+        marginal(T)``: the Gaussian with the first two moments of ``p_T`` for data of
+        per-coordinate ``mean`` and ``var`` (tensors of the data's shape, or
+        broadcastable to it). Where the data are far from unit scale (VP: ``a(T)^2 var``
+        not small next to 1) the prior ``N(0, prior_std^2 I)`` is not ``p_T``, and every
+        sampler inherits the difference; a start drawn from this Gaussian has ``p_T``'s
+        mean and variance (not its higher moments). Float64, on ``mean``'s device."""
+        mean = mean.to(torch.float64)
+        t = torch.full((1,), self.T, device=mean.device, dtype=torch.float64)
+        a, s = self.marginal(t)
+        return a * mean, (a * a * var.to(mean) + s * s).sqrt()
+
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """Log-density of the prior at ``z`` ``(B, *dims)``, summed over dims: ``(B,)``."""
         d = z[0].numel()

@@ -7,6 +7,7 @@ once before the loop, so the loop never syncs with the device to read a time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
@@ -208,26 +209,34 @@ class Solver(Component):
 
 #: prefix of the registry's best-at-budget solver entries, ``[solver.best-SDE-NFE]``
 BEST_PREFIX = "best"
+#: ``best-SDE-NFE`` or ``best-SDE-NFE-dimD`` (the entry for data of at least ``D`` numbers)
+BEST_NAME = re.compile(rf"{BEST_PREFIX}-(?P<sde>.+)-(?P<nfe>\d+)(?:-dim(?P<dims>\d+))?")
 
 
-def best_at_budget(names, sde: str, nfe: int) -> str | None:
+def best_at_budget(names, sde: str, nfe: int, dims: int | None = None) -> str | None:
     """The solver entry ``best-SDE-B`` among ``names`` with the largest ``B <= nfe`` (the
     smallest ``B`` when ``nfe`` is below them all); ``None`` if ``sde`` has none.
 
-    These entries are registry.toml's table of what the benchmark found best per SDE
-    and budget (docs/benchmarks.md); ``diffuse run --nfe N`` samples with the chosen
-    one and ``nfe = N``.
+    An entry ``best-SDE-B-dimD`` is the table's choice for data of at least ``D``
+    numbers per sample (``prod(data_shape)``): given ``dims``, the entries of the
+    largest ``D <= dims`` are used (those without a suffix count as ``D = 1``, and are
+    the only ones used when ``dims`` is unknown).
+
+    These entries are registry.toml's table of what the benchmark found best per SDE,
+    budget and data size (docs/sampling.md); ``diffuse run --nfe N`` samples with the
+    chosen one and ``nfe = N``.
     """
-    found = {}
+    classes: dict[int, dict[int, str]] = {}
     for name in names:
-        head, _, rest = name.partition("-")
-        kind, _, budget = rest.rpartition("-")
-        if head == BEST_PREFIX and kind == sde and budget.isdigit():
-            found[int(budget)] = name
-    if not found:
+        m = BEST_NAME.fullmatch(name)
+        if m and m["sde"] == sde:
+            classes.setdefault(int(m["dims"] or 1), {})[int(m["nfe"])] = name
+    fits = [d for d in classes if d <= (dims or 1)]
+    if not fits:
         return None
-    fits = [b for b in found if b <= nfe]
-    return found[max(fits) if fits else min(found)]
+    found = classes[max(fits)]
+    within = [b for b in found if b <= nfe]
+    return found[max(within) if within else min(found)]
 
 
 def innermost(score: ScoreFn) -> ScoreFn:

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -79,6 +79,11 @@ class RunPreset(BaseModel):
         None, description="guidance entry with label (default: conditional), e.g. cfg"
     )
     classifier: str | None = Field(None, description="classifier entry for guidance classifier")
+    prior: Literal["auto", "data", "sde"] = Field(
+        "auto",
+        description="where sampling starts: data (p_T's mean and variance for the score "
+        "model's data), sde (the SDE's prior) or auto (data when the model knows them)",
+    )
 
 
 @dataclass

@@ -8,6 +8,7 @@ resolved configuration) and ``status.json``.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class RunPlan:
     label: int | None = None  # class-conditional run: every sample asks for this class
     guidance: str | None = None
     classifier: str | None = None
+    prior: str = "auto"  # where sampling starts (Engine.sampling's prior=)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -72,6 +74,7 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
             "label",
             "guidance",
             "classifier",
+            "prior",
         )
     }
     p = builder.registry.preset(preset, {k: v for k, v in run_fields.items() if v is not None})
@@ -80,6 +83,13 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
     chosen = {k: builder.resolve(k, getattr(p, k))[0] for k in ("sde", "solver", "score")}
     for kind, fields in builder.route_overrides(chosen, overrides).items():
         builder.resolve(kind, getattr(p, kind), **fields)
+    if p.prior == "data" and not builder.needs_training(p.score):
+        score = builder.build("score", p.score, sde=builder.build("sde", p.sde))
+        if score.data_moments() is None:
+            raise DiffuseError(
+                f"prior 'data' needs a score model that knows its data's mean and variance; "
+                f"score {p.score!r} does not: use prior 'sde' or 'auto'"
+            )
     return RunPlan(
         preset,
         p.sde,
@@ -94,7 +104,23 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
         p.label,
         p.guidance,
         p.classifier,
+        p.prior,
     )
+
+
+def data_dims(builder: Builder, plan: RunPlan) -> int | None:
+    """Numbers per sample the plan draws (the product of the data shape): the data
+    entry's shape when the plan trains its model first, else the score model's
+    ``data_shape``; ``None`` when neither says. ``diffuse run --nfe`` picks the
+    best-at-budget entry for data of this size
+    (:func:`~diffuse_engine.components.solver.best_at_budget`)."""
+    if builder.needs_training(plan.score):
+        data = None if plan.data is None else builder.build("data", plan.data)
+        shape = getattr(data, "shape", None)
+    else:
+        score = builder.build("score", plan.score, sde=builder.build("sde", plan.sde))
+        shape = getattr(score, "data_shape", None)
+    return None if shape is None else math.prod(shape)
 
 
 def reference_mixture(builder: Builder, plan: RunPlan, score_model) -> GaussianMixture | None:
@@ -140,6 +166,7 @@ def execute_run(
             seed=plan.seed,
             device=plan.device,
             progress=progress,
+            prior=plan.prior,
             **conditioning(plan),
             **plan.overrides,
         )

@@ -69,6 +69,9 @@ class SamplingJob:
     classifier: Any = None
     #: the prior sample to start from, ``shape``d (default: drawn from the SDE's prior)
     noise: Tensor | None = None
+    #: ``(loc, scale)`` of the Gaussian with ``p_T``'s moments for the score model's
+    #: data (:meth:`SDE.data_prior`) to start from; ``None``: the SDE's own prior
+    data_prior: tuple[Tensor, Tensor] | None = None
 
 
 def run_sampling(
@@ -99,8 +102,12 @@ def run_sampling(
     def shard(j: int) -> tuple[Tensor, torch.Generator, Guided]:
         """Shard ``j``'s prior sample, generator and guided score (seeded by ``j``)."""
         gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, j))
-        if job.noise is None:
-            x = sde.prior_sample((sizes[j], *shape[1:]), generator=gen, device=device, dtype=dtype)
+        size = (sizes[j], *shape[1:])
+        if job.noise is None and job.data_prior is not None:
+            loc, scale = job.data_prior  # one standard normal draw, as prior_sample's
+            x = torch.randn(size, generator=gen, device=device, dtype=dtype) * scale + loc
+        elif job.noise is None:
+            x = sde.prior_sample(size, generator=gen, device=device, dtype=dtype)
         else:
             x = job.noise[starts[j] : starts[j] + sizes[j]].to(device=device, dtype=dtype)
         if job.guidance is None:

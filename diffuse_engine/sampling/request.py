@@ -42,6 +42,56 @@ def check_seed(seed) -> int:
     return seed
 
 
+#: ``prior=`` choices: where sampling starts (:func:`prior_moments`)
+PRIORS = ("auto", "data", "sde")
+
+
+def prior_moments(
+    prior: str, score_obj: Any, shape: tuple[int, ...], noise: Tensor | None
+) -> tuple[Tensor, Tensor] | None:
+    """The data moments sampling starts from (``SamplingJob.data_prior``), or ``None``
+    for the SDE's own prior. ``"data"``: the Gaussian with ``p_T``'s mean and variance
+    (:meth:`~diffuse_engine.components.sde.SDE.data_prior`), which needs
+    a score model that knows its data's moments (``data_moments()``); ``"sde"``: the
+    SDE's prior, as the reference code samples; ``"auto"``: ``"data"`` when the model
+    knows the moments, else ``"sde"``. ``noise=`` is the start itself."""
+    if prior not in PRIORS:
+        raise DiffuseError(f"unknown prior {prior!r}; choices: {', '.join(PRIORS)}")
+    if noise is not None:
+        if prior == "data":
+            raise DiffuseError("noise= is the prior sample itself: leave prior= at 'auto'")
+        return None
+    if prior == "sde":
+        return None
+    found = getattr(score_obj, "data_moments", None)
+    moments = found() if callable(found) else None
+    if moments is None:
+        if prior == "data":
+            raise DiffuseError(
+                f"prior='data' needs a score model that knows its data's mean and variance "
+                f"(data_moments()); {type(score_obj).__name__} does not: use prior='sde'"
+            )
+        return None
+    mean, var = moments
+    for name, v in (("mean", mean), ("variance", var)):
+        if not isinstance(v, Tensor) or not _broadcasts(v.shape, shape[1:]):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise DiffuseError(
+                f"the score model's data {name} has shape {got}; it must broadcast to the "
+                f"samples' {tuple(shape[1:])}"
+            )
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all() & (var >= 0).all()):
+        raise DiffuseError("the score model's data moments must be finite, with variance >= 0")
+    return mean, var
+
+
+def _broadcasts(shape, to) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, to) == tuple(to)
+    except RuntimeError:
+        return False
+
+
 def check_shape(shape, data_shape, dtype) -> tuple[int, ...]:
     """``shape`` as ``(n, *dims)`` of positive ints matching the score's data shape."""
     try:
@@ -161,6 +211,7 @@ def build_job(
     classifier: Any = None,
     noise: Tensor | None = None,
     overrides: Mapping[str, Any] | None = None,
+    prior: str = "auto",
 ) -> tuple[SamplingJob, dict[str, Any]]:
     """The checked :class:`SamplingJob` of one call and its resolved config (for
     ``config.json``); ``overrides`` are registry fields of the chosen entries."""
@@ -204,6 +255,11 @@ def build_job(
     check_memory(shape, dtype, device, shard_size)
     if noise is not None:
         noise = check_noise(noise, shape)
+    moments = prior_moments(prior, score_obj, shape, noise)
+    data_prior = None
+    if moments is not None:  # computed once; each shard draws N(0, 1) and maps it
+        loc, scale = sde_obj.data_prior(*moments)
+        data_prior = (loc.to(device=device, dtype=dtype), scale.to(device=device, dtype=dtype))
     guidance_obj = classifier_obj = None
     if guidance is not None:
         guidance_obj = b.build("guidance", guidance, **routed["guidance"])
@@ -253,10 +309,12 @@ def build_job(
             config["classifier"] = classifier if isinstance(classifier, str) else "callable"
     if noise is not None:
         config["noise"] = "given"
+    else:
+        config["prior"] = "sde" if moments is None else "data"
     names = {"sde": sde, "solver": solver, "score": score_name}
     job = SamplingJob(
         sde_obj, solver_obj, score_obj, shape, seed, device, dtype, shard_size, names,
-        check_every, cond, guidance_obj, classifier_obj, noise,
+        check_every, cond, guidance_obj, classifier_obj, noise, data_prior,
     )  # fmt: skip
     if (
         guidance_obj is None

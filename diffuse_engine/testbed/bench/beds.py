@@ -48,6 +48,13 @@ class Bed:
         """The score entry name this bed gets in the suite's registry."""
         return f"bed-{self.name}"
 
+    @property
+    def dims(self) -> int:
+        """Numbers per sample: the product of ``shape``, else ``dim`` (a ring's is 2)."""
+        if "shape" in self.fields:
+            return math.prod(self.fields["shape"])
+        return int(self.fields.get("dim", 2))
+
     def sde_entry(self, sde: str) -> str:
         """The SDE entry this bed samples ``sde`` with: its own when it has fields."""
         return f"bed-{self.name}-{sde}" if sde in self.sde_fields else sde

@@ -208,6 +208,7 @@ def choose(
     nfe: int,
     beds: Iterable[Bed] = BEDS,
     fitted_margin: float = 0.05,
+    min_dims: int = 1,
 ) -> tuple[dict[str, Any], float] | None:
     """Step 2: the candidate (its record's ``solver`` and ``fields``) with the smallest
     worst normalised error over the selection beds that ran ``sde`` at ``nfe``; only
@@ -215,8 +216,9 @@ def choose(
     left each candidate without one). A candidate that fits its schedule on a pilot
     batch first (``setup_nfe > 0``: a cost every run pays) wins only when it is more
     than ``fitted_margin`` below the best one without a pilot; closer than that is
-    within one seed's noise."""
-    names = {b.name for b in beds if not b.held_out and sde in b.sdes}
+    within one seed's noise. ``min_dims``: only the beds of at least that many numbers
+    per sample compete (the table's ``best-SDE-NFE-dimD`` entries)."""
+    names = {b.name for b in beds if not b.held_out and sde in b.sdes and b.dims >= min_dims}
     worst: dict[str, float] = {}
     seen: dict[str, set] = {}
     proto: dict[str, dict[str, Any]] = {}
