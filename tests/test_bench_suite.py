@@ -100,3 +100,16 @@ def _write(text: str):
     path = Path(tempfile.mkdtemp()) / "beds.toml"
     path.write_text(text)
     return path
+
+
+def test_budget_regressions_finds_a_larger_budget_that_scores_worse():
+    recs = [
+        {**rec("a", 3.0, 1, 1), "nfe_budget": 10},
+        {**rec("a", 2.0, 1, 1), "nfe_budget": 20},
+        {**rec("a", 2.5, 1, 1), "nfe_budget": 50},  # worse than at 20
+        {**rec("b", 1.0, 1, 1), "nfe_budget": 10},
+        {**rec("b", 1.0, 1, 1), "nfe_budget": 20},  # equal is not worse
+    ]
+    worse, steps = S.budget_regressions({str(i): r for i, r in enumerate(recs)})
+    assert steps == 3
+    assert worse == [("a", "vp", 20, 50, 2.0, 2.5)]

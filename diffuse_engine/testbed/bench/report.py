@@ -227,7 +227,7 @@ def write_suite_report(
     section title, each bed's figure for exact samples, ``suite.exact_figures``) adds
     the figure over that: how far each default is from what a perfect sampler scores."""
     from diffuse_engine.testbed.bench.beds import METRICS
-    from diffuse_engine.testbed.bench.suite import bed_error, summary
+    from diffuse_engine.testbed.bench.suite import bed_error, budget_regressions, summary
 
     lines = ["# Sampling suite: defaults on beds they were and were not chosen on", ""]
     if note:
@@ -277,6 +277,17 @@ def write_suite_report(
                 f"| {sde} | {nfe or 'adaptive'} | {target} | {cell(sel)} | {cell(held)} | "
                 f"{used} | {over} |"
             )
+        worse, steps = budget_regressions(recs)
+        if steps:
+            lines += [
+                "",
+                f"Larger budget worse than the next smaller one (target: never): "
+                f"{len(worse)} of {steps} steps" + (":" if worse else "."),
+            ]
+            lines += [
+                f"- {bed} / {sde}: {a:.2f} at {lo} -> {b:.2f} at {hi} (x{b / a:.3f})"
+                for bed, sde, lo, hi, a, b in worse
+            ]
         lines += ["", "Per bed (the figure; w / std / c: each ratio's mean over the seeds):", ""]
         lines += [
             "| bed | SDE | budget | entry | seeds | nfe | figure | w | std | c | over exact |",

@@ -305,6 +305,25 @@ def summary(
     return out
 
 
+def budget_regressions(records: dict[str, dict[str, Any]]) -> tuple[list[tuple], int]:
+    """Where a larger budget scores worse (issue 16: never): ``([(bed, sde, smaller,
+    larger, figure at smaller, figure at larger), ...], steps compared)``, each bed's
+    and SDE's consecutive budgets compared by :func:`bed_error`."""
+    per: dict[tuple[str, str], dict[int, list[dict[str, Any]]]] = {}
+    for r in records.values():
+        if "skipped" not in r and r["nfe_budget"] is not None:
+            per.setdefault((r["bed"], r["sde"]), {}).setdefault(r["nfe_budget"], []).append(r)
+    worse, steps = [], 0
+    for (bed, sde), by in sorted(per.items()):
+        budgets = sorted(by)
+        for lo, hi in zip(budgets, budgets[1:], strict=False):
+            steps += 1
+            a, b = bed_error(by[lo]), bed_error(by[hi])
+            if b > a:
+                worse.append((bed, sde, lo, hi, a, b))
+    return worse, steps
+
+
 def exact_figures(
     engine: Any, beds: Iterable[Bed], seeds: Iterable[int], floors: Floors
 ) -> dict[str, float]:
