@@ -207,7 +207,8 @@ def test_run_nfe_picks_the_table_entry(tmp_path):
     [
         (["--score", "gmm64"], "best-vp-20-dim16"),  # 64 numbers per sample
         (["--score", "gmm"], "best-vp-20"),
-        (["--score", "mlp"], "best-vp-20"),  # trained first, on no data yet: size unknown
+        (["--score", "mlp"], "best-vp-20"),  # trained first, on train.default's gmm (2-D)
+        (["--set", "score.dim=64", "--set", "score.layout=random"], "best-vp-20-dim16"),
     ],
 )
 def test_run_nfe_picks_the_table_entry_for_the_datas_size(args, entry):
@@ -287,4 +288,4 @@ def test_a_plans_data_size_is_the_score_models_or_the_training_datas(engine):
     assert data_dims(engine.builder, engine.plan_run(score="gmm64")) == 64
     assert data_dims(engine.builder, engine.plan_run(score="gmm")) == 2
     assert data_dims(engine.builder, engine.plan_run(score="mlp", data="gmm")) == 2
-    assert data_dims(engine.builder, engine.plan_run(score="mlp")) is None
+    assert data_dims(engine.builder, engine.plan_run(score="mlp")) == 2  # train.default: gmm

@@ -122,3 +122,81 @@ def test_run_takes_prior_and_refuses_a_data_prior_it_cannot_make(tmp_path):
     res = CliRunner().invoke(app, ["run", "--n", "200", "--steps", "5", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["resolved"]["prior"] == "data"
+
+
+def test_conditional_calls_start_from_the_sdes_prior(engine):
+    # the moments are the whole data's: a label's mode is elsewhere (on the large ring
+    # the data prior doubled one mode's std error), so cond / guidance take the SDE's
+    kw = dict(sde="vp", solver="ddim", steps=5, shape=(8, 2), seed=0)
+    y = torch.full((8,), 3)
+    assert engine.sampling(score="gmm", cond={"label": y}, **kw).config["prior"] == "sde"
+    with pytest.raises(DiffuseError, match="prior='data' is the unconditional data's"):
+        engine.sampling(score="gmm", cond={"label": y}, prior="data", **kw)
+
+
+def test_a_fitted_grids_pilot_starts_where_the_samples_do(engine):
+    # the gits pilot is drawn from the run's start: from p_T's moments the grid differs
+    # on the large ring (VP), and prior='sde' gives the SDE-prior fit back
+    kw = dict(sde="vp", solver="dpm_solver_pp_gits", shape=(8, 2), seed=0, **LARGE)
+    data = engine.sampling(score="gmm", **kw).fitted_times
+    sde = engine.sampling(score="gmm", prior="sde", **kw).fitted_times
+    assert data != sde
+    assert engine.sampling(score="gmm", prior="sde", **kw).fitted_times == sde
+
+
+def test_the_benchmarks_reference_start_is_the_engines(engine):
+    from diffuse_engine.testbed.bench import prior_noise
+
+    x_T = prior_noise(engine, "gmm", "vp", 64, 3)
+    kw = dict(score="gmm", sde="vp", solver="ddim", steps=5, shape=64, seed=3)
+    assert torch.equal(engine.sample(**kw), engine.sample(noise=x_T, **kw))
+
+
+def test_prior_data_is_refused_before_anything_is_trained_or_written(engine, tmp_path):
+    from diffuse_engine.runs.plan import data_dims
+
+    with pytest.raises(DiffuseError, match="'mlp' is trained first"):
+        engine.plan_run(score="mlp", prior="data")
+    with pytest.raises(DiffuseError, match="a conditional run"):
+        engine.plan_run("conditional", prior="data")
+    # the size of a plan that trains is its [train.NAME] table's data (gmm: 2)
+    assert data_dims(engine.builder, engine.plan_run(score="mlp")) == 2
+    # and a plan's score overrides change it (a 64-D random mixture)
+    plan = engine.plan_run(score="gmm", **{"score.dim": 64, "score.layout": "random"})
+    assert data_dims(engine.builder, plan) == 64
+
+
+def test_sample_refuses_a_data_prior_for_a_trained_network_before_any_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    app, ck = build_app(with_plugin_commands=False), tmp_path / "ck"
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            "gmm",
+            "--steps",
+            "3",
+            "--set",
+            "warmup=0",
+            "--set",
+            "plot_n=0",
+            "--out",
+            str(ck),
+            "-q",
+        ],  # fmt: skip
+    )
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "s"
+    args = ["sample", "--checkpoint", str(ck), "--n", "10", "--steps", "3", "-q"]
+    res = CliRunner().invoke(app, [*args, "--prior", "data", "--out", str(out)])
+    assert res.exit_code == 2 and "--prior data needs a model" in res.output
+    assert not out.exists() and not out.with_name("s.partial").exists()
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])  # auto: the SDE's prior
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads((out / "config.json").read_text())["sampling"]["prior"] == "sde"

@@ -414,6 +414,11 @@ def test_cli_samples_a_diffusers_folder(ddim_folder, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["nfe"] == 6
     result = CliRunner().invoke(app, [*args, "--nfe", "6", "-q", "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "--nfe does not apply with --like-diffusers" in result.output
+    # a diffusers model knows no data moments: --prior data is refused before any folder
+    result = CliRunner().invoke(app, [*args, "--prior", "data", "-q", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "a diffusers model does not" in result.output
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+    assert config["prior"] == "sde"  # the default start of a model without moments
 
 
 def test_registry_entries_name_a_diffusers_model(ddim_folder, tmp_path):

@@ -107,12 +107,29 @@ def register(app: typer.Typer) -> None:
         if diffusers is not None:  # a diffusers model folder: diffusers_cmd.py
             from diffuse_engine.cli.diffusers_cmd import sample_diffusers
 
+            if prior == "data":  # refused before the folder; its scheduler's prior is p_T's
+                raise DiffuseError(
+                    "--prior data needs a model that knows its data's mean and variance; "
+                    "a diffusers model does not: use --prior sde or auto"
+                )
+
             return sample_diffusers(
                 engine, diffusers, solver=solver, n=n, steps=steps, nfe=nfe, seed=seed,
                 device=device, out=out, sample_format=sample_format, overwrite=overwrite,
                 overrides=overrides, like=like_diffusers, quiet=quiet,
             )  # fmt: skip
         model, ckpt = load_trained(engine, checkpoint, ema=ema)
+        if prior == "data" and (label is not None or guidance is not None):
+            raise DiffuseError(
+                "--prior data is the unconditional data's moments; conditional sampling "
+                "(--label, --guidance) starts from the SDE's prior: use --prior sde or auto"
+            )
+        if prior == "data" and model.data_moments() is None:
+            raise DiffuseError(
+                "--prior data needs a model that knows its data's mean and variance; a "
+                "trained network records none (training normalises its data): use "
+                "--prior sde or auto"
+            )
         if steps is not None:
             overrides["steps"] = steps
         if nfe is not None:

@@ -144,10 +144,13 @@ def gits_time_grid(
     pilot: int = 512,
     fine: int = 100,
     seed: int = 0,
+    start: tuple[Tensor, Tensor] | None = None,
 ) -> list[float]:
     """``steps + 1`` decreasing times from ``T`` to ``eps`` fitted to ``score``.
 
-    ``like`` gives the data shape (``like.shape[1:]``), device and dtype of the pilot.
+    ``like`` gives the data shape (``like.shape[1:]``), device and dtype of the pilot;
+    ``start``: the ``(loc, scale)`` of the Gaussian the run's samples start from (the
+    data prior, :meth:`~diffuse_engine.components.sde.SDE.data_prior`), else the SDE's prior.
     See the module docstring for the algorithm (GITS, Chen et al. 2024).
     """
     if steps > MAX_STEPS:
@@ -162,9 +165,12 @@ def gits_time_grid(
     times = time_from_log_snr(sde, lams, eps, sde.T)
     times[0], times[-1] = sde.T, eps
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    x = sde.prior_sample(
-        (pilot, *like.shape[1:]), generator=gen, device=like.device, dtype=like.dtype
-    )
+    size = (pilot, *like.shape[1:])
+    if start is None:
+        x = sde.prior_sample(size, generator=gen, device=like.device, dtype=like.dtype)
+    else:  # the run's own start, so the grid is fitted to the trajectories it samples
+        loc, scale = (v.to(device=like.device, dtype=like.dtype) for v in start)
+        x = torch.randn(size, generator=gen, device=like.device, dtype=like.dtype) * scale + loc
     with torch.no_grad():
         xs, ds = teacher_trajectory(score, sde, x, times)
         a, s, lam = kernel_coefficients(sde, times)

@@ -147,14 +147,16 @@ class Solver(Component):
             )
         from diffuse_engine.components.gits import gits_time_grid
 
+        start = getattr(self, "_pilot_start", None)
         key = (innermost(score), sde, tuple(like.shape[1:]), like.device, like.dtype)
         fitted = getattr(self, "_gits_fit", None)
-        if fitted is None or fitted[0] != key:  # score and SDE compare by identity
+        # score, SDE and start (tensors: never ==) compare by identity
+        if fitted is None or fitted[0] != key or fitted[1] is not start:
             grid = gits_time_grid(
-                score, sde, c.steps, self.eps(sde), like, pilot=c.pilot, fine=c.fine
+                score, sde, c.steps, self.eps(sde), like, pilot=c.pilot, fine=c.fine, start=start
             )
-            self._gits_fit = fitted = (key, grid)
-        return list(fitted[1])
+            self._gits_fit = fitted = (key, start, grid)
+        return list(fitted[2])
 
     def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> list[float] | None:
         """Work done once per run before sampling, with ``score`` (the engine counts its
@@ -173,7 +175,12 @@ class Solver(Component):
         if pinned is not None:
             return list(pinned)
         fitted = getattr(self, "_gits_fit", None)
-        return None if fitted is None else list(fitted[1])
+        return None if fitted is None else list(fitted[2])
+
+    def start_from(self, loc: Tensor, scale: Tensor) -> None:
+        """The run's samples start from ``N(loc, scale^2)`` (the data prior): a fitted
+        ``gits`` schedule draws its pilot batch there too, not from the SDE's prior."""
+        self._pilot_start = (loc, scale)
 
     def adopt(self, grid: list[float]) -> None:
         """Sample on ``grid`` from now on, whatever score :meth:`sample` gets. The engine

@@ -83,9 +83,19 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
     chosen = {k: builder.resolve(k, getattr(p, k))[0] for k in ("sde", "solver", "score")}
     for kind, fields in builder.route_overrides(chosen, overrides).items():
         builder.resolve(kind, getattr(p, kind), **fields)
-    if p.prior == "data" and not builder.needs_training(p.score):
-        score = builder.build("score", p.score, sde=builder.build("sde", p.sde))
-        if score.data_moments() is None:
+    if p.prior == "data":  # refused now, before training or a run folder
+        if p.label is not None or p.guidance is not None:
+            raise DiffuseError(
+                "prior 'data' is the unconditional data's moments; a conditional run "
+                "(label, guidance) starts from the SDE's prior: use prior 'sde' or 'auto'"
+            )
+        if builder.needs_training(p.score):
+            raise DiffuseError(
+                f"prior 'data' needs a score model that knows its data's mean and variance; "
+                f"score {p.score!r} is trained first, and trained networks record none "
+                f"(training normalises their data): use prior 'sde' or 'auto'"
+            )
+        if _plan_score(builder, p, overrides).data_moments() is None:
             raise DiffuseError(
                 f"prior 'data' needs a score model that knows its data's mean and variance; "
                 f"score {p.score!r} does not: use prior 'sde' or 'auto'"
@@ -108,18 +118,28 @@ def plan_run(builder: Builder, preset: str = "default", **choices: Any) -> RunPl
     )
 
 
+def _plan_score(builder: Builder, plan_or_preset, overrides: dict[str, Any]):
+    """The score model a plan samples with (its entry with the plan's routed overrides
+    and the engine-wide sets, as sampling builds it)."""
+    p = plan_or_preset
+    chosen = {k: builder.resolve(k, getattr(p, k))[0] for k in ("sde", "solver", "score")}
+    routed = builder.route_overrides(chosen, overrides)
+    sde = builder.build("sde", p.sde, **routed["sde"])
+    return builder.build("score", p.score, sde=sde, **routed["score"])
+
+
 def data_dims(builder: Builder, plan: RunPlan) -> int | None:
-    """Numbers per sample the plan draws (the product of the data shape): the data
-    entry's shape when the plan trains its model first, else the score model's
-    ``data_shape``; ``None`` when neither says. ``diffuse run --nfe`` picks the
+    """Numbers per sample the plan draws (the product of the data shape): the training
+    data's shape when the plan trains its model first (``plan.data``, else its
+    ``[train.NAME]`` table's), else the score model's ``data_shape`` (with the plan's
+    overrides); ``None`` when neither says. ``diffuse run --nfe`` picks the
     best-at-budget entry for data of this size
     (:func:`~diffuse_engine.components.solver.best_at_budget`)."""
     if builder.needs_training(plan.score):
-        data = None if plan.data is None else builder.build("data", plan.data)
-        shape = getattr(data, "shape", None)
+        data = plan.data or builder.registry.train_settings(plan.train or "default").data
+        shape = None if data is None else getattr(builder.build("data", data), "shape", None)
     else:
-        score = builder.build("score", plan.score, sde=builder.build("sde", plan.sde))
-        shape = getattr(score, "data_shape", None)
+        shape = getattr(_plan_score(builder, plan, plan.overrides), "data_shape", None)
     return None if shape is None else math.prod(shape)
 
 

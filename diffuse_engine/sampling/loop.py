@@ -89,6 +89,8 @@ def run_sampling(
     counted = ScoreBoundary(job.score, job.names["score"])
     steps = solver.config.steps
     start = time.perf_counter()
+    if job.noise is None and job.data_prior is not None:
+        solver.start_from(*job.data_prior)  # a fitted schedule's pilot starts there too
     with torch.no_grad():
         fitted = solver.prepare(
             counted, sde, torch.empty((1, *shape[1:]), device=device, dtype=dtype)

@@ -47,21 +47,34 @@ PRIORS = ("auto", "data", "sde")
 
 
 def prior_moments(
-    prior: str, score_obj: Any, shape: tuple[int, ...], noise: Tensor | None
+    prior: str,
+    score_obj: Any,
+    shape: tuple[int, ...],
+    noise: Tensor | None,
+    conditional: bool = False,
 ) -> tuple[Tensor, Tensor] | None:
     """The data moments sampling starts from (``SamplingJob.data_prior``), or ``None``
     for the SDE's own prior. ``"data"``: the Gaussian with ``p_T``'s mean and variance
     (:meth:`~diffuse_engine.components.sde.SDE.data_prior`), which needs
     a score model that knows its data's moments (``data_moments()``); ``"sde"``: the
     SDE's prior, as the reference code samples; ``"auto"``: ``"data"`` when the model
-    knows the moments, else ``"sde"``. ``noise=`` is the start itself."""
+    knows the moments and the call is unconditional, else ``"sde"``. ``noise=`` is the
+    start itself. The moments are the unconditional data's: a ``cond`` / ``guidance``
+    call (``conditional``) starts from the SDE's prior (a label's mode is not centred
+    where all the data are: on a ring of std 20 the data prior doubled one mode's std
+    error), and particle methods draw their extra particles from the SDE's prior."""
     if prior not in PRIORS:
         raise DiffuseError(f"unknown prior {prior!r}; choices: {', '.join(PRIORS)}")
     if noise is not None:
         if prior == "data":
             raise DiffuseError("noise= is the prior sample itself: leave prior= at 'auto'")
         return None
-    if prior == "sde":
+    if prior == "data" and conditional:
+        raise DiffuseError(
+            "prior='data' is the unconditional data's moments; a call with cond= or "
+            "guidance= starts from the SDE's prior: use prior='sde' or 'auto'"
+        )
+    if prior == "sde" or conditional:
         return None
     found = getattr(score_obj, "data_moments", None)
     moments = found() if callable(found) else None
@@ -255,7 +268,8 @@ def build_job(
     check_memory(shape, dtype, device, shard_size)
     if noise is not None:
         noise = check_noise(noise, shape)
-    moments = prior_moments(prior, score_obj, shape, noise)
+    conditional = guidance is not None or cond is not None
+    moments = prior_moments(prior, score_obj, shape, noise, conditional)
     data_prior = None
     if moments is not None:  # computed once; each shard draws N(0, 1) and maps it
         loc, scale = sde_obj.data_prior(*moments)

@@ -168,13 +168,17 @@ def reference_solution(
 def prior_noise(
     engine: Any, problem: str, sde: str, n: int, seed: int, device: str = "cpu"
 ) -> torch.Tensor:
-    """The ``x_T`` that ``Engine.sampling(..., shape=n, seed=seed)`` starts from."""
+    """The ``x_T`` that ``Engine.sampling(..., shape=n, seed=seed)`` starts from: the
+    data prior when the score model knows its data's moments (``prior="auto"``), else
+    the SDE's prior."""
     sde_obj = engine.build("sde", sde)
     score = engine.build("score", problem, sde=sde_obj)
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    return sde_obj.prior_sample(
-        (n, *score.data_shape), generator=gen, device=device, dtype=torch.float32
-    )
+    shape, moments = (n, *score.data_shape), score.data_moments()
+    if moments is None:
+        return sde_obj.prior_sample(shape, generator=gen, device=device, dtype=torch.float32)
+    loc, scale = (v.to(device=device, dtype=torch.float32) for v in sde_obj.data_prior(*moments))
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale + loc
 
 
 def run_case(
