@@ -165,12 +165,9 @@ def gits_time_grid(
     times = time_from_log_snr(sde, lams, eps, sde.T)
     times[0], times[-1] = sde.T, eps
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    size = (pilot, *like.shape[1:])
-    if start is None:
-        x = sde.prior_sample(size, generator=gen, device=like.device, dtype=like.dtype)
-    else:  # the run's own start, so the grid is fitted to the trajectories it samples
-        loc, scale = (v.to(device=like.device, dtype=like.dtype) for v in start)
-        x = torch.randn(size, generator=gen, device=like.device, dtype=like.dtype) * scale + loc
+    x = sde.start_sample(  # the run's own start: fitted to the trajectories it samples
+        (pilot, *like.shape[1:]), start, generator=gen, device=like.device, dtype=like.dtype
+    )
     with torch.no_grad():
         xs, ds = teacher_trajectory(score, sde, x, times)
         a, s, lam = kernel_coefficients(sde, times)

@@ -124,6 +124,24 @@ class SDE(Component):
         a, s = self.marginal(t)
         return a * mean, (a * a * var.to(mean) + s * s).sqrt()
 
+    def start_sample(
+        self,
+        shape,
+        start: tuple[Tensor, Tensor] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype=None,
+    ) -> Tensor:
+        """Draw ``x_T`` of ``shape`` where sampling starts: from ``N(loc, scale^2)`` for
+        ``start = (loc, scale)`` (:meth:`data_prior`), else from :meth:`prior_sample`.
+        Either way one standard normal draw of ``shape`` from ``generator``."""
+        if start is None:
+            return self.prior_sample(shape, generator=generator, device=device, dtype=dtype)
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        loc, scale = (v.to(device=z.device, dtype=z.dtype) for v in start)
+        return z * scale + loc
+
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """Log-density of the prior at ``z`` ``(B, *dims)``, summed over dims: ``(B,)``."""
         d = z[0].numel()

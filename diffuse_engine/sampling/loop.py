@@ -104,12 +104,9 @@ def run_sampling(
     def shard(j: int) -> tuple[Tensor, torch.Generator, Guided]:
         """Shard ``j``'s prior sample, generator and guided score (seeded by ``j``)."""
         gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, j))
-        size = (sizes[j], *shape[1:])
-        if job.noise is None and job.data_prior is not None:
-            loc, scale = job.data_prior  # one standard normal draw, as prior_sample's
-            x = torch.randn(size, generator=gen, device=device, dtype=dtype) * scale + loc
-        elif job.noise is None:
-            x = sde.prior_sample(size, generator=gen, device=device, dtype=dtype)
+        if job.noise is None:
+            size = (sizes[j], *shape[1:])
+            x = sde.start_sample(size, job.data_prior, generator=gen, device=device, dtype=dtype)
         else:
             x = job.noise[starts[j] : starts[j] + sizes[j]].to(device=device, dtype=dtype)
         if job.guidance is None:

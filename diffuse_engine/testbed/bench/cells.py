@@ -174,11 +174,10 @@ def prior_noise(
     sde_obj = engine.build("sde", sde)
     score = engine.build("score", problem, sde=sde_obj)
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    shape, moments = (n, *score.data_shape), score.data_moments()
-    if moments is None:
-        return sde_obj.prior_sample(shape, generator=gen, device=device, dtype=torch.float32)
-    loc, scale = (v.to(device=device, dtype=torch.float32) for v in sde_obj.data_prior(*moments))
-    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale + loc
+    moments = score.data_moments()
+    start = None if moments is None else sde_obj.data_prior(*moments)
+    shape = (n, *score.data_shape)
+    return sde_obj.start_sample(shape, start, generator=gen, device=device, dtype=torch.float32)
 
 
 def run_case(
