@@ -49,7 +49,8 @@ def diffuse_register_sdes():
     device. Time runs forward (data at 0, noise at ``T``). Optionally,
     ``time_of_log_snr(lam)`` inverts ``log_snr`` in closed form (VP, sub-VP and VE do);
     the log-SNR and Karras schedules then skip their bisection, and a closed form whose
-    times do not give back the targets is ignored.
+    times do not give back the targets is ignored. The data prior (``data_prior``,
+    ``start_sample``) is derived from ``marginal(T)``.
     """
 
 
@@ -77,6 +78,9 @@ def diffuse_register_score_models():
     cond)`` with ``cond`` a dict of per-sample tensors (``{"label": (B,) int64}`` for
     class-conditional models) and returns ``grad_x log p_t(x | cond)``; ``cond=None``
     asks for the unconditional score (a model trained with label dropout has it).
+    Optionally ``data_moments()`` returns the per-coordinate ``(mean, var)`` of the
+    data (each of ``data_shape``): unconditional sampling then starts from the Gaussian
+    with ``p_T``'s mean and variance instead of the SDE's prior (``prior="auto"``).
     """
 
 
