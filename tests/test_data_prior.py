@@ -152,7 +152,7 @@ def test_the_benchmarks_reference_start_is_the_engines(engine):
     assert torch.equal(engine.sample(**kw), engine.sample(noise=x_T, **kw))
 
 
-def test_prior_data_is_refused_before_anything_is_trained_or_written(engine, tmp_path):
+def test_prior_data_is_refused_before_anything_is_trained_or_written(engine):
     from diffuse_engine.runs.plan import data_dims
 
     with pytest.raises(DiffuseError, match="'mlp' is trained first"):
@@ -172,23 +172,8 @@ def test_sample_refuses_a_data_prior_for_a_trained_network_before_any_folder(tmp
     from diffuse_engine.cli import build_app
 
     app, ck = build_app(with_plugin_commands=False), tmp_path / "ck"
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--data",
-            "gmm",
-            "--steps",
-            "3",
-            "--set",
-            "warmup=0",
-            "--set",
-            "plot_n=0",
-            "--out",
-            str(ck),
-            "-q",
-        ],  # fmt: skip
-    )
+    train = ["train", "--data", "gmm", "--steps", "3", "--set", "warmup=0", "--set", "plot_n=0"]
+    res = CliRunner().invoke(app, [*train, "--out", str(ck), "-q"])
     assert res.exit_code == 0, res.output
     out = tmp_path / "s"
     args = ["sample", "--checkpoint", str(ck), "--n", "10", "--steps", "3", "-q"]
