@@ -141,7 +141,19 @@ def test_a_fitted_grids_pilot_starts_where_the_samples_do(engine):
     data = engine.sampling(score="gmm", **kw).fitted_times
     sde = engine.sampling(score="gmm", prior="sde", **kw).fitted_times
     assert data != sde
-    assert engine.sampling(score="gmm", prior="sde", **kw).fitted_times == sde
+    # and it is the fit from the data prior itself (the GITS fit, drawn at N(loc, scale^2))
+    from diffuse_engine.components.gits import gits_time_grid
+
+    sde_obj = engine.build("sde", "vp")
+    score = engine.build("score", "gmm", sde=sde_obj, **LARGE)
+    solver = engine.build("solver", "dpm_solver_pp_gits")
+    start = sde_obj.data_prior(*score.data_moments())
+    like = torch.empty(1, 2)
+    c = solver.config
+    direct = gits_time_grid(
+        score, sde_obj, c.steps, solver.eps(sde_obj), like, pilot=c.pilot, fine=c.fine, start=start
+    )
+    assert data == pytest.approx(direct, rel=1e-12)
 
 
 def test_the_benchmarks_reference_start_is_the_engines(engine):
