@@ -255,6 +255,34 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def test_an_interrupt_landing_in_a_string_eval_still_exits_130(tmp_path):
+    # A signal that lands while a lazy import builds a namedtuple (a string eval) made
+    # CPython kill `python -m diffuse_engine` with SIGINT at exit (-2), not exit 130.
+    # The same path, deterministically: an interrupt raised inside exec("...").
+    (tmp_path / "interrupted_cli.py").write_text(
+        textwrap.dedent(
+            """
+            import typer
+            from diffuse_engine.cli.common import handle_errors
+
+            app = typer.Typer()
+
+            @app.command()
+            @handle_errors
+            def go():
+                exec("raise KeyboardInterrupt('SIGTERM')", {})
+
+            app()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    res = subprocess.run(
+        [sys.executable, "-m", "interrupted_cli"], env=env, capture_output=True, text=True
+    )
+    assert (res.returncode, res.stderr.strip()) == (130, "interrupted: SIGTERM"), res.stderr
+
+
 @pytest.mark.parametrize(
     "sig,said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted: SIGTERM")]
 )

@@ -89,6 +89,9 @@ def handle_errors(fn: Callable) -> Callable:
                 err(f"error: {exc}")
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt as exc:
+                from diffuse_engine.output.interrupts import forget_handled_interrupt
+
+                forget_handled_interrupt()  # or `python -m` may die of SIGINT, not exit 130
                 err(f"interrupted: {exc}" if str(exc) else "interrupted")
                 raise typer.Exit(130) from None
             except OSError as exc:

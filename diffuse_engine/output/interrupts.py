@@ -77,3 +77,16 @@ class TerminateAsInterrupt:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
         return False
+
+
+def forget_handled_interrupt() -> None:
+    """Tell CPython that the last ``KeyboardInterrupt`` was handled, so exit codes hold.
+
+    When a ``KeyboardInterrupt`` ends code run by a string ``exec``/``eval`` (a
+    ``namedtuple`` or ``dataclass`` being built during a lazy import, say), CPython
+    records it as unhandled even if a caller catches it. Under ``python -m`` the process
+    then kills itself with SIGINT at exit instead of returning the status asked for
+    (exit 130 reads as -2 to a parent). The flag is reset at the start of every string
+    eval, so one trivial eval after catching the interrupt clears it.
+    """
+    eval("None")  # noqa: S307 - a constant; resets CPython's unhandled-interrupt flag
