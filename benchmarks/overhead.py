@@ -15,13 +15,16 @@ Each hand-written loop is what a careful user writes for that sampler from the p
 the VP closed forms as Python floats, one ``t`` tensor per distinct time, and the same
 tensor operations, in the same order, as the engine's solver, so the ratio measures the
 engine's own Python work (the loop's and the engine's samples are compared, to
-round-off, before timing). Runs alternate (engine, loop, engine, loop, ...) in one
+round-off, before timing). Runs come in pairs whose order alternates (engine-loop,
+loop-engine, ...: the second run of a pair finds the caches the first left) in one
 process, one intra-op thread, process CPU time (other jobs on a shared machine do not
 inflate it), glibc's page-fault churn off
 (:func:`~diffuse_engine.core.allocator.keep_freed_memory`); the ratio is fastest over
-fastest. ``extra us/step`` is (engine - loop) / steps: what the engine's Python costs
-per step, including its once-per-call set-up (resolving and validating the entries,
-the memory check, the time grid) spread over the steps.
+fastest, and the paired ratio the median (with quartiles) of each pair's ratio, which a
+machine whose speed drifts disturbs less. ``extra us/step`` is (engine - loop) /
+steps: what the engine's Python costs per step, including its once-per-call set-up
+(resolving and validating the entries, the memory check, the time grid) spread over
+the steps.
 
 A control row times two equivalent hand-written DDIM loops against each other (the same
 tensor operations, one with its coefficients in a table made before the loop): what the
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -231,16 +235,21 @@ def measure(engine, name: str, batch: int, steps: int, repeats: int, seed: int =
     diff = (engine.sample(**same, steps=steps) - loop(check_score)).abs().max().item()
     if not diff <= SAME_MATH:
         raise SystemExit(f"{name}: the hand loop differs from the engine by {diff:.2e}")
-    t_engine, t_loop = [], []
-    for _ in range(repeats):
-        start = time.process_time()
-        engine.sample(**kw, steps=steps)
-        t_engine.append(time.process_time() - start)
-        start = time.process_time()
-        loop()
-        t_loop.append(time.process_time() - start)
-    e, h = min(t_engine), min(t_loop)
-    return _row(name, steps, batch, e, h, diff, t_engine, t_loop)
+    t_engine, t_loop = alternate(lambda: engine.sample(**kw, steps=steps), loop, repeats)
+    return _row(name, steps, batch, diff, t_engine, t_loop)
+
+
+def alternate(first, second, repeats: int) -> tuple[list[float], list[float]]:
+    """Process CPU times of ``repeats`` runs of each, in pairs whose order alternates
+    (first-second, second-first, ...): the run after the other one finds the caches and
+    the allocator as that one left them, so a fixed order would bias the ratio."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(repeats):
+        for k in (0, 1) if r % 2 == 0 else (1, 0):
+            start = time.process_time()
+            (first, second)[k]()
+            times[k].append(time.process_time() - start)
+    return times
 
 
 def measure_control(engine, batch: int, steps: int, repeats: int, seed: int = 0) -> dict:
@@ -256,19 +265,15 @@ def measure_control(engine, batch: int, steps: int, repeats: int, seed: int = 0)
             return loop(score, x, steps, eps)
 
     diff = (run(hand_ddim_table, check_score) - run(hand_ddim, check_score)).abs().max().item()
-    t_control, t_loop = [], []
-    for _ in range(repeats):
-        start = time.process_time()
-        run(hand_ddim_table)
-        t_control.append(time.process_time() - start)
-        start = time.process_time()
-        run(hand_ddim)
-        t_loop.append(time.process_time() - start)
-    c, h = min(t_control), min(t_loop)
-    return _row(CONTROL, steps, batch, c, h, diff, t_control, t_loop)
+    t_control, t_loop = alternate(lambda: run(hand_ddim_table), lambda: run(hand_ddim), repeats)
+    return _row(CONTROL, steps, batch, diff, t_control, t_loop)
 
 
-def _row(name, steps, batch, e, h, diff, t_engine, t_loop) -> dict:
+def _row(name, steps, batch, diff, t_engine, t_loop) -> dict:
+    """Fastest over fastest, and the median with quartiles of each pair's ratio (the
+    two runs of a pair are adjacent in time, so a machine's drift cancels in it)."""
+    e, h = min(t_engine), min(t_loop)
+    paired = statistics.quantiles([a / b for a, b in zip(t_engine, t_loop, strict=True)], n=4)
     return {
         "solver": name,
         "steps": steps,
@@ -276,6 +281,8 @@ def _row(name, steps, batch, e, h, diff, t_engine, t_loop) -> dict:
         "engine_ms": 1e3 * e,
         "loop_ms": 1e3 * h,
         "ratio": e / h,
+        "paired_ratio": paired[1],
+        "paired_quartiles": [paired[0], paired[2]],
         "extra_us_per_step": 1e6 * (e - h) / steps,
         "max_sample_difference": diff,
         "engine_runs_ms": [1e3 * v for v in t_engine],
@@ -286,21 +293,24 @@ def _row(name, steps, batch, e, h, diff, t_engine, t_loop) -> dict:
 def _line(row: dict) -> str:
     return (
         f"{row['solver']:14s} batch {row['batch']:6d}: engine {row['engine_ms']:7.1f} ms, "
-        f"loop {row['loop_ms']:7.1f} ms, ratio {row['ratio']:.3f}, "
+        f"loop {row['loop_ms']:7.1f} ms, ratio {row['ratio']:.3f} "
+        f"(paired {row['paired_ratio']:.3f}), "
         f"{row['extra_us_per_step']:+.2f} us/step"
     )
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| solver | steps | batch | engine ms | loop ms | ratio | extra us/step "
-        "| max sample difference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| solver | steps | batch | engine ms | loop ms | ratio | paired ratio [quartiles] "
+        "| extra us/step | max sample difference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['solver']} | {r['steps']} | {r['batch']} | {r['engine_ms']:.1f} | "
-            f"{r['loop_ms']:.1f} | {r['ratio']:.3f} | {r['extra_us_per_step']:.2f} | "
+            f"{r['loop_ms']:.1f} | {r['ratio']:.3f} | {r['paired_ratio']:.3f} "
+            f"[{r['paired_quartiles'][0]:.3f}, {r['paired_quartiles'][1]:.3f}] | "
+            f"{r['extra_us_per_step']:.2f} | "
             f"{r['max_sample_difference']:.1e} |"
         )
     return "\n".join(lines)
@@ -364,7 +374,8 @@ def main() -> None:
         return
     note = (
         f"Trivial score (`-x`, the exact VP score of N(0, I) data), VP SDE, "
-        f"{a.repeats} alternating runs each, fastest of each, process CPU time, one "
+        f"{a.repeats} runs each in pairs of alternating order, fastest of each (ratio) and "
+        "the median and quartiles of each pair's ratio (paired), process CPU time, one "
         f"thread, {'freed memory kept' if kept else 'default allocator'}; the loops make "
         "the same tensor operations as the engine's solvers (`benchmarks/overhead.py`, "
         "which writes this table). Target: ratio <= 1.05 at batch 100 and 10 000."

@@ -65,6 +65,23 @@ def test_boundary_counts_every_call_and_checks_each_new_layout(vp):
     assert b.calls == 4
 
 
+def test_the_function_solvers_get_is_the_boundary_itself(vp):
+    from diffuse_engine.components.solver import innermost
+
+    def score(x, t):
+        return -x if x.shape[0] == 4 else -x[:, :1]
+
+    b = ScoreBoundary(CallableScore(score, sde=vp), "odd")
+    x, t = torch.randn(4, 2), torch.rand(4)
+    assert torch.equal(b.call(x, t), -x) and torch.equal(b(x, t), -x)
+    assert b.calls == 2  # one counter for both
+    assert innermost(b.call) is score and b.call.conditional is False
+    with pytest.raises(DiffuseError, match=r"shape \(3, 1\)"):  # a new layout is checked
+        b.call(x[:3], t[:3])
+    with pytest.raises(DiffuseError, match="takes no condition"):
+        b.call(x, t, {"label": 1})
+
+
 def test_boundary_peels_only_wrappers_that_do_nothing(vp):
     eps_model = CallableScore(lambda x, t: x, sde=vp, parameterisation="epsilon")
     assert direct_score(eps_model) is eps_model  # the conversion stays

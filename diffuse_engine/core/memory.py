@@ -21,6 +21,9 @@ from diffuse_engine.core.errors import DiffuseError
 
 #: bytes of one float32 value
 FLOAT32 = 4
+#: requests below this are not checked: they fit wherever torch runs, and reading what
+#: is free (a /proc read on the CPU) would be most of a small sampling call's set-up
+SMALL_REQUEST = 32 * 2**20
 
 
 class ResourceError(DiffuseError):
@@ -55,7 +58,10 @@ def format_bytes(n: float) -> str:
 
 def check_fits(need: float, device: str | torch.device, what: str, hint: str) -> None:
     """Raise :class:`ResourceError` if ``need`` bytes exceed what ``device`` has free:
-    ``"{what} needs at least 8 TiB ...; {hint}"``."""
+    ``"{what} needs at least 8 TiB ...; {hint}"``. Requests under
+    :data:`SMALL_REQUEST` pass unchecked (running out there is still one clean line)."""
+    if need < SMALL_REQUEST:
+        return
     have = available_bytes(device)
     if have is not None and need > have:
         raise ResourceError(

@@ -93,7 +93,7 @@ def run_sampling(
         solver.start_from(*job.data_prior)  # a fitted schedule's pilot starts there too
     with torch.no_grad():
         fitted = solver.prepare(
-            counted, sde, torch.empty((1, *shape[1:]), device=device, dtype=dtype)
+            counted.call, sde, torch.empty((1, *shape[1:]), device=device, dtype=dtype)
         )
     setup_nfe = counted.calls
     if fitted is not None:  # pinned: guided shards must not refit (round-off may differ
@@ -110,10 +110,10 @@ def run_sampling(
         else:
             x = job.noise[starts[j] : starts[j] + sizes[j]].to(device=device, dtype=dtype)
         if job.guidance is None:
-            return x, gen, Guided(score=counted)
+            return x, gen, Guided(score=counted.call)
         g = job.guidance
         cond = shard_cond(job.cond or {}, starts[j], starts[j] + sizes[j], g.shared, device)
-        return x, gen, g.bind(counted, sde, cond, classifier=job.classifier, generator=gen)
+        return x, gen, g.bind(counted.call, sde, cond, classifier=job.classifier, generator=gen)
 
     def solve(x, gen, guided: Guided, score_fn, callback) -> Tensor:
         if guided.run is not None:  # the method owns the loop (particle methods)
