@@ -66,6 +66,12 @@ def main() -> None:
     ap.add_argument("--budgets", default="10,20,50")
     ap.add_argument("--seeds", type=int, default=8, help="evaluate: seeds 1..K; adaptive: 2..K+1")
     ap.add_argument("--keep", type=int, default=None, help="sweep: prune to the best K")
+    ap.add_argument(
+        "--prior",
+        default="auto",
+        choices=("auto", "data", "sde"),
+        help="sweep: where sampling starts (the first sweep predates the data prior: sde)",
+    )
     ap.add_argument("--entry", default="dpm_adaptive", help="adaptive: the solver entry")
     ap.add_argument(
         "--dims",
@@ -103,6 +109,7 @@ def main() -> None:
             budgets=budgets,
             deadline=deadline,
             keep=args.keep,
+            prior=args.prior,
         )
     elif args.step == "choose":
         recs = S.refloor(e, S.load(OUT / "candidates.jsonl"), B.Floors())

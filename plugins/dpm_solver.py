@@ -31,7 +31,10 @@ every SDE with a Gaussian kernel (see :mod:`diffuse_engine.components.kernel_sol
 With ``lower_order_final`` (the default) a run of fewer than 15 steps uses order ``k`` at
 its ``k``-th last step, as the reference implementation does for multistep (and as its
 singlestep order schedule ends, ``[3, ..., 3, 2, 1]``): measured on the ring, this
-lowers the std error of singlestep runs at 10-20 evaluations up to five-fold.
+lowers the std error of singlestep runs at 10-20 evaluations up to five-fold. For
+multistep a final denoising step counts as the run's last step (it is first order), as
+in diffusers (to sigma 0) and k-diffusion's ``sample_dpmpp_2m``: lowering the solver's
+own last step as well cost 1.5x in 64 dimensions at 5 evaluations (docs/sampling.md).
 
 Score evaluations: ``steps`` for multistep; for singlestep the sum of the steps' orders
 (``order * steps`` without ``lower_order_final`` or from 15 steps up); plus one for the
@@ -175,11 +178,16 @@ class DPMSolver(KernelSolver):
 
     def _multistep_orders(self, steps: int) -> list[int]:
         """The order of each multistep step: warming up from 1 (only so many earlier
-        predictions exist) and, with ``lower_order_final`` on short runs, ending at 1."""
+        predictions exist) and, with ``lower_order_final`` on short runs, stepping down
+        to 1 at the run's last step. A final denoising step is that last step (it is
+        first order: ``x0_hat`` itself), so the solver's own steps then end at order 2,
+        as diffusers' multistep schedulers end at sigma 0 (``final_sigmas_type =
+        "zero"``) and k-diffusion's ``sample_dpmpp_2m`` ends."""
         c = self.config
+        final = steps + int(c.denoise)  # the run's steps, a denoising step included
         orders = [min(c.order, i + 1) for i in range(steps)]
-        if c.lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
-            orders = [min(o, steps - i) for i, o in enumerate(orders)]
+        if c.lower_order_final and final < LOWER_ORDER_FINAL_BELOW:
+            orders = [min(o, final - i) for i, o in enumerate(orders)]
         return orders
 
     def _multistep_plan(self, g) -> list[_MultistepStep]:

@@ -597,6 +597,22 @@ def test_solvers_choosing_their_own_times_refuse_a_schedule(engine, solver):
 
 
 @pytest.mark.parametrize(
+    "order,steps,denoise,orders",
+    [
+        (2, 4, False, [1, 2, 2, 1]),  # the solver's last step is the run's last
+        (2, 4, True, [1, 2, 2, 2]),  # the (first-order) denoising step is: as diffusers
+        (3, 9, True, [1, 2, 3, 3, 3, 3, 3, 3, 2]),
+        (3, 9, False, [1, 2, 3, 3, 3, 3, 3, 2, 1]),
+        (3, 14, True, [1, 2] + [3] * 12),  # 15 steps with the denoising one: not lowered
+        (3, 14, False, [1, 2] + [3] * 10 + [2, 1]),
+    ],
+)
+def test_multistep_final_orders_count_the_denoising_step(engine, order, steps, denoise, orders):
+    solver = engine.build("solver", "dpm_solver_pp", order=order, steps=steps, denoise=denoise)
+    assert solver._multistep_orders(steps) == orders
+
+
+@pytest.mark.parametrize(
     "order,steps,lof,nfe",
     [
         (3, 7, True, 3 * 5 + 2 + 1),

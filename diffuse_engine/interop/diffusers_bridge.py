@@ -218,8 +218,6 @@ def _like_dpm(sched, ts: list[int], N: int) -> dict[str, Any]:
         refused.append(f"solver_type {c.solver_type!r}")
     lowered = c.lower_order_final and n < 15
     zero = c.final_sigmas_type == "zero"
-    if zero and c.solver_order == 3 and lowered:
-        refused.append("order 3 with lower_order_final below 15 steps")
     if not zero and c.euler_at_final and not lowered:
         refused.append("euler_at_final")
     if refused:
@@ -238,9 +236,9 @@ def _like_dpm(sched, ts: list[int], N: int) -> dict[str, Any]:
         "order": int(c.solver_order),
         "third_order": "reference",  # diffusers' 3M update (plugins/dpm_solver.py)
         "prediction": "data" if c.algorithm_type == "dpmsolver++" else "noise",
-        # "zero": diffusers' last step (to sigma 0) is the engine's denoising step, and the
-        # step before it keeps its order; otherwise the final orders step down alike
-        "lower_order_final": False if zero else bool(c.lower_order_final),
+        # "zero": diffusers' last step (to sigma 0) is the engine's denoising step, which
+        # the engine's lower_order_final counts as the run's last step, as diffusers does
+        "lower_order_final": bool(c.lower_order_final),
         "times": times,
         "denoise": zero,
         **_clipping(c),

@@ -81,9 +81,10 @@ def run_one(
     *,
     label: str | None = None,
     device: str = "cpu",
+    prior: str = "auto",
 ) -> dict[str, Any]:
-    """Sample ``bed`` with ``solver`` (``fields`` as overrides, ``nfe`` the budget); the
-    record of its statistics and their floor ratios."""
+    """Sample ``bed`` with ``solver`` (``fields`` as overrides, ``nfe`` the budget, from
+    ``prior``: ``Engine.sampling``'s); the record of its statistics and floor ratios."""
     rec: dict[str, Any] = {
         "bed": bed.name,
         "held_out": bed.held_out,
@@ -105,6 +106,7 @@ def run_one(
             shape=bed.n,
             seed=seed,
             device=device,
+            prior=prior,
             **kw,
         )
     except DiffuseError as exc:
@@ -156,10 +158,12 @@ def sweep_candidates(
     floors: Floors | None = None,
     deadline: float | None = None,
     keep: int | None = None,
+    prior: str = "auto",
     log=print,
 ) -> dict[str, dict[str, Any]]:
-    """Step 1: every candidate at every budget on every selection bed (resumable).
-    Stops early, keeping what it has, at ``deadline`` (a ``time.time()`` value).
+    """Step 1: every candidate at every budget on every selection bed (resumable), each
+    started from ``prior``. Stops early, keeping what it has, at ``deadline`` (a
+    ``time.time()`` value).
 
     With ``keep``, a bed is only run for the ``keep`` candidates whose worst so far (over
     the beds already measured for that SDE and budget) is smallest: a heuristic pruning
@@ -184,7 +188,16 @@ def sweep_candidates(
                         log("deadline reached: stopping the sweep (rerun to resume)")
                         return done
                     rec = run_one(
-                        engine, b, sde, c.solver, c.fields, nfe, seed, floors, label=c.label
+                        engine,
+                        b,
+                        sde,
+                        c.solver,
+                        c.fields,
+                        nfe,
+                        seed,
+                        floors,
+                        label=c.label,
+                        prior=prior,
                     )
                     rec["fields"] = c.fields
                     done[_key(rec)] = rec
