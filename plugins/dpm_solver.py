@@ -46,6 +46,7 @@ takes ``N - 1`` steps, singlestep the order recipe of Lu et al. (2022a, Sec. 3.4
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Literal, NamedTuple
 
 from pydantic import Field, model_validator
@@ -137,6 +138,8 @@ class _MultistepStep(NamedTuple):
     r01: float | None  # r0 + r1
     kp2: float  # 3rd order: K phi_2
     kp3: float  # 3rd order: 2 K phi_3 (``third_order = "reference"``: K phi_3)
+    a_next: float  # the kernel at the step's end, for the prediction made there
+    s_next: float
 
 
 #: as in the reference implementation, lower final orders only matter for short runs
@@ -216,7 +219,18 @@ class DPMSolver(KernelSolver):
                 w, r01 = r0 / (r0 + r1), r0 + r1
             plan.append(
                 _MultistepStep(
-                    order, ratio, K * p1, 0.5 * K * p1, r0, r1, w, r01, K * p2, d2_weight * K * p3
+                    order,
+                    ratio,
+                    K * p1,
+                    0.5 * K * p1,
+                    r0,
+                    r1,
+                    w,
+                    r01,
+                    K * p2,
+                    d2_weight * K * p3,
+                    g.a[i + 1],
+                    g.s[i + 1],
                 )
             )
         return plan
@@ -228,8 +242,9 @@ class DPMSolver(KernelSolver):
         pred = c.prediction
         predict = self.predictor()
         ts = time_tensors(g.t[:-1], x)  # the (B,) time of each prediction (blocks or fills)
-        ms = [predict(score, x, next(ts), g.a[0], g.s[0], pred)]  # newest last
-        for i, (order, ratio, kp1, half_kp1, r0, r1, w, r01, kp2, kp3) in enumerate(
+        # the last `order` predictions, newest last
+        ms = deque([predict(score, x, next(ts), g.a[0], g.s[0], pred)], maxlen=c.order)
+        for i, (order, ratio, kp1, half_kp1, r0, r1, w, r01, kp2, kp3, a_n, s_n) in enumerate(
             self._multistep_plan(g)
         ):
             m0 = ms[-1]
@@ -247,8 +262,7 @@ class DPMSolver(KernelSolver):
             if transform is not None:  # a guidance projection (guidance.py)
                 x = transform(x, i + 1, g.t[i + 1])
             if i + 1 < steps:
-                ms.append(predict(score, x, next(ts), g.a[i + 1], g.s[i + 1], pred))
-                del ms[: -c.order]
+                ms.append(predict(score, x, next(ts), a_n, s_n, pred))
             if callback is not None:
                 callback(i + 1, steps, g.t[i + 1])
         return self.finish(score, sde, x, g.t[-1])
