@@ -35,7 +35,9 @@ class EDMConfig(KernelSolverConfig):
     )
     churn: float = Field(0.0, ge=0, description="S_churn: stochasticity (0: deterministic)")
     s_tmin: float = Field(0.0, ge=0, description="churn only where sigma >= s_tmin")
-    s_tmax: float = Field(float("inf"), gt=0, description="churn only where sigma <= s_tmax")
+    s_tmax: float = Field(
+        float("inf"), gt=0, allow_inf_nan=True, description="churn only where sigma <= s_tmax"
+    )
     s_noise: float = Field(1.0, gt=0, description="scale of the churn noise")
     euler_steps: int = Field(
         0, ge=0, description="how many of the first steps are Euler (1 evaluation, not 2)"

@@ -406,6 +406,13 @@ def test_ddim_eta_one_is_stochastic_and_recovers(engine):
     assert_recovers(a, mix)
 
 
+def test_edm_takes_its_own_default_s_tmax_when_spelled_out(engine):
+    # s_tmax = inf is the default (churn at every sigma); configs refuse inf elsewhere
+    assert engine.build("solver", "edm", s_tmax=float("inf")).config.s_tmax == math.inf
+    with pytest.raises(RegistryError, match="s_tmax"):
+        engine.build("solver", "edm", s_tmax=float("nan"))
+
+
 def test_edm_churn_recovers(engine):
     n = 10000
     r = engine.sampling(
