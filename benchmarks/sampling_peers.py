@@ -36,8 +36,8 @@ steps) is the registry's ``ddpm`` SDE, so every sampler sees the same exact mixt
 The best variant per bed and budget is the peer. The engine: the registry's
 ``best-vp-B`` entry (the VP table; the chain is a VP SDE) for the bed's data size, as
 ``diffuse run --nfe N`` takes it (``best-vp-B-dim16`` from 16 numbers per sample), with
-``nfe = N``. Prints and writes ``docs/suite/peers.jsonl`` (the cells of the beds run
-replace theirs; other beds' stay): per bed and budget the figure of each (each
+``nfe = N``. Prints and writes ``docs/suite/peers.jsonl`` (the cells run, bed and
+budget, replace theirs; the others stay): per bed and budget the figure of each (each
 floor-normalised error's mean over seeds 1..K, the worst of the three;
 ``suite.bed_error``), the engine / best-peer ratio, its 90 % bootstrap interval over
 the seeds (:func:`ratio_interval`) and the verdict it gives (win, tie or loss).
@@ -324,9 +324,13 @@ def main() -> None:
             )
             with part.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-    rerun = set(args.beds.split(","))
-    if out.exists():  # the other beds' cells stay as they were measured
-        kept = [ln for ln in out.read_text().splitlines() if json.loads(ln)["bed"] not in rerun]
+    rerun = {(b, int(n)) for b in args.beds.split(",") for n in args.budgets.split(",")}
+    if out.exists():  # the other cells stay as they were measured
+        kept = [
+            ln
+            for ln in out.read_text().splitlines()
+            if (json.loads(ln)["bed"], json.loads(ln)["nfe"]) not in rerun
+        ]
         new = part.read_text()
         part.write_text("".join(f"{ln}\n" for ln in kept) + new)
     part.replace(out)
