@@ -28,7 +28,10 @@ ones:
 * the reference's growth of ``h`` is unbounded, so after a cheap early step it tries a
   step of the whole log-SNR range and is rejected, every other trial; ``facmax = 3``.
 * ``h_init = 0.3`` and ``eps = 1e-4`` (data of std 0.05 have modes narrower than the VP
-  kernel's noise at ``t = 1e-3``).
+  kernel's noise at ``t = 1e-3``). ``sigma_end`` stops at a noise level instead, the
+  same for every SDE: the registry's ``dpm_adaptive_ms`` ends at ``sigma_end = 1e-3``,
+  VP's noise-to-signal ratio at its ``eps = 1e-5``, so sub-VP no longer spends a third
+  more evaluations below ``t = 0.01`` (its ``s / a`` at ``1e-5`` is ``1e-6``).
 * ``norm = "rms"`` (default) combines the per-sample errors by their root mean square
   over the batch, the error of the distribution the solver is after; ``"max"`` (the
   reference) lets a single outlying sample of a large batch shrink every step.
@@ -79,6 +82,12 @@ class DPMAdaptiveConfig(KernelSolverConfig):
     norm: Literal["rms", "max"] = Field("rms", description="per-sample errors: rms or max")
     eps: float | None = Field(
         1e-4, gt=0, lt=1, description="smallest time (none: the SDE's sampling_eps)"
+    )
+    sigma_end: float | None = Field(
+        None,
+        gt=0,
+        description="stop where the noise-to-signal ratio s/a reaches sigma_end, when that "
+        "comes before eps (k-diffusion's and EDM's sigma_min: one noise level for every SDE)",
     )
     max_trials: int = Field(10_000, ge=1, description="most trial steps before giving up")
 
@@ -137,6 +146,18 @@ class DPMAdaptive(KernelSolver):
     name = "dpm_adaptive"
     supports_transform = True
     Config = DPMAdaptiveConfig
+
+    def eps(self, sde) -> float:
+        """The end time: ``eps``, or earlier the time where ``s / a = sigma_end``. At
+        ``t = 1e-5`` sub-VP's noise is ``1e-6`` of the signal where VP's is ``1e-3``:
+        the same ``eps`` makes sub-VP take a third more steps below any mode's width."""
+        eps = super().eps(sde)
+        if self.config.sigma_end is None:
+            return eps
+        lam_end = -math.log(self.config.sigma_end)
+        if log_snr(sde, [eps])[0] <= lam_end:  # eps is already that noisy
+            return eps
+        return time_from_log_snr(sde, [lam_end], eps, float(sde.T))[0]
 
     def _points(self, sde, lam_s: float, lams: list[float], t_s: float, eps: float):
         """Times and kernel coefficients at the log-SNRs ``lams`` (bisection, float64)."""

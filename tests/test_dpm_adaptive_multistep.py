@@ -47,13 +47,28 @@ def test_converges_to_the_exact_gaussian_flow(engine, sde_name):
     errors = []
     for ntol in (0.005, 0.0002):
         solver = engine.build("solver", "dpm_adaptive_ms", ntol=ntol, denoise=False, eps=1e-3)
-        x = solver.sample(score, sde, x_T.clone())
-        errors.append(float((x - exact(x_T, 1e-3)).abs().max()))
+        x = solver.sample(score, sde, x_T.clone())  # ends at eps or at sigma_end, earlier
+        errors.append(float((x - exact(x_T, solver.eps(sde))).abs().max()))
     # a 25x smaller tolerance must shrink the error clearly (measured: 20-57x; a wrong
     # 3M coefficient stalls it at that coefficient's error, as an uncontrolled first
     # step did at 3e-3), and the tight one is far below the data std (0.3)
     assert errors[1] < errors[0] / 5, errors
     assert errors[1] < 3e-4, errors
+
+
+@pytest.mark.parametrize("sde_name,moves", [("vp", False), ("subvp", True), ("ve", False)])
+def test_it_stops_at_one_noise_level_for_every_sde(engine, sde_name, moves):
+    from diffuse_engine.components.schedules import log_snr
+
+    sde = engine.build("sde", sde_name)
+    solver = engine.build("solver", "dpm_adaptive_ms")  # eps = 1e-5, sigma_end = 1e-3
+    t_end = solver.eps(sde)
+    (lam,) = log_snr(sde, [t_end])
+    if moves:  # sub-VP's s/a at 1e-5 is 1e-6: it stops where s/a = 1e-3, near t = 0.01
+        assert t_end > 1e-3 and math.isclose(lam, -math.log(1e-3), rel_tol=1e-9), (t_end, lam)
+    else:  # VP's s/a at 1e-5 is 1.0005e-3 and VE's is at least sigma_min = 0.01
+        assert t_end == 1e-5 and lam <= -math.log(1e-3)
+    assert engine.build("solver", "dpm_adaptive_ms", sigma_end=None).eps(sde) == 1e-5
 
 
 @pytest.mark.parametrize("sde_name", ("vp", "ve"))
