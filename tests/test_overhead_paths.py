@@ -82,6 +82,30 @@ def test_the_function_solvers_get_is_the_boundary_itself(vp):
         b.call(x, t, {"label": 1})
 
 
+def test_a_boundary_is_freed_when_dropped_not_at_the_next_collection(vp):
+    import gc
+    import weakref
+
+    b = ScoreBoundary(CallableScore(lambda x, t: -x, sde=vp), "f")
+    b.call(torch.randn(3, 2), torch.rand(3))
+    gone = weakref.ref(b)
+    gc.disable()  # only reference counting: a cycle through b.call would keep b alive
+    try:
+        del b
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+def test_small_requests_skip_the_free_memory_read(monkeypatch):
+    from diffuse_engine.core import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 0)  # nothing free
+    memory.check_fits(memory.SMALL_REQUEST - 1, "cpu", "x", "y")  # not read, passes
+    with pytest.raises(memory.ResourceError, match="needs at least 32 MiB"):
+        memory.check_fits(memory.SMALL_REQUEST, "cpu", "x", "y")
+
+
 def test_boundary_peels_only_wrappers_that_do_nothing(vp):
     eps_model = CallableScore(lambda x, t: x, sde=vp, parameterisation="epsilon")
     assert direct_score(eps_model) is eps_model  # the conversion stays

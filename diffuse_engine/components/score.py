@@ -186,43 +186,38 @@ class ScoreBoundary:
     def __init__(self, fn, name: str):
         self.fn = fn
         self.name = name
-        self.calls = 0
         self.conditional = is_conditional(fn)
         self.dtype = model_dtype(fn)
-        #: shape and dtype of the layout checked without a conversion (the fast path)
-        self._shape: torch.Size | None = None
-        self._dtype: torch.dtype | None = None
         self._direct = direct_score(fn)
+        self._state = _Checked(fn, name, self.conditional, self.dtype)
         #: the score function solvers call: ``call(x, t[, cond])``
-        self.call = self._bind()
+        self.call = _fast_call(self._state, self._direct)
+
+    @property
+    def calls(self) -> int:
+        """Score evaluations so far, through :attr:`call` or the boundary itself."""
+        return self._state.calls
 
     def __call__(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         return self.call(x, t, cond)
 
-    def _bind(self):
-        """:attr:`call`: count, and on a checked layout call the model directly."""
-        me, direct, first = self, self._direct, self._first
-        if self.conditional:
 
-            def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
-                me.calls += 1
-                if x.shape == me._shape and x.dtype is me._dtype:
-                    return direct(x, t, cond)
-                return first(x, t, cond)
+class _Checked:
+    """A boundary's count, its checked layout and the checking path. Kept apart from
+    :class:`ScoreBoundary` so that :attr:`ScoreBoundary.call` holds no reference back
+    to the boundary: no reference cycle, so a boundary (and the model it holds) is
+    freed when the run drops it, not at the next garbage collection."""
 
-        else:
+    __slots__ = ("fn", "name", "conditional", "dtype", "calls", "shape", "layout_dtype")
 
-            def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
-                me.calls += 1
-                if cond is None and x.shape == me._shape and x.dtype is me._dtype:
-                    return direct(x, t)
-                return first(x, t, cond)
+    def __init__(self, fn, name: str, conditional: bool, dtype: torch.dtype | None):
+        self.fn, self.name, self.conditional, self.dtype = fn, name, conditional, dtype
+        self.calls = 0
+        #: shape and dtype of the layout checked without a conversion (the fast path)
+        self.shape: torch.Size | None = None
+        self.layout_dtype: torch.dtype | None = None
 
-        call.fn = self.fn  # what innermost() looks through to
-        call.conditional = self.conditional
-        return call
-
-    def _first(self, x: Tensor, t: Tensor, cond: dict | None) -> Tensor:
+    def first(self, x: Tensor, t: Tensor, cond: dict | None) -> Tensor:
         """A call with a layout not checked yet (or one that converts dtypes): call,
         convert and check the output."""
         xin, tin = x, t
@@ -253,8 +248,32 @@ class ScoreBoundary:
                 f"on {x.device}"
             )
         if xin is x:  # the fast path skips conversions, so only layouts without one
-            self._shape, self._dtype = x.shape, x.dtype
+            self.shape, self.layout_dtype = x.shape, x.dtype
         return out
+
+
+def _fast_call(state: _Checked, direct):
+    """:attr:`ScoreBoundary.call`: count, and on a checked layout call ``direct``."""
+    first = state.first
+    if state.conditional:
+
+        def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+            state.calls += 1
+            if x.shape == state.shape and x.dtype is state.layout_dtype:
+                return direct(x, t, cond)
+            return first(x, t, cond)
+
+    else:
+
+        def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+            state.calls += 1
+            if cond is None and x.shape == state.shape and x.dtype is state.layout_dtype:
+                return direct(x, t)
+            return first(x, t, cond)
+
+    call.fn = state.fn  # what innermost() looks through to
+    call.conditional = state.conditional
+    return call
 
 
 def direct_score(fn):
