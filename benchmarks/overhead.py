@@ -354,6 +354,8 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true", help="print only")
     ap.add_argument("--no-control", action="store_true", help="skip the two-loop control row")
     a = ap.parse_args()
+    if a.repeats < 2:
+        ap.error(f"--repeats must be at least 2 (the paired quartiles need two), not {a.repeats}")
     torch.set_num_threads(1)
     kept = keep_freed_memory()
     engine = Engine()

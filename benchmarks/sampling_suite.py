@@ -73,7 +73,8 @@ def main() -> None:
         "--prior",
         default="auto",
         choices=("auto", "data", "sde"),
-        help="sweep: where sampling starts (the first sweep predates the data prior: sde)",
+        help="sweep: where sampling starts; records from another start are measured again "
+        "(the first sweep predates the data prior: its records say sde)",
     )
     ap.add_argument("--entry", default="dpm_adaptive", help="adaptive: the solver entry")
     ap.add_argument(

@@ -29,12 +29,15 @@ sampling suite (docs/sampling.md). Written through the kernel, so the updates ap
 every SDE with a Gaussian kernel (see :mod:`diffuse_engine.components.kernel_solver`).
 
 With ``lower_order_final`` (the default) a run of fewer than 15 steps uses order ``k`` at
-its ``k``-th last step, as the reference implementation does for multistep (and as its
-singlestep order schedule ends, ``[3, ..., 3, 2, 1]``): measured on the ring, this
-lowers the std error of singlestep runs at 10-20 evaluations up to five-fold. For
-multistep a final denoising step counts as the run's last step (it is first order), as
-in diffusers (to sigma 0) and k-diffusion's ``sample_dpmpp_2m``: lowering the solver's
-own last step as well cost 1.5x in 64 dimensions at 5 evaluations (docs/sampling.md).
+its ``k``-th last step, as the reference implementation's multistep solver does (its
+first releases below 15 steps, later ones below 10) and as its singlestep order
+schedule ends, ``[3, ..., 3, 2, 1]``: measured on the ring, this lowers the std error of
+singlestep runs at 10-20 evaluations up to five-fold. For multistep a final denoising
+step counts as one of the run's steps, and as its last (it is first order), as in
+diffusers (``final_sigmas_type = "zero"``, below 15 steps with the step to sigma 0)
+and k-diffusion's ``sample_dpmpp_2m``; the reference does not count it. Lowering the
+solver's own last step as well cost 1.5x in 64 dimensions at 5 evaluations
+(docs/sampling.md).
 
 Score evaluations: ``steps`` for multistep; for singlestep the sum of the steps' orders
 (``order * steps`` without ``lower_order_final`` or from 15 steps up); plus one for the
@@ -67,7 +70,8 @@ class DPMSolverConfig(KernelSolverConfig):
     )
     lower_order_final: bool = Field(
         True,
-        description="fewer than 15 steps: order k at the k-th last step (stabilises few-step runs)",
+        description="fewer than 15 steps (a denoising step counted, multistep): order k at "
+        "the k-th last step (stabilises few-step runs)",
     )
     orders: list[int] | None = Field(
         None,
@@ -142,7 +146,8 @@ class _MultistepStep(NamedTuple):
     s_next: float
 
 
-#: as in the reference implementation, lower final orders only matter for short runs
+#: lower final orders only matter for short runs (diffusers' and the reference's first
+#: releases' threshold; the reference later used 10)
 LOWER_ORDER_FINAL_BELOW = 15
 
 

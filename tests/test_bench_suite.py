@@ -113,3 +113,18 @@ def test_budget_regressions_finds_a_larger_budget_that_scores_worse():
     worse, steps = S.budget_regressions({str(i): r for i, r in enumerate(recs)})
     assert steps == 3
     assert worse == [("a", "vp", 20, 50, 2.0, 2.5)]
+
+
+def test_a_sweep_record_says_its_start_and_another_start_measures_again(tmp_path):
+    bed = B.Bed("tiny", B._ring(2.0, 0.1), n=500, sdes=("vp",))
+    e = Engine(registry=[_write(B.registry_text((bed,)))])
+    cand = [S.Candidate("ddim", {"schedule": "quadratic"})]
+    out = tmp_path / "c.jsonl"
+    kw = dict(sdes=("vp",), budgets=(4,), beds=(bed,), floors=B.Floors(), log=lambda *a: None)
+    S.sweep_candidates(e, cand, out, prior="sde", **kw)
+    S.sweep_candidates(e, cand, out, prior="sde", **kw)  # resumed: nothing to measure
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and '"prior": "sde"' in lines[0]
+    got = S.sweep_candidates(e, cand, out, prior="auto", **kw)  # another start: again
+    assert len(out.read_text().splitlines()) == 2
+    assert [r["prior"] for r in got.values()] == ["auto"]  # the later record wins

@@ -283,6 +283,24 @@ def test_an_interrupt_landing_in_a_string_eval_still_exits_130(tmp_path):
     assert (res.returncode, res.stderr.strip()) == (130, "interrupted: SIGTERM"), res.stderr
 
 
+@pytest.mark.parametrize("where", ["building the app", "parsing the arguments"])
+def test_ctrl_c_before_a_command_runs_is_one_line_and_exit_130(monkeypatch, capsys, where):
+    import click
+
+    import diffuse_engine.cli as cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt if where == "building the app" else click.exceptions.Abort
+
+    if where == "building the app":
+        monkeypatch.setattr(cli, "build_app", interrupted)
+    else:  # click turns a KeyboardInterrupt while parsing into Abort
+        monkeypatch.setattr(cli, "build_app", lambda: interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "-n", "8"])
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
 @pytest.mark.parametrize(
     "sig,said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted: SIGTERM")]
 )

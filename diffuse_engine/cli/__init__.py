@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+import click
 import typer
 
 from diffuse_engine.cli import (
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     args = _distributed(args)
     try:
         status = build_app()(args=args, prog_name="diffuse", standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C before a command runs
+        from diffuse_engine.output.interrupts import forget_handled_interrupt
+
+        forget_handled_interrupt()
+        common.err("interrupted")
+        raise SystemExit(130) from None
     except Exception as exc:
         # click's usage errors (a bad option value, a missing argument): one line, exit 2
         message = getattr(exc, "format_message", None)

@@ -148,9 +148,9 @@ def like_diffusers(scheduler: Any, steps: int) -> dict[str, Any]:
       ``midpoint``) -> ``dpm_solver`` multistep, same order and final step.
 
     Other schedulers, and options no engine solver reproduces step for step (Karras or
-    other sigma spacings, the SDE variants, ``heun`` solver type, an order-3 run whose
-    last two steps diffusers lowers), are refused with a one-line error; the model still
-    samples with every engine solver.
+    other sigma spacings, the SDE variants, ``heun`` solver type, ``euler_at_final`` at 15
+    steps or more with ``final_sigmas_type = "sigma_min"``), are refused with a one-line
+    error; the model still samples with every engine solver.
     """
     sched = load_scheduler(scheduler)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

@@ -94,6 +94,7 @@ def run_one(
         "nfe_budget": nfe,
         "seed": seed,
         "n": bed.n,
+        "prior": prior,
     }
     kw = dict(fields)
     if nfe is not None:
@@ -162,7 +163,8 @@ def sweep_candidates(
     log=print,
 ) -> dict[str, dict[str, Any]]:
     """Step 1: every candidate at every budget on every selection bed (resumable), each
-    started from ``prior``. Stops early, keeping what it has, at ``deadline`` (a
+    started from ``prior`` (a record from another start is measured again, and each
+    record says its ``prior``). Stops early, keeping what it has, at ``deadline`` (a
     ``time.time()`` value).
 
     With ``keep``, a bed is only run for the ``keep`` candidates whose worst so far (over
@@ -182,8 +184,9 @@ def sweep_candidates(
                         pool = pool[:keep]
                 for c in pool:
                     probe = {"bed": b.name, "sde": sde, "label": c.label}
-                    if _key({**probe, "nfe_budget": nfe, "seed": seed}) in done:
-                        continue
+                    old = done.get(_key({**probe, "nfe_budget": nfe, "seed": seed}))
+                    if old is not None and old.get("prior") == prior:
+                        continue  # measured from the same start (else measured again)
                     if deadline is not None and time.time() > deadline:
                         log("deadline reached: stopping the sweep (rerun to resume)")
                         return done
