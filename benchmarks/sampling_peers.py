@@ -253,7 +253,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="5,10,20,50")
-    ap.add_argument("--beds", default="ring,ring-wide,mix64,ring12-1to20,mix32-1to50")
+    ap.add_argument("--beds", default="ring,ring-wide,mix16,mix64,ring12-1to20,mix32-1to50")
     ap.add_argument("--seeds", type=int, default=8, help="seeds 1..K per cell")
     ap.add_argument(
         "--adaptive",
