@@ -27,7 +27,7 @@ from diffuse_engine.core.registry_text import parse_assignment
 from diffuse_engine.likelihood import LikelihoodConfig, evaluate
 from diffuse_engine.runs import RunPlan, execute_run, plan_run
 from diffuse_engine.sampling.loop import SamplingResult, run_sampling
-from diffuse_engine.sampling.request import build_job
+from diffuse_engine.sampling.request import build_job, sde_and_solver
 from diffuse_engine.training import (
     RESUMABLE,
     TrainSettings,
@@ -252,12 +252,16 @@ class Engine:
                 self.builder, plan, train_out, sample=self.sampling, progress=progress
             )
 
+        def check(**kw) -> None:  # the SDE and solver, before anything is on disk
+            sde_and_solver(self.builder, **kw)
+
         return execute_run(
             self.builder,
             plan,
             out,
             sample=self.sampling,
             train=train,
+            check=check,
             overwrite=overwrite,
             progress=progress,
             sample_format=sample_format,

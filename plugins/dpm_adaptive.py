@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from diffuse_engine import DiffuseError, hookimpl
+from diffuse_engine import DiffuseError, IncompatibleError, hookimpl
 from diffuse_engine.components.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
 from diffuse_engine.components.schedules import log_snr, time_from_log_snr
 
@@ -154,8 +154,16 @@ class DPMAdaptive(KernelSolver):
         eps = super().eps(sde)
         if self.config.sigma_end is None:
             return eps
-        lam_end = -math.log(self.config.sigma_end)
-        if log_snr(sde, [eps])[0] <= lam_end:  # eps is already that noisy
+        sigma_end = self.config.sigma_end
+        lam_end = -math.log(sigma_end)
+        lam_T, lam_eps = log_snr(sde, [float(sde.T), eps])
+        if lam_end <= lam_T:
+            raise IncompatibleError(
+                f"solver {self.name!r}: sigma_end = {sigma_end:g} is at or above SDE "
+                f"{sde.name!r}'s noise-to-signal ratio s/a = {math.exp(-lam_T):.3g} at T, "
+                "so nothing would be sampled; give a smaller sigma_end"
+            )
+        if lam_eps <= lam_end:  # eps is already that noisy
             return eps
         return time_from_log_snr(sde, [lam_end], eps, float(sde.T))[0]
 

@@ -90,6 +90,30 @@ def test_bad_values_are_refused_before_the_folder_exists(tmp_path, args, needle)
     assert not (tmp_path / "new").exists()  # not even the parent folders
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--solver", "ddim", "--set", "solver.times=[2.0, 0.5]"], "after the end time T = 1.0"),
+        (["--solver", "dpm_adaptive_ms", "--set", "solver.sigma_end=1000"], "sigma_end = 1000"),
+    ],
+)  # fmt: skip
+def test_a_solver_that_does_not_fit_the_sde_is_refused_before_the_run_folder(
+    tmp_path, args, needle
+):
+    out = tmp_path / "new" / "R"
+    res = runner.invoke(build_app(), ["run", "-n", "16", "-q", "--out", str(out), *args])
+    one_line(res, needle)
+    assert not (tmp_path / "new").exists()  # no folder, no .partial beside it
+
+
+def test_sampling_a_checkpoint_with_a_solver_that_does_not_fit_makes_no_folder(done, tmp_path):
+    out = tmp_path / "new" / "S"
+    args = ["sample", "-c", str(done), "-n", "16", "-q", "--out", str(out), "--solver", "ddim"]
+    res = runner.invoke(build_app(), [*args, "--set", "solver.times=[2.0, 0.5]"])
+    one_line(res, "after the end time T = 1.0")
+    assert not (tmp_path / "new").exists()
+
+
 def test_unet_channel_mult_entries_must_be_positive(tmp_path):
     args = ["train", "--data", "digits", "--model", "unet", "--out", str(tmp_path / "D")]
     res = runner.invoke(build_app(), [*args, "--set", "channel_mult=[1, 0]"])

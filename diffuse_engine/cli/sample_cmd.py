@@ -177,14 +177,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_sampling(engine, model, cfg, solver: str, overrides: dict) -> None:
-    """The solver and overrides resolve (as ``Engine.sampling`` will) before any folder."""
-    chosen = {
-        "sde": engine.catalogue.get("sde", cfg["sde"]["type"]),
-        "solver": engine.resolve("solver", solver)[0],
-        "score": type(model),
-    }
-    routed = engine.route_overrides(chosen, overrides)
-    engine.resolve("solver", solver, **routed["solver"])
+    """The solver and overrides resolve, and the solver fits the model's SDE (as
+    ``Engine.sampling`` will check), before any folder."""
+    from diffuse_engine.sampling.request import sde_and_solver
+
+    sde_and_solver(
+        engine.builder, score=model, sde=cfg["sde"]["type"], solver=solver, overrides=overrides
+    )
 
 
 def _sample(

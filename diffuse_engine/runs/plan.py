@@ -158,15 +158,29 @@ def execute_run(
     *,
     sample: SampleFn,
     train: TrainFn,
+    check: Callable[..., None] | None = None,
     overwrite: bool = False,
     progress: bool = False,
     sample_format: str = "pt",
 ) -> dict[str, Any]:
     """Sample per ``plan`` into run folder ``out``; return the metrics dict. ``sample``
-    is ``Engine.sampling``; ``train`` trains the plan's model first when it needs it."""
+    is ``Engine.sampling``; ``train`` trains the plan's model first when it needs it;
+    ``check`` (``sampling.request.sde_and_solver``'s checks) refuses an SDE and solver
+    that do not fit before the run folder is made."""
     if sample_format not in SAMPLE_FORMATS:
         raise DiffuseError(
             f"unknown sample format {sample_format!r}; choices: {', '.join(SAMPLE_FORMATS)}"
+        )
+    if check is not None:
+        cond = conditioning(plan)
+        check(
+            score=plan.score,
+            sde=plan.sde,
+            solver=plan.solver,
+            cond=cond.get("cond"),
+            guidance=cond.get("guidance"),
+            classifier=cond.get("classifier"),
+            overrides=plan.overrides,
         )
     run_folder = RunFolder(out, overwrite)
     # under torchrun every rank trains / samples its part; rank 0 alone writes the folder

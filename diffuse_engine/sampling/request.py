@@ -207,6 +207,49 @@ def _sde_choice(b: Builder, sde: str | None, score: Any, overrides: Mapping[str,
     return DEFAULT_SDE, None
 
 
+def sde_and_solver(
+    builder: Builder,
+    *,
+    score: Any,
+    sde: str | None,
+    solver: str,
+    cond: Mapping[str, Any] | None = None,
+    guidance: str | None = None,
+    classifier: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]], SDE, Any]:
+    """The call's SDE and solver, built with the overrides routed to the chosen entries
+    and checked against each other: ``(sde name, chosen classes, routed overrides, SDE,
+    solver)``. These are :func:`build_job`'s checks that need no score model, so a run
+    makes them before it touches disk (a model may still have to be trained)."""
+    b = builder
+    guidance = _guidance_name(b, guidance, cond)
+    if guidance is not None and cond is None:
+        raise DiffuseError(f"guidance {guidance!r} needs cond= (for example cond={{'label': y}})")
+    sde, sde_spec = _sde_choice(b, sde, score, overrides or {})
+    chosen = {
+        "sde": b.implementation("sde", sde) if sde_spec is None else b.catalogue.get("sde", sde),
+        "solver": b.resolve("solver", solver)[0],
+        "score": b.score_class(score),
+    }
+    if guidance is not None:
+        chosen["guidance"] = b.implementation("guidance", guidance)
+    if isinstance(classifier, str):
+        chosen["classifier"] = b.implementation("classifier", classifier)
+    routed = b.route_overrides(chosen, overrides or {})
+    if isinstance(sde_spec, SDE):  # a ready model's own SDE
+        if routed["sde"]:
+            raise DiffuseError("sde fields cannot change the SDE a trained model is bound to")
+        sde_obj = sde_spec
+    elif sde_spec is not None:
+        sde_obj = b.build_recorded("sde", {**sde_spec, **routed["sde"]})
+    else:
+        sde_obj = b.build("sde", sde, **routed["sde"])
+    solver_obj = b.build("solver", solver, **routed["solver"])
+    solver_obj.check(sde_obj)
+    return sde, chosen, routed, sde_obj, solver_obj
+
+
 def build_job(
     builder: Builder,
     *,
@@ -231,30 +274,11 @@ def build_job(
     b = builder
     seed = check_seed(seed)
     guidance = _guidance_name(b, guidance, cond)
-    if guidance is not None and cond is None:
-        raise DiffuseError(f"guidance {guidance!r} needs cond= (for example cond={{'label': y}})")
-    sde, sde_spec = _sde_choice(b, sde, score, overrides or {})
-    chosen = {
-        "sde": b.implementation("sde", sde) if sde_spec is None else b.catalogue.get("sde", sde),
-        "solver": b.resolve("solver", solver)[0],
-        "score": b.score_class(score),
-    }
-    if guidance is not None:
-        chosen["guidance"] = b.implementation("guidance", guidance)
-    if isinstance(classifier, str):
-        chosen["classifier"] = b.implementation("classifier", classifier)
-    routed = b.route_overrides(chosen, overrides or {})
-    if isinstance(sde_spec, SDE):  # a ready model's own SDE
-        if routed["sde"]:
-            raise DiffuseError("sde fields cannot change the SDE a trained model is bound to")
-        sde_obj = sde_spec
-    elif sde_spec is not None:
-        sde_obj = b.build_recorded("sde", {**sde_spec, **routed["sde"]})
-    else:
-        sde_obj = b.build("sde", sde, **routed["sde"])
-    solver_obj = b.build("solver", solver, **routed["solver"])
+    sde, chosen, routed, sde_obj, solver_obj = sde_and_solver(
+        b, score=score, sde=sde, solver=solver, cond=cond, guidance=guidance,
+        classifier=classifier, overrides=overrides,
+    )  # fmt: skip
     score_obj = b.bind_score(score, sde_obj, **routed["score"])
-    solver_obj.check(sde_obj)
     data_shape = getattr(score_obj, "data_shape", None)
     if isinstance(shape, int):
         if data_shape is None:
