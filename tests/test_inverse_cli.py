@@ -65,6 +65,23 @@ def test_inpaint_needs_one_of_mask_or_observe(tmp_path):
     assert res.exit_code == 2 and "give one of --mask" in res.output
 
 
+def test_inpaint_refuses_an_existing_output_before_any_work(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep")
+    args = [
+        "inpaint",
+        "-c",
+        str(tmp_path / "none"),
+        "--mask",
+        "bottom",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    res = CliRunner().invoke(build_app(False), args)
+    assert res.exit_code == 2 and "already exists; pass --overwrite" in res.output, res.output
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep"
+
+
 @pytest.mark.slow
 def test_inpaint_end_to_end(tmp_path):
     """A 3-step digits model: the command runs, pins the observed pixels, writes its files."""
@@ -78,6 +95,7 @@ def test_inpaint_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["observation_error"] == 0.0 and (tmp_path / "o" / "inpaint.png").is_file()
+    assert json.loads((tmp_path / "o" / "status.json").read_text())["complete"]  # a run folder
     # --nproc 2 (torchrun, 2 processes): the images are sharded, the samples are those of
     # one process, bit for bit (smc: each image's particles stay on its shard's rank).
     # torchrun gives each worker one thread; a convolution's rounding depends on the

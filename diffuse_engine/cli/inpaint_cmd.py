@@ -45,18 +45,18 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="random seed"),
         device: str = typer.Option("cpu", help="torch device"),
         out_: str | None = typer.Option(None, "--out", "-o", help="output folder"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
         set_: list[str] | None = SetOpt,
         nproc: int | None = NprocOpt,
     ):
         """Inpaint / colourise / super-resolve images of --data with a trained checkpoint."""
-        import json
         import time
 
         import torch
 
         from diffuse_engine.cli.train_cmd import split_sets
         from diffuse_engine.core.errors import DiffuseError
-        from diffuse_engine.output.files import make_folder
+        from diffuse_engine.output.files import RunFolder, write_json
         from diffuse_engine.testbed import inpaint as P
         from diffuse_engine.training import load_trained, sample_overrides
 
@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
         if n < 1:
             raise DiffuseError(f"--n must be >= 1, got {n}")
         out = out_option(out_) or Path("runs") / f"inpaint-{method}-{time.strftime('%H%M%S')}"
+        run_folder = RunFolder(out, overwrite)
+        run_folder.check()  # exists without --overwrite, not a folder, ...: refused first
         registry_sets, overrides = split_sets(set_)
         engine = make_engine(None, registry_sets)
         check_names(engine, solver=("solver", solver))
@@ -106,13 +108,14 @@ def register(app: typer.Typer) -> None:
             metrics["classifier_agreement"] = P.classifier_agreement(
                 train.load(), train.labels, samples, labels[: len(x)]
             )
-        make_folder(out)
         view = P.observed_view(cond, tuple(x.shape))
-        P.save_grids(
-            out / "inpaint.png", [("observed", view), ("sampled", samples), ("original", x)]
-        )
-        torch.save(samples, out / "samples.pt")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        with run_folder as folder:  # written as OUT.partial, renamed to OUT once complete
+            P.save_grids(
+                folder.path / "inpaint.png",
+                [("observed", view), ("sampled", samples), ("original", x)],
+            )
+            torch.save(samples, folder.path / "samples.pt")
+            write_json(folder.path / "metrics.json", metrics)
         for k, v in metrics.items():
             typer.echo(f"{k}: {v}")
         typer.echo(f"wrote {out / 'inpaint.png'}")
