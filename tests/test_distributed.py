@@ -92,7 +92,9 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         engine = Engine(autoload=False, distributed=True)
-        got = {"samples": engine.sample(**SAMPLE), "gits": engine.sample(**SAMPLE_GITS)}
+        gits = engine.sampling(**SAMPLE_GITS)
+        got = {"samples": engine.sample(**SAMPLE), "gits": gits.samples}
+        got["gits_setup_nfe"] = gits.setup_nfe
         got["cond"] = engine.sample(**SAMPLE_COND)
         got["inverse"] = engine.sample(**SAMPLE_INV)
         full = engine.training(out=os.path.join(folder, "full"), **TRAIN)
@@ -142,6 +144,8 @@ def test_distributed_sampling_equals_single_process_bit_for_bit(ranks, engine):
         assert torch.equal(got[r]["gits"], single_gits), r
         assert torch.equal(got[r]["cond"], single_cond), r
         assert torch.equal(got[r]["inverse"], single_inverse), r
+    # the pilot ran on rank 0 alone (4 * fine + 1 evaluations of its batch)
+    assert [got[r]["gits_setup_nfe"] for r in range(WORLD)] == [4 * 30 + 1, 0]
 
 
 def test_weights_and_ema_identical_on_all_ranks(ranks):
@@ -305,3 +309,27 @@ def test_cli_nproc_2_trains_and_writes_the_single_process_samples(tmp_path):
     one, two = (torch.load(tmp_path / d / "samples.pt") for d in ("s1", "s2"))
     assert one.shape == (n, 2) and torch.equal(one, two)
     assert not (tmp_path / "s2.partial").exists()
+
+
+def test_a_fit_that_fails_on_rank_0_is_reported_on_every_rank():
+    from types import SimpleNamespace
+
+    from diffuse_engine import DiffuseError
+    from diffuse_engine.sampling.loop import _fit_on_main
+
+    class Failing:
+        def prepare(self, score, sde, like):
+            raise DiffuseError("schedule 'gits': the pilot run gave NaN/Inf")
+
+    sent = []
+
+    def main_broadcast(obj):  # rank 0 sends what the others will get
+        sent.append(obj)
+        return obj
+
+    main = SimpleNamespace(is_main=True, broadcast_object=main_broadcast)
+    with pytest.raises(DiffuseError, match="the pilot run gave NaN"):
+        _fit_on_main(Failing(), None, None, None, main)
+    other = SimpleNamespace(is_main=False, broadcast_object=lambda obj: sent[0])
+    with pytest.raises(DiffuseError, match="failed on rank 0: DiffuseError: .*pilot run gave NaN"):
+        _fit_on_main(Failing(), None, None, None, other)  # it waits for nothing, fails too

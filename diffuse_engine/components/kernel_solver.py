@@ -167,8 +167,9 @@ class KernelSolver(Solver):
             return list(self.config.times)
         return super().time_grid(sde, score, like)
 
-    def prepare(self, score: ScoreFn, sde: SDE, like: Tensor) -> list[float] | None:
-        return None if self.config.times is not None else super().prepare(score, sde, like)
+    @property
+    def fits_grid(self) -> bool:
+        return self.config.times is None and super().fits_grid
 
     def grid(
         self, sde: SDE, score: ScoreFn | None = None, like: Tensor | None = None

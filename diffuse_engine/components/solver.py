@@ -162,9 +162,15 @@ class Solver(Component):
         """Work done once per run before sampling, with ``score`` (the engine counts its
         evaluations apart from the per-sample ones): fits a ``gits`` schedule and returns
         its grid (``None`` when there is nothing to fit)."""
-        if self.config.schedule == "gits":
+        if self.fits_grid:
             return self.time_grid(sde, score, like)
         return None
+
+    @property
+    def fits_grid(self) -> bool:
+        """Whether :meth:`prepare` fits a grid that :meth:`adopt` then pins (a ``gits``
+        schedule): a distributed run fits it on rank 0 alone and shares it."""
+        return self.config.schedule == "gits"
 
     @property
     def fitted_times(self) -> list[float] | None:

@@ -91,13 +91,15 @@ def run_sampling(
     start = time.perf_counter()
     if job.noise is None and job.data_prior is not None:
         solver.start_from(*job.data_prior)  # a fitted schedule's pilot starts there too
-    with torch.no_grad():
-        fitted = solver.prepare(
-            counted.call, sde, torch.empty((1, *shape[1:]), device=device, dtype=dtype)
-        )
+    like = torch.empty((1, *shape[1:]), device=device, dtype=dtype)
+    if dist.enabled and solver.fits_grid:  # rank 0 fits the grid, every rank samples on it
+        solver.adopt(_fit_on_main(solver, counted.call, sde, like, dist))
+    else:
+        with torch.no_grad():
+            fitted = solver.prepare(counted.call, sde, like)
+        if fitted is not None:  # pinned: guided shards must not refit (round-off may
+            solver.adopt(dist.all_gather_object(fitted)[0] if dist.enabled else fitted)  # differ)
     setup_nfe = counted.calls
-    if fitted is not None:  # pinned: guided shards must not refit (round-off may differ
-        solver.adopt(dist.all_gather_object(fitted)[0] if dist.enabled else fitted)  # by rank)
 
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
 
@@ -184,6 +186,26 @@ def run_sampling(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, nfe, setup_nfe, time.perf_counter() - start
+
+
+def _fit_on_main(solver, score, sde, like, dist: DistContext) -> list[float]:
+    """Rank 0's fitted grid on every rank (:meth:`Solver.prepare` there alone). A failed
+    fit is re-raised on rank 0 and reported on the others, so no rank waits for it."""
+    fitted, failure = None, None
+    if dist.is_main:
+        try:
+            with torch.no_grad():
+                fitted = solver.prepare(score, sde, like)
+        except Exception as exc:
+            failure = exc
+    got = dist.broadcast_object(
+        fitted if failure is None else ("failed", f"{type(failure).__name__}: {failure}")
+    )
+    if failure is not None:
+        raise failure
+    if isinstance(got, tuple):
+        raise DiffuseError(f"fitting the time grid failed on rank 0: {got[1]}")
+    return got
 
 
 def _step_callback(bar, hook, done: int):
