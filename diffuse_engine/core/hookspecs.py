@@ -130,7 +130,8 @@ def diffuse_register_solvers():
     engine calls it when it builds the pair, before sampling. Take times from
     ``self.time_grid(sde, score, x_T)`` so every registry ``schedule`` works, the
     score-fitted ``gits`` one included (the engine fits it once per run through
-    ``prepare`` and counts those evaluations apart).
+    ``prepare``, on rank 0 alone in a distributed run when ``fits_grid`` is true, and
+    counts those evaluations apart).
     """
 
 
