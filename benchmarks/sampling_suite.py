@@ -90,6 +90,12 @@ def main() -> None:
         help="sweep: the candidates' schedules (to extend an earlier sweep by one)",
     )
     ap.add_argument(
+        "--ends",
+        default="1e-3:tweedie,1e-4:tweedie,1e-5:none",
+        help="sweep: the candidates' ends, EPS:RULE with RULE tweedie (the final "
+        "denoising step), flow (denoise_rule = flow) or none (no denoising step)",
+    )
+    ap.add_argument(
         "--solvers",
         default="dpm_solver_pp:2,dpm_solver_pp:3:taylor,dpm_solver_pp:3:reference,unipc:3",
         help="sweep: the candidates' solver entries, orders and (DPM-Solver 3M) "
@@ -107,6 +113,7 @@ def main() -> None:
             S.candidates(
                 solvers=[solver_fields(v) for v in args.solvers.split(",")],
                 schedules=tuple(args.schedules.split(",")),
+                ends=S.parse_ends(args.ends),
             ),
             OUT / "candidates.jsonl",
             sdes=sdes,
@@ -194,8 +201,14 @@ def main() -> None:
             ),
             (
                 "The adaptive solver on multistep updates (dpm_adaptive_ms: 3M with an "
-                "embedded 2M estimate, no cap), fresh seeds from 2",
+                "embedded 2M estimate; tolerance by the modes' width, the flow's final "
+                "step; no cap), fresh seeds 2-17",
                 "adaptive-dpm_adaptive_ms",
+            ),
+            (
+                "Before: dpm_adaptive_ms with the noise tolerance (ntol 0.01), Tweedie's "
+                "final step and sigma_end 1e-3, fresh seeds 2-9",
+                "adaptive-dpm_adaptive_ms-before-width",
             ),
             (
                 "Before: the reference's error control (state tolerance, unbounded step "

@@ -128,3 +128,14 @@ def test_a_sweep_record_says_its_start_and_another_start_measures_again(tmp_path
     got = S.sweep_candidates(e, cand, out, prior="auto", **kw)  # another start: again
     assert len(out.read_text().splitlines()) == 2
     assert [r["prior"] for r in got.values()] == ["auto"]  # the later record wins
+
+
+def test_ends_name_the_final_step_and_keep_the_first_sweeps_labels():
+    ends = S.parse_ends("1e-3:tweedie,1e-5:none,1e-4:flow")
+    assert ends == ((1e-3, True), (1e-5, False), (1e-4, True, "flow"))
+    first = S.candidates(ends=ends[:2])
+    assert [c.label for c in first] == [c.label for c in S.candidates() if "0.0001" not in c.label]
+    flow = S.candidates(ends=ends[2:])
+    assert all(c.fields["denoise_rule"] == "flow" and c.fields["eps"] == 1e-4 for c in flow)
+    with pytest.raises(ValueError, match="tweedie, flow, none"):
+        S.parse_ends("1e-3:mean")

@@ -58,15 +58,32 @@ def candidates(
         ("unipc", {"order": 3}),
     ),
     schedules: Iterable[str] = ("logsnr", "quadratic", "karras", "gits"),
-    ends: Iterable[tuple[float, bool]] = ((1e-3, True), (1e-4, True), (1e-5, False)),
+    ends: Iterable[tuple] = ((1e-3, True), (1e-4, True), (1e-5, False)),
 ) -> list[Candidate]:
-    """The product of solvers, schedules and ``(eps, denoise)`` ends."""
+    """The product of solvers, schedules and ends: ``(eps, denoise)``, or ``(eps, True,
+    rule)`` for a final step by ``denoise_rule = rule`` (without it the field is left
+    out, so the labels of the first sweep's candidates stay theirs)."""
     return [
-        Candidate(s, {**kw, "schedule": sch, "eps": eps, "denoise": dn})
+        Candidate(s, {**kw, "schedule": sch, "eps": end[0], "denoise": end[1], **_rule(end)})
         for s, kw in solvers
         for sch in schedules
-        for eps, dn in ends
+        for end in ends
     ]
+
+
+def _rule(end: tuple) -> dict[str, Any]:
+    return {"denoise_rule": end[2]} if len(end) > 2 else {}
+
+
+def parse_ends(text: str) -> tuple[tuple, ...]:
+    """``"1e-3:tweedie,1e-5:none,1e-4:flow"`` -> the ends of :func:`candidates`."""
+    out: list[tuple] = []
+    for item in text.split(","):
+        eps, _, rule = item.partition(":")
+        if rule not in ("tweedie", "flow", "none"):
+            raise ValueError(f"end {item!r}: give EPS:RULE, RULE one of tweedie, flow, none")
+        out.append((float(eps), rule != "none", *(("flow",) if rule == "flow" else ())))
+    return tuple(out)
 
 
 def run_one(
