@@ -64,12 +64,16 @@ class DPMAdaptiveConfig(KernelSolverConfig):
     order: Literal[2, 3] = Field(
         3, description="higher order of the embedded pair (2: 1/2, 3: 2/3)"
     )
-    tolerance: Literal["noise", "state"] = Field(
+    tolerance: Literal["noise", "width", "state"] = Field(
         "noise",
         description="noise: each step's error at most ntol times the kernel's noise std at "
-        "its end; state (the reference): max(atol * scale, rtol * |x|)",
+        "its end; width: ntol times the width of p_t's modes (the noise std over the RMS "
+        "of the predicted noise, never below the noise std); state (the reference): "
+        "max(atol * scale, rtol * |x|)",
     )
-    ntol: float = Field(0.1, gt=0, description="tolerance = noise: error over noise std")
+    ntol: float = Field(
+        0.1, gt=0, description="tolerance = noise or width: error over noise std or width"
+    )
     rtol: float = Field(0.05, gt=0, description="tolerance = state: relative tolerance")
     atol: float = Field(
         0.01, gt=0, description="tolerance = state: absolute, in units of the data scale"
@@ -206,7 +210,7 @@ class DPMAdaptive(KernelSolver):
                 if final:
                     accept = True
                 else:
-                    E = self._error(x_low, x_new, x, g.s[0], scale)
+                    E = self._error(x_low, x_new, x, g.s[0], scale, self._width(x, m_s, a_s, s_s))
                     accept = E <= 1.0
                     fac = self._factor(E, c.order, rejected)
                     rejected = not accept
@@ -242,8 +246,8 @@ class DPMAdaptive(KernelSolver):
         cap = c.nfe if c.nfe is not None else math.inf
         left = cap - int(c.denoise)
         g0 = KernelGrid.on(sde, [T])
-        t_s, s_s, lam_s = T, g0.s[0], lam_T
-        hist = [(lam_T, self.predict(score, x, t_s, g0.a[0], s_s, "data"))]
+        t_s, a_s, s_s, lam_s = T, g0.a[0], g0.s[0], lam_T
+        hist = [(lam_T, self.predict(score, x, t_s, a_s, s_s, "data"))]
         left -= 1
         scale = max(float(hist[0][1].pow(2).mean().sqrt()), 1e-12)
         h, rejected, ticks, done = c.h_init, False, 0, 0
@@ -274,14 +278,14 @@ class DPMAdaptive(KernelSolver):
                     low, high = multistep_pair(x, hist[-order:], s_s, a_t, s_t, h)
                 x_new = high
                 if not final:
-                    E = self._error(low, high, x, s_t, scale)
+                    E = self._error(low, high, x, s_t, scale, self._width(x, m0, a_s, s_s))
                     fac = self._factor(E, order, rejected)
                     rejected = E > 1.0
                     if rejected:  # retry from the same state: no evaluation spent
                         h *= fac
                         continue
             x = x_new
-            t_s, s_s, lam_s = g.t[0], s_t, lam_t
+            t_s, a_s, s_s, lam_s = g.t[0], a_t, s_t, lam_t
             done += 1
             if transform is not None:  # a guidance projection (guidance.py)
                 x = transform(x, done, t_s)
@@ -301,12 +305,28 @@ class DPMAdaptive(KernelSolver):
             "trial steps; raise max_trials or ntol"
         )
 
-    def _error(self, low, high, x, s_t: float, scale: float) -> float:
+    def _width(self, x, m, a: float, s: float) -> float:
+        """``tolerance = "width"``: the width of ``p_t``'s modes over the noise std, from
+        the state ``x`` and its data prediction ``m`` at kernel ``(a, s)``. Within a
+        Gaussian mode of std ``w``, ``x / a`` has std ``sqrt(w^2 + sigma^2)`` and the
+        predicted noise ``(x - a m) / s`` has RMS ``sigma / sqrt(w^2 + sigma^2)``, so
+        the width is ``s`` over that RMS (over the batch; never below ``s``). The flow
+        maps an error ``d`` made there to ``d w / sqrt(w^2 + sigma^2)`` in the sample:
+        ``ntol`` times this width is ``ntol * w`` at the end at every noise level, where
+        ``ntol * s`` demands ever smaller errors once the noise is below the modes'
+        width."""
+        if self.config.tolerance != "width":
+            return 1.0
+        rms = float(((x - a * m) / s).pow(2).mean().sqrt())
+        return 1.0 / rms if 0.0 < rms < 1.0 else 1.0
+
+    def _error(self, low, high, x, s_t: float, scale: float, width: float = 1.0) -> float:
         """The step's error estimate ``E``: the RMS of ``(high - low) / delta`` per sample,
-        combined over the batch by ``norm``; ``delta`` the configured tolerance."""
+        combined over the batch by ``norm``; ``delta`` the configured tolerance
+        (``width``: :meth:`_width`'s factor over the noise std)."""
         c = self.config
-        if c.tolerance == "noise":
-            delta = torch.full_like(low, c.ntol * s_t)
+        if c.tolerance in ("noise", "width"):
+            delta = torch.full_like(low, c.ntol * s_t * width)
         else:
             delta = torch.maximum(
                 torch.full_like(low, c.atol * scale),

@@ -56,19 +56,78 @@ def test_converges_to_the_exact_gaussian_flow(engine, sde_name):
     assert errors[1] < 3e-4, errors
 
 
-@pytest.mark.parametrize("sde_name,moves", [("vp", False), ("subvp", True), ("ve", False)])
+@pytest.mark.parametrize("sde_name,moves", [("vp", True), ("subvp", True), ("ve", False)])
 def test_it_stops_at_one_noise_level_for_every_sde(engine, sde_name, moves):
     from diffuse_engine.components.schedules import log_snr
 
     sde = engine.build("sde", sde_name)
-    solver = engine.build("solver", "dpm_adaptive_ms")  # eps = 1e-5, sigma_end = 1e-3
+    solver = engine.build("solver", "dpm_adaptive_ms")  # eps = 1e-5, sigma_end = 3e-3
     t_end = solver.eps(sde)
     (lam,) = log_snr(sde, [t_end])
-    if moves:  # sub-VP's s/a at 1e-5 is 1e-6: it stops where s/a = 1e-3, near t = 0.01
-        assert t_end > 1e-3 and math.isclose(lam, -math.log(1e-3), rel_tol=1e-9), (t_end, lam)
-    else:  # VP's s/a at 1e-5 is 1.0005e-3 and VE's is at least sigma_min = 0.01
-        assert t_end == 1e-5 and lam <= -math.log(1e-3)
+    if moves:  # VP's s/a at 1e-5 is 1e-3, sub-VP's 1e-6: both stop where s/a = 3e-3
+        assert t_end > 1e-5 and math.isclose(lam, -math.log(3e-3), rel_tol=1e-9), (t_end, lam)
+    else:  # VE's s/a is at least sigma_min = 0.01
+        assert t_end == 1e-5 and lam <= -math.log(3e-3)
     assert engine.build("solver", "dpm_adaptive_ms", sigma_end=None).eps(sde) == 1e-5
+
+
+@pytest.mark.parametrize("sde_name", ("vp", "subvp", "ve"))
+def test_the_width_tolerance_reads_the_modes_width_off_the_predictions(engine, sde_name):
+    """``tolerance = "width"``: in data ``N(mu, w^2)`` at noise ``sigma`` the state ``x / a``
+    has std ``sqrt(w^2 + sigma^2)``; the factor over the noise std must be that over
+    ``sigma`` when the noise is narrower than the data, and 1 (never less) when wider."""
+    from diffuse_engine.components.schedules import kernel_coefficients
+
+    sde = engine.build("sde", sde_name)
+    solver = engine.build("solver", "dpm_adaptive_ms")
+    mu, w, n = 0.7, 0.03, 200_000
+    score, _ = gaussian_flow(sde, mu, w)
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for sigma in (1e-3, 1e-2, 3e-2, 1.0):
+        t = _time_at_sigma(sde, sigma)
+        (a,), (s,), _ = kernel_coefficients(sde, [t])
+        x = a * (mu + math.sqrt(w**2 + (s / a) ** 2) * z)
+        m = (x + s**2 * score(x, torch.full((n,), t, dtype=torch.float64))) / a
+        want = max(1.0, math.sqrt(w**2 + (s / a) ** 2) / (s / a))
+        # the RMS of 2n standard normals has relative std 1 / sqrt(4n) = 0.11 %: 1 %
+        # is 9 of those, and a factor that ignored the modes (1) is off by up to 30x
+        assert solver._width(x, m, a, s) == pytest.approx(want, rel=0.01), (sigma, want)
+
+
+def _time_at_sigma(sde, sigma: float) -> float:
+    """The time where the SDE's noise-to-signal ratio ``s / a`` is ``sigma``."""
+    from diffuse_engine.components.schedules import time_from_log_snr
+
+    return time_from_log_snr(sde, [-math.log(sigma)], 1e-6, float(sde.T))[0]
+
+
+@pytest.mark.parametrize("sde_name", ("vp", "subvp", "ve"))
+def test_the_flow_rule_continues_the_flow_to_noise_zero(engine, sde_name):
+    """``denoise_rule = "flow"``: from the exact flow of ``N(mu, w^2)`` data at noise
+    ``sigma``, the final step must land on the flow's own end ``mu + w z`` to
+    ``O(sigma^4 / w^4)`` (closed form: ``w (2 + r) / (2 sqrt(1 + r))``, ``r = sigma^2 /
+    w^2``), where Tweedie's posterior mean is ``w / sqrt(1 + r)``, ``O(r)`` narrow."""
+    from diffuse_engine.components.schedules import kernel_coefficients
+
+    sde = engine.build("sde", sde_name)
+    mu, w = 0.7, 0.03
+    score, _ = gaussian_flow(sde, mu, w)
+    z = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
+    for sigma in (0.01, 0.003):
+        t = _time_at_sigma(sde, sigma) if sde_name != "ve" else None
+        if t is None:  # VE's smallest noise is sigma_min = 0.01
+            t, sigma = 1e-5, float(sde.marginal(torch.tensor(1e-5))[1])
+        (a,), (s,), _ = kernel_coefficients(sde, [t])
+        r = (s / a) ** 2 / w**2
+        x = a * (mu + math.sqrt(w**2 + (s / a) ** 2) * z)
+        out = {}
+        for rule in ("flow", "tweedie"):
+            solver = engine.build("solver", "dpm_solver_pp", denoise_rule=rule)
+            out[rule] = solver.finish(score, sde, x, t)
+        flow_std = w * (2 + r) / (2 * math.sqrt(1 + r))
+        assert torch.allclose(out["flow"], mu + flow_std * z, rtol=1e-9, atol=1e-12)
+        assert abs(flow_std / w - 1) < r**2 / 8 * 1.01  # the flow's end, to O(r^2)
+        assert torch.allclose(out["tweedie"], mu + w / math.sqrt(1 + r) * z, rtol=1e-9)
 
 
 @pytest.mark.parametrize("sde_name", ("vp", "ve"))
@@ -169,3 +228,19 @@ def test_holds_on_data_far_below_unit_scale():
     st = mode_statistics(r.samples, score.mixture)
     assert r.nfe <= 45, r.nfe
     assert st["std_error"] < 0.06 and st["centre_error"] < 0.08, st
+
+
+def test_the_width_tolerance_spends_less_below_the_modes_width():
+    # the suite's ring-narrow bed (radius 1, mode std 0.03). Below sigma = 0.03 the flow
+    # barely moves a sample, yet ntol * s asks ever smaller errors; ntol * width does
+    # not, and the samples stay within noise at n = 4000 (500 per mode): std error
+    # ~1/sqrt(2 * 500) = 0.03, centre ~0.045; 2x that fails
+    engine = Engine()
+    score = engine.build("score", "gmm", sde=engine.build("sde", "vp"), radius=1.0, std=0.03)
+    got = {}
+    for tol in ("noise", "width"):
+        r = engine.sampling(score=score, sde="vp", solver="dpm_adaptive_ms", shape=4000,
+                            seed=3, tolerance=tol)  # fmt: skip
+        got[tol] = {**mode_statistics(r.samples, score.mixture), "nfe": r.nfe}
+    assert got["width"]["nfe"] <= got["noise"]["nfe"] - 3, got
+    assert got["width"]["std_error"] < 0.06 and got["width"]["centre_error"] < 0.09, got

@@ -32,7 +32,7 @@ Two options every kernel-based solver has, both off by default:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -62,6 +62,12 @@ class KernelSolverConfig(SolverConfig):
         max_length=MAX_STEPS + 1,
         description="explicit decreasing times (first <= T, last = the smallest time); "
         "replaces schedule, steps and eps",
+    )
+    denoise_rule: Literal["tweedie", "flow"] = Field(
+        "tweedie",
+        description="final denoising step: tweedie (the posterior mean E[x0 | x_eps]) or "
+        "flow (the probability-flow ODE continued to noise 0 by one Euler step in "
+        "(s/a)^2: half Tweedie's correction)",
     )
     x0_clip: float | None = Field(
         None, gt=0, description="clip predicted clean data to [-x0_clip, x0_clip] (images: 1)"
@@ -212,9 +218,24 @@ class KernelSolver(Solver):
         return (torch.maximum(torch.minimum(flat, q), -q) * (bound / q)).reshape(x0.shape)
 
     def finish(self, score: ScoreFn, sde: SDE, x: Tensor, t: float) -> Tensor:
-        """The final denoising step (:meth:`Solver.finish`), clipped like every x0_hat."""
-        out = super().finish(score, sde, x, t)
+        """The final denoising step (:meth:`Solver.finish`), clipped like every x0_hat.
+
+        ``denoise_rule = "flow"`` continues the probability-flow ODE from ``eps`` to
+        noise 0 instead of returning Tweedie's posterior mean. In ``x / a`` and
+        ``u = sigma^2 = (s / a)^2`` the flow is ``d(x/a)/du = -(a / 2) score``, smooth in
+        ``u`` for smooth data (Karras et al. 2022, Eq. 4 in ``sigma``), so one Euler step
+        to ``u = 0`` gives ``x0 = (x + s^2 score / 2) / a``: the same one evaluation,
+        half Tweedie's correction. In a Gaussian mode of width ``w`` its std is
+        ``w (1 + O(sigma^4 / w^4))``, where the posterior mean's is ``w / sqrt(1 +
+        sigma^2 / w^2)``: 5 % narrow at ``sigma = w / 3`` (VE's ``sigma_min = 0.01`` on
+        modes of std 0.03)."""
         c = self.config
+        if c.denoise and c.denoise_rule == "flow":
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+            (a,), (s,), _ = kernel_coefficients(sde, [t])
+            out = (x + (0.5 * s * s) * score(x, tt)) / a
+        else:
+            out = super().finish(score, sde, x, t)
         if not c.denoise or (c.x0_clip is None and c.x0_threshold is None):
             return out
         return self.clip_x0(out)
