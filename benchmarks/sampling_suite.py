@@ -78,6 +78,12 @@ def main() -> None:
     )
     ap.add_argument("--entry", default="dpm_adaptive", help="adaptive: the solver entry")
     ap.add_argument(
+        "--converged",
+        action="store_true",
+        help="adaptive: the entry at ntol = 3e-4, the flow from the same starts all but "
+        "exactly: what a deterministic solver scores with those seeds",
+    )
+    ap.add_argument(
         "--dims",
         type=int,
         default=1,
@@ -158,8 +164,11 @@ def main() -> None:
     elif args.step == "adaptive":
         entries = {(sde, None): args.entry for sde in sdes}
         name = "adaptive" if args.entry == "dpm_adaptive" else f"adaptive-{args.entry}"
+        name += "-converged" if args.converged else ""
+        extra = {"ntol": 3e-4} if args.converged else None
         # its defaults were chosen on seed 1 of the selection beds: fresh seeds from 2
-        S.evaluate(e, entries, OUT / f"{name}.jsonl", seeds=tuple(range(2, 2 + args.seeds)))
+        seeds = tuple(range(2, 2 + args.seeds))
+        S.evaluate(e, entries, OUT / f"{name}.jsonl", seeds=seeds, extra=extra)
     else:
         from diffuse_engine.testbed.bench.report import write_suite_report
 
@@ -168,6 +177,18 @@ def main() -> None:
                 "Registry defaults: the best-SDE-NFE table (-dim16 entries on the beds of 16 "
                 "or more dimensions), fresh seeds 1-8",
                 "defaults",
+            ),
+            (
+                "Before: the three entries the flow's final step changed (best-vp-20, "
+                "best-vp-50, best-ve-50), chosen among Tweedie-step ends only, fresh "
+                "seeds 1-8",
+                "defaults-before-flow",
+            ),
+            (
+                "Rejected: the flow's final step in best-ve-20, best-subvp-10 and "
+                "best-vp-20-dim16 (chosen on seed 0, no better on fresh seeds of the "
+                "selection beds), fresh seeds 1-8",
+                "flow-rejected",
             ),
             (
                 "Before: the 50-evaluation entries chosen while the sweep's scale-large "
@@ -204,6 +225,11 @@ def main() -> None:
                 "embedded 2M estimate; tolerance by the modes' width, the flow's final "
                 "step; no cap), fresh seeds 2-17",
                 "adaptive-dpm_adaptive_ms",
+            ),
+            (
+                "The converged flow from the same starts (dpm_adaptive_ms at ntol = 3e-4): "
+                "what a deterministic solver scores with these seeds, fresh seeds 2-17",
+                "adaptive-dpm_adaptive_ms-converged",
             ),
             (
                 "Before: dpm_adaptive_ms with the noise tolerance (ntol 0.01), Tweedie's "
