@@ -106,6 +106,16 @@ def test_a_solver_that_does_not_fit_the_sde_is_refused_before_the_run_folder(
     assert not (tmp_path / "new").exists()  # no folder, no .partial beside it
 
 
+def test_a_guidance_that_does_not_fit_the_solver_is_refused_before_the_run_folder(tmp_path):
+    from diffuse_engine import IncompatibleError
+
+    engine = Engine()
+    plan = engine.plan_run("conditional", guidance="repaint", solver="ode")  # ddim, pc only
+    with pytest.raises(IncompatibleError, match="repaint.*ddim, pc, not 'ode'"):
+        engine.run(plan, tmp_path / "new" / "R")
+    assert not (tmp_path / "new").exists()  # before: new/R.partial and its lock were left
+
+
 def test_sampling_a_checkpoint_with_a_solver_that_does_not_fit_makes_no_folder(done, tmp_path):
     out = tmp_path / "new" / "S"
     args = ["sample", "-c", str(done), "-n", "16", "-q", "--out", str(out), "--solver", "ddim"]

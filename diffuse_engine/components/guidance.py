@@ -80,8 +80,10 @@ class Guidance(Component):
     projects: ClassVar[bool] = False
     solvers: ClassVar[tuple[str, ...] | None] = None
 
-    def check(self, solver, sde, score, classifier) -> None:
-        """Raise :class:`IncompatibleError` if this method cannot run with these."""
+    def check_solver(self, solver) -> None:
+        """Raise :class:`IncompatibleError` if this method cannot run with ``solver``: the
+        part of :meth:`check` that needs no score model, so a run makes it before it
+        touches disk."""
         if self.solvers is not None and solver.name not in self.solvers:
             raise IncompatibleError(
                 f"guidance {self.name!r} works with solver(s) {', '.join(self.solvers)}, "
@@ -99,6 +101,10 @@ class Guidance(Component):
                 f"{solver.name!r} cannot (it integrates internally); solvers that can: "
                 f"{', '.join(able) or 'none installed'}"
             )
+
+    def check(self, solver, sde, score, classifier) -> None:
+        """Raise :class:`IncompatibleError` if this method cannot run with these."""
+        self.check_solver(solver)
         if self.needs_conditional_score and not is_conditional(score):
             raise IncompatibleError(
                 f"guidance {self.name!r} needs a conditional score model fn(x, t, cond); "

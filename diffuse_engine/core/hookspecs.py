@@ -173,7 +173,8 @@ def diffuse_register_guidance():
     model as ``score(x, t, cond)``, and ``score(x, t, None)`` is unconditional. ``cond``
     holds the shard's rows of every per-sample tensor (first dimension ``n``) and the
     whole of the keys listed in ``shared``. Solvers a method supports are declared in
-    ``solvers`` (``None``: all) and checked in ``check``. Time runs from ``T`` down.
+    ``solvers`` (``None``: all) and checked in ``check_solver``, before a run makes its
+    folder (``check`` calls it too). Time runs from ``T`` down.
     """
 
 

@@ -219,9 +219,10 @@ def sde_and_solver(
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]], SDE, Any]:
     """The call's SDE and solver, built with the overrides routed to the chosen entries
-    and checked against each other: ``(sde name, chosen classes, routed overrides, SDE,
-    solver)``. These are :func:`build_job`'s checks that need no score model, so a run
-    makes them before it touches disk (a model may still have to be trained)."""
+    and checked against each other (and against the guidance's solvers): ``(sde name,
+    chosen classes, routed overrides, SDE, solver)``. These are :func:`build_job`'s
+    checks that need no score model, so a run makes them before it touches disk (a model
+    may still have to be trained)."""
     b = builder
     guidance = _guidance_name(b, guidance, cond)
     if guidance is not None and cond is None:
@@ -247,6 +248,8 @@ def sde_and_solver(
         sde_obj = b.build("sde", sde, **routed["sde"])
     solver_obj = b.build("solver", solver, **routed["solver"])
     solver_obj.check(sde_obj)
+    if guidance is not None:  # its solver check; the rest needs the score model
+        b.build("guidance", guidance, **routed["guidance"]).check_solver(solver_obj)
     return sde, chosen, routed, sde_obj, solver_obj
 
 
