@@ -29,9 +29,15 @@ ones:
   step of the whole log-SNR range and is rejected, every other trial; ``facmax = 3``.
 * ``h_init = 0.3`` and ``eps = 1e-4`` (data of std 0.05 have modes narrower than the VP
   kernel's noise at ``t = 1e-3``). ``sigma_end`` stops at a noise level instead, the
-  same for every SDE: the registry's ``dpm_adaptive_ms`` ends at ``sigma_end = 1e-3``,
-  VP's noise-to-signal ratio at its ``eps = 1e-5``, so sub-VP no longer spends a third
-  more evaluations below ``t = 0.01`` (its ``s / a`` at ``1e-5`` is ``1e-6``).
+  same for every SDE: the registry's ``dpm_adaptive_ms`` ends at ``sigma_end = 3e-3``
+  (at the same ``eps = 1e-5`` sub-VP's ``s / a`` is ``1e-6`` where VP's is ``1e-3``:
+  sub-VP spent a third more evaluations below any mode's width).
+* ``tolerance = "width"`` (the registry's ``dpm_adaptive_ms``): ``delta = ntol * s_t *
+  W``, ``W`` the width of ``p_t``'s modes over the noise std at the step's start, read off
+  the predicted noise (:meth:`DPMAdaptive._width`): ``ntol * s_t`` while the noise is
+  wider than the modes, about ``ntol`` times the modes' own width below. On batches of
+  fewer than ``WIDTH_MIN_NUMBERS`` numbers ``W = 1`` (the noise tolerance): one sample's
+  predicted noise in two dimensions says little about the modes' width.
 * ``norm = "rms"`` (default) combines the per-sample errors by their root mean square
   over the batch, the error of the distribution the solver is after; ``"max"`` (the
   reference) lets a single outlying sample of a large batch shrink every step.
@@ -53,6 +59,11 @@ from pydantic import Field, model_validator
 from diffuse_engine import DiffuseError, IncompatibleError, hookimpl
 from diffuse_engine.components.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
 from diffuse_engine.components.schedules import log_snr, time_from_log_snr
+
+#: the fewest numbers (batch x dims) the width tolerance reads the modes' width from:
+#: the RMS of N standard normals has relative std about 1 / sqrt(2N), 4 % at 256, and
+#: a single 2-D sample's predicted noise put W between 7 and 69 where it is 1 to 30
+WIDTH_MIN_NUMBERS = 256
 
 
 class DPMAdaptiveConfig(KernelSolverConfig):
@@ -311,11 +322,14 @@ class DPMAdaptive(KernelSolver):
         Gaussian mode of std ``w``, ``x / a`` has std ``sqrt(w^2 + sigma^2)`` and the
         predicted noise ``(x - a m) / s`` has RMS ``sigma / sqrt(w^2 + sigma^2)``, so
         the width is ``s`` over that RMS (over the batch; never below ``s``). The flow
-        maps an error ``d`` made there to ``d w / sqrt(w^2 + sigma^2)`` in the sample:
-        ``ntol`` times this width is ``ntol * w`` at the end at every noise level, where
-        ``ntol * s`` demands ever smaller errors once the noise is below the modes'
-        width."""
-        if self.config.tolerance != "width":
+        maps an error ``d`` made there to ``d w / sqrt(w^2 + sigma^2)`` in the sample,
+        so ``ntol`` times the width keeps each step's share of the end error near
+        ``ntol * w`` at every noise level, where ``ntol * s`` demands ever smaller
+        errors once the noise is below the modes' width. The factor is taken at the
+        step's start and applied to the end's noise std: below the modes' width that is
+        ``ntol * a * w * e^-h``, a little tighter than ``ntol * a * w``. Batches of fewer
+        than :data:`WIDTH_MIN_NUMBERS` numbers get 1."""
+        if self.config.tolerance != "width" or x.numel() < WIDTH_MIN_NUMBERS:
             return 1.0
         rms = float(((x - a * m) / s).pow(2).mean().sqrt())
         return 1.0 / rms if 0.0 < rms < 1.0 else 1.0

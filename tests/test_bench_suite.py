@@ -135,6 +135,9 @@ def test_ends_name_the_final_step_and_keep_the_first_sweeps_labels():
     assert ends == ((1e-3, True), (1e-5, False), (1e-4, True, "flow"))
     first = S.candidates(ends=ends[:2])
     assert [c.label for c in first] == [c.label for c in S.candidates() if "0.0001" not in c.label]
+    # the first sweep's records (docs/suite/candidates.jsonl) carry these labels
+    assert first[0].label == "dpm_solver_pp[denoise=True,eps=0.001,order=2,schedule=logsnr]"
+    assert first[1].label == "dpm_solver_pp[denoise=False,eps=1e-05,order=2,schedule=logsnr]"
     flow = S.candidates(ends=ends[2:])
     assert all(c.fields["denoise_rule"] == "flow" and c.fields["eps"] == 1e-4 for c in flow)
     with pytest.raises(ValueError, match="tweedie, flow, none"):

@@ -83,15 +83,22 @@ def test_the_width_tolerance_reads_the_modes_width_off_the_predictions(engine, s
     mu, w, n = 0.7, 0.03, 200_000
     score, _ = gaussian_flow(sde, mu, w)
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for sigma in (1e-3, 1e-2, 3e-2, 1.0):
+    smallest = 0.0 if sde_name != "ve" else 0.0101  # VE's noise is at least sigma_min
+    for sigma in (s for s in (1e-3, 3e-3, 1e-2, 3e-2, 1.0) if s > smallest):
         t = _time_at_sigma(sde, sigma)
         (a,), (s,), _ = kernel_coefficients(sde, [t])
-        x = a * (mu + math.sqrt(w**2 + (s / a) ** 2) * z)
+        assert s / a == pytest.approx(sigma, rel=1e-6)
+        x = a * (mu + math.sqrt(w**2 + sigma**2) * z)
         m = (x + s**2 * score(x, torch.full((n,), t, dtype=torch.float64))) / a
-        want = max(1.0, math.sqrt(w**2 + (s / a) ** 2) / (s / a))
+        want = max(1.0, math.sqrt(w**2 + sigma**2) / sigma)
         # the RMS of 2n standard normals has relative std 1 / sqrt(4n) = 0.11 %: 1 %
         # is 9 of those, and a factor that ignored the modes (1) is off by up to 30x
         assert solver._width(x, m, a, s) == pytest.approx(want, rel=0.01), (sigma, want)
+        # a prediction whose noise is larger than a standard normal's (a model's error,
+        # a guided score) never tightens the tolerance below the noise rule
+        assert solver._width(x, m + 3 * (s / a) * z, a, s) == 1.0
+        # one 2-D sample (or a few) says nothing of the modes' width: the noise rule
+        assert solver._width(x[:64], m[:64], a, s) == 1.0
 
 
 def _time_at_sigma(sde, sigma: float) -> float:
@@ -101,22 +108,21 @@ def _time_at_sigma(sde, sigma: float) -> float:
     return time_from_log_snr(sde, [-math.log(sigma)], 1e-6, float(sde.T))[0]
 
 
-@pytest.mark.parametrize("sde_name", ("vp", "subvp", "ve"))
+@pytest.mark.parametrize("sde_name", ("vp", "subvp", "ve", "ddpm"))
 def test_the_flow_rule_continues_the_flow_to_noise_zero(engine, sde_name):
     """``denoise_rule = "flow"``: from the exact flow of ``N(mu, w^2)`` data at noise
-    ``sigma``, the final step must land on the flow's own end ``mu + w z`` to
-    ``O(sigma^4 / w^4)`` (closed form: ``w (2 + r) / (2 sqrt(1 + r))``, ``r = sigma^2 /
-    w^2``), where Tweedie's posterior mean is ``w / sqrt(1 + r)``, ``O(r)`` narrow."""
+    ``sigma``, the final step must give ``mu + w z (2 + r) / (2 sqrt(1 + r))``, ``r =
+    sigma^2 / w^2`` (the flow's own end ``mu + w z`` to ``O(r^2)``), where Tweedie's
+    posterior mean gives ``mu + w z / sqrt(1 + r)``, ``O(r)`` narrow."""
     from diffuse_engine.components.schedules import kernel_coefficients
 
     sde = engine.build("sde", sde_name)
     mu, w = 0.7, 0.03
     score, _ = gaussian_flow(sde, mu, w)
     z = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
-    for sigma in (0.01, 0.003):
-        t = _time_at_sigma(sde, sigma) if sde_name != "ve" else None
-        if t is None:  # VE's smallest noise is sigma_min = 0.01
-            t, sigma = 1e-5, float(sde.marginal(torch.tensor(1e-5))[1])
+    # VE's smallest noise is sigma_min = 0.01; the others are taken at two levels
+    times = [1e-5] if sde_name == "ve" else [_time_at_sigma(sde, v) for v in (0.01, 0.003)]
+    for t in times:
         (a,), (s,), _ = kernel_coefficients(sde, [t])
         r = (s / a) ** 2 / w**2
         x = a * (mu + math.sqrt(w**2 + (s / a) ** 2) * z)
@@ -126,8 +132,23 @@ def test_the_flow_rule_continues_the_flow_to_noise_zero(engine, sde_name):
             out[rule] = solver.finish(score, sde, x, t)
         flow_std = w * (2 + r) / (2 * math.sqrt(1 + r))
         assert torch.allclose(out["flow"], mu + flow_std * z, rtol=1e-9, atol=1e-12)
-        assert abs(flow_std / w - 1) < r**2 / 8 * 1.01  # the flow's end, to O(r^2)
         assert torch.allclose(out["tweedie"], mu + w / math.sqrt(1 + r) * z, rtol=1e-9)
+
+
+def test_the_flow_rule_clips_its_data_prediction(engine):
+    """With ``x0_clip`` the flow's step is ``clip((x/a + clip(x0_hat)) / 2)``, as every
+    data prediction is clipped: at ``x/a = 0.98`` and ``x0_hat = 1.4`` that is 0.99,
+    where clipping only the result would give the bound, 1."""
+    sde = engine.build("sde", "ve")  # a = 1, so x / a = x
+    t = 1e-5
+    s = float(sde.marginal(torch.tensor(t))[1])
+    x = torch.tensor([[0.98]], dtype=torch.float64)
+
+    def score(x, tt):  # x0_hat = x + s^2 score = 1.4
+        return (1.4 - x) / s**2
+
+    solver = engine.build("solver", "dpm_solver_pp", denoise_rule="flow", x0_clip=1.0)
+    assert float(solver.finish(score, sde, x, t)) == pytest.approx(0.99, abs=1e-12)
 
 
 @pytest.mark.parametrize("sde_name", ("vp", "ve"))

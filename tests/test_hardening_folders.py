@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffuse_engine import Engine
+from diffuse_engine import DiffuseError, Engine
 from diffuse_engine.cli import build_app
 from diffuse_engine.components.checkpoint import Checkpoint
 
@@ -114,6 +114,14 @@ def test_a_guidance_that_does_not_fit_the_solver_is_refused_before_the_run_folde
     with pytest.raises(IncompatibleError, match="repaint.*ddim, pc, not 'ode'"):
         engine.run(plan, tmp_path / "new" / "R")
     assert not (tmp_path / "new").exists()  # before: new/R.partial and its lock were left
+
+
+def test_a_cond_without_the_guidance_keys_is_refused_before_the_run_folder(tmp_path):
+    engine = Engine()
+    plan = engine.plan_run("conditional", guidance="replacement", solver="dpm_solver_pp")
+    with pytest.raises(DiffuseError, match="'replacement' needs cond key.*y; got label"):
+        engine.run(plan, tmp_path / "new" / "R")
+    assert not (tmp_path / "new").exists()
 
 
 def test_sampling_a_checkpoint_with_a_solver_that_does_not_fit_makes_no_folder(done, tmp_path):

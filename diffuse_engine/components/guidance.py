@@ -126,13 +126,19 @@ class Guidance(Component):
         """Check ``cond`` for samples of ``shape`` ``(n, *dims)`` before sampling; return
         it (possibly normalised). Errors are one line naming the key, what it was and
         what is allowed."""
+        self.check_keys(cond)
+        return dict(cond)
+
+    def check_keys(self, cond: Mapping[str, Any]) -> None:
+        """Raise :class:`DiffuseError` if ``cond`` lacks a key this method ``requires``:
+        the part of :meth:`validate` that needs neither the samples' shape nor the score
+        model, so a run makes it before it touches disk."""
         missing = [k for k in self.requires if k not in cond]
         if missing:
             raise DiffuseError(
                 f"guidance {self.name!r} needs cond key(s) {', '.join(missing)}; "
                 f"got {', '.join(cond) or 'none'}"
             )
-        return dict(cond)
 
     def bind(
         self,

@@ -248,8 +248,11 @@ def sde_and_solver(
         sde_obj = b.build("sde", sde, **routed["sde"])
     solver_obj = b.build("solver", solver, **routed["solver"])
     solver_obj.check(sde_obj)
-    if guidance is not None:  # its solver check; the rest needs the score model
-        b.build("guidance", guidance, **routed["guidance"]).check_solver(solver_obj)
+    if guidance is not None:  # its solver and cond-key checks; the rest needs the model
+        guidance_obj = b.build("guidance", guidance, **routed["guidance"])
+        guidance_obj.check_solver(solver_obj)
+        if isinstance(cond, Mapping):
+            guidance_obj.check_keys(cond)
     return sde, chosen, routed, sde_obj, solver_obj
 
 
