@@ -185,6 +185,48 @@ def test_the_multistep_pair_has_local_orders_three_and_four(engine, sde_name):
     assert 13.0 < coarse[1] / fine[1] < 19.0, (coarse, fine)  # 3M: 16
 
 
+@pytest.mark.parametrize("sde_name", ("vp", "ve"))
+def test_the_four_step_pair_has_local_orders_four_and_five(engine, sde_name):
+    """``order = 4``: 3M and 4M from exact data predictions at unequally spaced earlier
+    log-SNRs (``-3.3h, -2h, -0.9h``): halving ``h`` must divide 3M's local error by about
+    16 and 4M's by about 32 (a wrong weight of the third derivative, or of the cubic's
+    coefficients, leaves 4M near 3M's order)."""
+    from diffuse_engine.components.schedules import kernel_coefficients, log_snr, time_from_log_snr
+    from diffuse_plugins.dpm_adaptive import multistep_pair4
+
+    sde = engine.build("sde", sde_name)
+    mu, s0 = 0.7, 0.3
+    _, exact = gaussian_flow(sde, mu, s0)
+    x_T = torch.linspace(-3, 3, 17, dtype=torch.float64)[:, None] * sde.prior_std
+    lam_mid = log_snr(sde, [0.5 if sde_name == "vp" else 0.02])[0]
+
+    def errors(h):
+        lams = [lam_mid + k * h for k in (-3.3, -2.0, -0.9, 0.0, 1.0)]
+        times = time_from_log_snr(sde, lams, 1e-5, float(sde.T))
+        a, s, lam = kernel_coefficients(sde, times)
+        xs = [exact(x_T, t) for t in times]
+        sig = [q / p for p, q in zip(a, s, strict=True)]
+        ds = [mu + s0**2 / (s0**2 + sig[k] ** 2) * (xs[k] / a[k] - mu) for k in range(5)]
+        hist = [(lam[k], ds[k]) for k in range(4)]
+        low, high = multistep_pair4(xs[3], hist, s[3], a[4], s[4], lam[4] - lam[3])
+        return [float((v - xs[4]).abs().max()) for v in (low, high)]
+
+    coarse, fine = errors(0.05), errors(0.025)
+    assert 12.0 < coarse[0] / fine[0] < 20.0, (coarse, fine)  # 3M: 16
+    # 4M: 32 (measured 32.3 VP, 33.6 VE); half the third-derivative weight reads 20.0 /
+    # 58.6 and none 18.2 / 5.8, so the window tells them apart
+    assert 26.0 < coarse[1] / fine[1] < 39.0, (coarse, fine)
+    assert coarse[1] < coarse[0] / 2  # and 4M is the better of the pair
+
+
+def test_order_four_is_multistep_only(engine):
+    from diffuse_engine import DiffuseError
+
+    with pytest.raises(DiffuseError, match='order = 4 .* needs method = "multistep"'):
+        engine.build("solver", "dpm_adaptive", order=4)
+    assert engine.build("solver", "dpm_adaptive_ms", order=4).config.order == 4
+
+
 def test_a_rejected_trial_costs_no_evaluation(engine, monkeypatch):
     from diffuse_plugins.dpm_adaptive import DPMAdaptive
 
