@@ -232,6 +232,11 @@ def main() -> None:
                 "adaptive-dpm_adaptive_ms-converged",
             ),
             (
+                "Rejected: dpm_adaptive_ms with order = 4 (4M / 3M) and ntol = 0.0025 "
+                "(worse on the selection beds for VP and sub-VP), fresh seeds 2-17",
+                "adaptive-dpm_adaptive_ms-order4",
+            ),
+            (
                 "Before: dpm_adaptive_ms with the noise tolerance (ntol 0.01), Tweedie's "
                 "final step and sigma_end 1e-3, fresh seeds 2-9",
                 "adaptive-dpm_adaptive_ms-before-width",
