@@ -151,6 +151,26 @@ def test_the_flow_rule_clips_its_data_prediction(engine):
     assert float(solver.finish(score, sde, x, t)) == pytest.approx(0.99, abs=1e-12)
 
 
+def exact_steps(engine, sde_name: str, offsets, h: float):
+    """Kernel coefficients, log-SNRs, exact flow states and exact data predictions of
+    Gaussian data at ``lambda_mid + k h`` for ``k`` in ``offsets``: what a multistep
+    pair is given (all but the last point) and must reach (the last)."""
+    from diffuse_engine.components.schedules import kernel_coefficients, log_snr, time_from_log_snr
+
+    sde = engine.build("sde", sde_name)
+    mu, s0 = 0.7, 0.3
+    _, exact = gaussian_flow(sde, mu, s0)
+    x_T = torch.linspace(-3, 3, 17, dtype=torch.float64)[:, None] * sde.prior_std
+    lam_mid = log_snr(sde, [0.5 if sde_name == "vp" else 0.02])[0]
+    times = time_from_log_snr(sde, [lam_mid + k * h for k in offsets], 1e-5, float(sde.T))
+    a, s, lam = kernel_coefficients(sde, times)
+    xs = [exact(x_T, t) for t in times]
+    ds = [
+        mu + s0**2 / (s0**2 + (q / p) ** 2) * (x / p - mu) for p, q, x in zip(a, s, xs, strict=True)
+    ]
+    return a, s, lam, xs, ds
+
+
 @pytest.mark.parametrize("sde_name", ("vp", "ve"))
 def test_the_multistep_pair_has_local_orders_three_and_four(engine, sde_name):
     """One step of length ``h`` from the exact Gaussian flow with exact data predictions
@@ -158,22 +178,10 @@ def test_the_multistep_pair_has_local_orders_three_and_four(engine, sde_name):
     divides it by 8), 3M's ``O(h^4)`` (by 16). With its ``D2`` term dropped, or weighted
     by ``phi_3`` as the reference's ``third_update`` does (half the Taylor term), 3M is
     a second-order method (ratio 8), which error control alone would hide."""
-    from diffuse_engine.components.schedules import kernel_coefficients, log_snr, time_from_log_snr
     from diffuse_plugins.dpm_adaptive import multistep_pair
 
-    sde = engine.build("sde", sde_name)
-    mu, s0 = 0.7, 0.3
-    _, exact = gaussian_flow(sde, mu, s0)
-    x_T = torch.linspace(-3, 3, 17, dtype=torch.float64)[:, None] * sde.prior_std
-    lam_mid = log_snr(sde, [0.5 if sde_name == "vp" else 0.02])[0]
-
     def errors(h):
-        lams = [lam_mid + k * h for k in (-2, -1, 0, 1)]
-        times = time_from_log_snr(sde, lams, 1e-5, float(sde.T))
-        a, s, lam = kernel_coefficients(sde, times)
-        xs = [exact(x_T, t) for t in times]
-        sig = [q / p for p, q in zip(a, s, strict=True)]
-        ds = [mu + s0**2 / (s0**2 + sig[k] ** 2) * (xs[k] / a[k] - mu) for k in range(4)]
+        a, s, lam, xs, ds = exact_steps(engine, sde_name, (-2, -1, 0, 1), h)
         hist = [(lam[k], ds[k]) for k in range(3)]
         h_ = lam[3] - lam[2]
         _, second = multistep_pair(xs[2], hist[1:], s[2], a[3], s[3], h_)
@@ -191,22 +199,10 @@ def test_the_four_step_pair_has_local_orders_four_and_five(engine, sde_name):
     log-SNRs (``-3.3h, -2h, -0.9h``): halving ``h`` must divide 3M's local error by about
     16 and 4M's by about 32 (a wrong weight of the third derivative, or of the cubic's
     coefficients, leaves 4M near 3M's order)."""
-    from diffuse_engine.components.schedules import kernel_coefficients, log_snr, time_from_log_snr
     from diffuse_plugins.dpm_adaptive import multistep_pair4
 
-    sde = engine.build("sde", sde_name)
-    mu, s0 = 0.7, 0.3
-    _, exact = gaussian_flow(sde, mu, s0)
-    x_T = torch.linspace(-3, 3, 17, dtype=torch.float64)[:, None] * sde.prior_std
-    lam_mid = log_snr(sde, [0.5 if sde_name == "vp" else 0.02])[0]
-
     def errors(h):
-        lams = [lam_mid + k * h for k in (-3.3, -2.0, -0.9, 0.0, 1.0)]
-        times = time_from_log_snr(sde, lams, 1e-5, float(sde.T))
-        a, s, lam = kernel_coefficients(sde, times)
-        xs = [exact(x_T, t) for t in times]
-        sig = [q / p for p, q in zip(a, s, strict=True)]
-        ds = [mu + s0**2 / (s0**2 + sig[k] ** 2) * (xs[k] / a[k] - mu) for k in range(5)]
+        a, s, lam, xs, ds = exact_steps(engine, sde_name, (-3.3, -2.0, -0.9, 0.0, 1.0), h)
         hist = [(lam[k], ds[k]) for k in range(4)]
         low, high = multistep_pair4(xs[3], hist, s[3], a[4], s[4], lam[4] - lam[3])
         return [float((v - xs[4]).abs().max()) for v in (low, high)]
