@@ -145,7 +145,9 @@ def multistep_pair4(x, hist, s_s: float, a_t: float, s_t: float, h: float):
     prediction)`` pairs: the data prediction's cubic interpolant in ``lambda`` (in
     units of ``h``, ``p(r) = c0 + c1 r + c2 r^2 + c3 r^3``) integrated exactly against
     the exponential weight: ``x_t = (s_t/s_s) x - a_t phi_1 c0 + a_t phi_2 c1 - 2 a_t
-    phi_3 c2 + 6 a_t phi_4 c3``."""
+    phi_3 c2 + 6 a_t phi_4 c3``. This is the exponential Adams method of order 4
+    (Hochbruck & Ostermann 2010, "Exponential integrators", Acta Numerica, Sec. 2.4)
+    on DPM-Solver++'s data-prediction ODE; Lu et al. (2022b) stop at 3M."""
     low = multistep_pair(x, hist[-3:], s_s, a_t, s_t, h)[1]
     lam_s = hist[-1][0]
     r = [(lam - lam_s) / h for lam, _ in hist[-4:]]
