@@ -241,6 +241,7 @@ class DPMAdaptive(KernelSolver):
         g0 = KernelGrid.on(sde, [T])
         t_s, a_s, s_s, lam_s = T, g0.a[0], g0.s[0], lam_T
         m_s = self.predict(score, x, t_s, a_s, s_s, "data")
+        width = self._width(x, m_s, a_s, s_s)  # per state: rejected trials reuse it
         left -= 1
         scale = max(float(m_s.pow(2).mean().sqrt()), 1e-12)
         h = c.h_init
@@ -263,7 +264,7 @@ class DPMAdaptive(KernelSolver):
                 if final:
                     accept = True
                 else:
-                    E = self._error(x_low, x_new, x, g.s[0], scale, self._width(x, m_s, a_s, s_s))
+                    E = self._error(x_low, x_new, x, g.s[0], scale, width)
                     accept = E <= 1.0
                     fac = self._factor(E, c.order, rejected)
                     rejected = not accept
@@ -277,6 +278,7 @@ class DPMAdaptive(KernelSolver):
                 x = transform(x, done, t_s)
             if lam_s < lam_eps - 1e-12:
                 m_s = self.predict(score, x, t_s, a_s, s_s, "data")
+                width = self._width(x, m_s, a_s, s_s)
                 left -= 1
             ticks = self._progress(callback, ticks, (lam_s - lam_T) / (lam_eps - lam_T), t_s)
         else:
@@ -301,6 +303,7 @@ class DPMAdaptive(KernelSolver):
         g0 = KernelGrid.on(sde, [T])
         t_s, a_s, s_s, lam_s = T, g0.a[0], g0.s[0], lam_T
         hist = [(lam_T, self.predict(score, x, t_s, a_s, s_s, "data"))]
+        width = self._width(x, hist[0][1], a_s, s_s)  # per state: rejected trials reuse it
         left -= 1
         scale = max(float(hist[0][1].pow(2).mean().sqrt()), 1e-12)
         h, rejected, ticks, done = c.h_init, False, 0, 0
@@ -332,7 +335,7 @@ class DPMAdaptive(KernelSolver):
                     low, high = pair(x, hist[-order:], s_s, a_t, s_t, h)
                 x_new = high
                 if not final:
-                    E = self._error(low, high, x, s_t, scale, self._width(x, m0, a_s, s_s))
+                    E = self._error(low, high, x, s_t, scale, width)
                     fac = self._factor(E, order, rejected)
                     rejected = E > 1.0
                     if rejected:  # retry from the same state: no evaluation spent
@@ -346,6 +349,7 @@ class DPMAdaptive(KernelSolver):
             if lam_s < lam_eps - 1e-12:
                 keep = max(c.order, 3) - 1
                 hist = [*hist[-keep:], (lam_s, self.predict(score, x, t_s, a_t, s_t, "data"))]
+                width = self._width(x, hist[-1][1], a_t, s_t)
                 left -= 1
                 h *= fac
             ticks = self._progress(callback, ticks, (lam_s - lam_T) / (lam_eps - lam_T), t_s)
