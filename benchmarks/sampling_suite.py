@@ -56,9 +56,15 @@ def table_entries(e: Engine, dims: int) -> dict[tuple[str, int], str]:
 
 
 def solver_fields(spec: str) -> tuple[str, dict]:
-    """``NAME:ORDER[:THIRD_ORDER]`` -> ``(NAME, {"order": ORDER[, "third_order": ...]})``."""
-    name, order, *third = spec.split(":")
-    return name, {"order": int(order), **({"third_order": third[0]} if third else {})}
+    """``NAME:ORDER[:THIRD_ORDER | :FIELD=VALUE]`` -> ``(NAME, {"order": ORDER[, ...]})``:
+    ``dpm_solver_pp:3:reference`` sets ``third_order``, ``ipndm:3:coefficients=variable``
+    the named field."""
+    name, order, *extra = spec.split(":")
+    fields: dict = {"order": int(order)}
+    for item in extra:
+        key, eq, value = item.partition("=")
+        fields.update({key: value} if eq else {"third_order": item})
+    return name, fields
 
 
 def main() -> None:
@@ -105,7 +111,7 @@ def main() -> None:
         "--solvers",
         default="dpm_solver_pp:2,dpm_solver_pp:3:taylor,dpm_solver_pp:3:reference,unipc:3",
         help="sweep: the candidates' solver entries, orders and (DPM-Solver 3M) "
-        "third_order (NAME:ORDER[:THIRD_ORDER],...)",
+        "third_order or another field (NAME:ORDER[:THIRD_ORDER | :FIELD=VALUE],...)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -242,6 +242,15 @@ ORDER_CASES = [
     ("unipc", {"order": 2, "lower_order_final": False}, 3),
     # UniPC-3 (the VE-20 table entry's solver) on Karras steps: UniC makes it 4
     ("unipc", {"order": 3, "lower_order_final": False, "schedule": "karras"}, 4),
+    ("ipndm", {"order": 1}, 1),
+    ("ipndm", {"order": 2}, 2),
+    # iPNDM's equal-step weights on uneven steps: the ratio of neighbouring steps
+    # (1 + O(h) on a log-SNR grid) leaves an O(h^3) local error, so order 4 is second
+    # order (measured 1.96-2.09, and 1.9-2.1 for order 3)
+    ("ipndm", {"order": 4}, 2),
+    # the variable-step weights keep the order (3.4-3.7 from 40 steps, on its way)
+    ("ipndm", {"order": 3, "coefficients": "variable", "step_counts": (80, 160, 320)}, 3),
+    ("ipndm", {"order": 4, "coefficients": "variable", "step_counts": (80, 160, 320)}, 4),
 ]
 
 
@@ -370,6 +379,7 @@ RECOVERY_CASES = [
     ("dpm_solver_pp", {"steps": 49}),  # 3M, logsnr, eps 1e-3
     ("edm", {"steps": 24}),
     ("unipc", {"steps": 49, "order": 2}),
+    ("ipndm", {"steps": 49, "order": 3}),
 ]
 
 
@@ -440,6 +450,8 @@ def test_edm_churn_recovers(engine):
         ("dpm_solver_pp", {"steps": 7}, 8),
         ("edm", {"steps": 5}, 11),
         ("unipc", {"steps": 7, "denoise": False}, 7),
+        ("ipndm", {"steps": 7}, 8),
+        ("ipndm", {"nfe": 10}, 10),
     ],
 )
 def test_score_evaluations(engine, solver, kw, nfe):
