@@ -61,22 +61,26 @@ def test_fitted_entry_keeps_the_solver_and_drops_what_the_grid_replaces(tmp_path
     assert built.config.times == [1.0, 0.5, 0.01] and built.config.steps == 2
 
 
+#: an entry on the fitted schedule (10 steps, no denoising step: 10 evaluations)
+GITS = "dpm_solver_pp_gits"
+
+
 def test_run_keeps_the_grid_and_a_rerun_on_it_needs_no_pilot(app, tmp_path):
     out = tmp_path / "fit"
     res = runner.invoke(
-        app, ["run", "--sde", "vp", "--nfe", "10", "--n", "2000", "--out", str(out)]
+        app, ["run", "--sde", "vp", "--solver", GITS, "--n", "2000", "--out", str(out)]
     )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["setup_nfe"] == 401 and metrics["fitted_solver"] == "best-vp-10-fitted"
-    assert f"--registry {out / FITTED_FILE} --solver best-vp-10-fitted" in res.output.replace(
+    assert metrics["setup_nfe"] == 401 and metrics["fitted_solver"] == f"{GITS}-fitted"
+    assert f"--registry {out / FITTED_FILE} --solver {GITS}-fitted" in res.output.replace(
         "\n", ""
     )
     again = tmp_path / "again"
     res = runner.invoke(
         app,
         ["run", "--sde", "vp", "--n", "2000", "--out", str(again)]
-        + ["--registry", str(out / FITTED_FILE), "--solver", "best-vp-10-fitted"],
+        + ["--registry", str(out / FITTED_FILE), "--solver", f"{GITS}-fitted"],
     )
     assert res.exit_code == 0, res.output
     metrics = json.loads((again / "metrics.json").read_text())
