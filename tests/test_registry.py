@@ -6,6 +6,7 @@ import pytest
 
 from diffuse_engine import Engine, RegistryError
 from diffuse_engine.core.registry import parse_assignment
+from diffuse_engine.core.registry_text import parse_value
 
 
 def write(tmp_path, text, name="my.toml"):
@@ -49,6 +50,23 @@ def test_sets_qualified_and_unqualified(engine):
     assert e.resolve("sde", "vp")[1].beta_max == 5.0
     r = e.sampling(score="gmm", sde="vp", solver="pc", shape=4, corrector="none", denoise=False)
     assert r.nfe == 7
+
+
+@pytest.mark.parametrize("item", ["solver.dpm_adaptive_ms.sigma_end=null", "sigma_end=null"])
+def test_a_bare_null_unsets_a_field(item):
+    """TOML has no null, so ``--set FIELD=null`` is how an entry's value is taken back
+    (``dpm_adaptive_ms`` sets ``sigma_end``; without it the run ends at ``eps``)."""
+    assert Engine().resolve("solver", "dpm_adaptive_ms")[1].sigma_end == 3e-3
+    e = Engine(sets=[item])
+    r = e.sampling(score="gmm", solver="dpm_adaptive_ms", shape=300)
+    assert r.config["solver"]["sigma_end"] is None
+    assert parse_value('"null"') == "null"  # quoted, it is the string
+
+
+def test_null_for_a_field_that_needs_a_value_names_it():
+    e = Engine(sets=["steps=null"])
+    with pytest.raises(RegistryError, match=r"steps: Input should be a valid integer \(got None\)"):
+        e.sampling(score="gmm", solver="ddim", shape=4)
 
 
 def test_implementation_name_without_entry_gets_defaults(engine):

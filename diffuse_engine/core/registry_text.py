@@ -18,9 +18,17 @@ from diffuse_engine.core.suggest import did_you_mean
 MAX_DEPTH = 16
 
 
+#: the ``--set`` value that unsets a field (TOML has no null): ``--set sigma_end=null``
+NULL = "null"
+
+
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value as a TOML value (``0.2``, ``true``, ``[1, 2]``, ``"x"``);
-    anything that is not valid TOML is taken as a bare string."""
+    a bare ``null`` is ``None`` (the field unset, for fields that allow it; ``"null"``
+    in quotes is the string); anything else that is not valid TOML is taken as a bare
+    string."""
+    if text == NULL:
+        return None
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
