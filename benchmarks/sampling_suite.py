@@ -185,6 +185,17 @@ def main() -> None:
                 "defaults",
             ),
             (
+                "Before: the thirteen entries iPNDM replaced (best-vp-10, -20, -10-dim16, "
+                "-20-dim16, -5-dim16; best-subvp-20, -50; best-ve-5, -10, -20, -50, "
+                "-5-dim16, -10-dim16), fresh seeds 1-8",
+                "defaults-before-ipndm",
+            ),
+            (
+                "Rejected: iPNDM for best-vp-5 (54.3 -> 54.9) and best-vp-50-dim16 (equal), "
+                "chosen on seed 0, no better on fresh seeds 1-8 of the selection beds",
+                "ipndm-rejected",
+            ),
+            (
                 "Before: the three entries the flow's final step changed (best-vp-20, "
                 "best-vp-50, best-ve-50), chosen among Tweedie-step ends only, fresh "
                 "seeds 1-8",
