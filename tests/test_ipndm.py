@@ -48,8 +48,10 @@ def test_variable_weights_integrate_polynomials_of_lower_degree_exactly(order):
             assert err > 1e-3, (degree, err)
 
 
-def test_order_one_is_ddim(engine):
-    kw = dict(score="gmm", sde="vp", shape=500, seed=3, steps=12, schedule="logsnr")
+@pytest.mark.parametrize("clip", [{}, {"x0_clip": 0.5}])
+def test_order_one_is_ddim(engine, clip):
+    """With x0 clipping too: both re-derive the noise from the clipped ``x0_hat``."""
+    kw = dict(score="gmm", sde="vp", shape=500, seed=3, steps=12, schedule="logsnr", **clip)
     a = engine.sample(solver="ipndm", order=1, **kw)
     b = engine.sample(solver="ddim", **kw)
     # float32 round-off of the same update in another order (measured 2e-5)
@@ -75,3 +77,30 @@ def test_fixed_and_variable_weights_agree_on_steps_equal_in_sigma(engine):
         solver="ipndm", order=4, coefficients="variable", **{**kw, "times": times[:8] + times[9:]}
     )
     assert (uneven - varied).abs().max() > 1e-3  # an uneven step tells them apart
+
+
+@pytest.mark.parametrize("coefficients", ("fixed", "variable"))
+def test_projection_and_progress_after_every_step(engine, coefficients):
+    """The guidance projection and the progress callback come after each step, with the
+    step's index and end time, and the projected state is kept (the last projection
+    is the sample, with no denoising step)."""
+    sde = engine.build("sde", "vp")
+    score = engine.build("score", "gmm", sde=sde)
+    solver = engine.build(
+        "solver", "ipndm", steps=6, order=4, coefficients=coefficients, denoise=False
+    )
+    grid = solver.grid(sde, score)
+    projected, progress = [], []
+
+    def project(x, i, t):
+        projected.append((i, t))
+        return x.clamp(-0.25, 0.25) if i == len(grid) - 1 else x
+
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = solver.sample(
+            score, sde, x_T, transform=project, callback=lambda *v: progress.append(v)
+        )
+    assert projected == [(i, grid.t[i]) for i in range(1, len(grid))]
+    assert progress == [(i, len(grid) - 1, grid.t[i]) for i in range(1, len(grid))]
+    assert float(out.abs().max()) <= 0.25

@@ -156,3 +156,16 @@ def test_engine_sets_skip_calls_without_the_field_but_catch_typos():
     e = Engine(autoload=False, sets=["stpes=7"])
     with pytest.raises(RegistryError, match="override 'stpes': no chosen entry"):
         e.sampling(score="gmm", shape=4, steps=2)
+
+
+def test_registry_show_leaves_a_field_unset_by_null_out():
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    res = CliRunner().invoke(
+        build_app(), ["registry", "show", "--set", "solver.dpm_adaptive_ms.sigma_end=null"]
+    )
+    assert res.exit_code == 0, res.output
+    entry = res.output.split("[solver.dpm_adaptive_ms]")[1].split("\n[")[0]
+    assert "ntol = 0.003" in entry and "sigma_end" not in entry

@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
     def show(registry: list[Path] | None = RegistryOpt, set_: list[str] | None = SetOpt):
         """Print the default registry merged with --registry files and --set values."""
         engine = make_engine(registry, set_)
-        console.print(tomli_w.dumps(engine.registry.as_dict()), markup=False, highlight=False)
+        console.print(
+            tomli_w.dumps(_without_unset(engine.registry.as_dict())), markup=False, highlight=False
+        )
 
     @registry_app.command("check")
     @handle_errors
@@ -34,3 +36,11 @@ def register(app: typer.Typer) -> None:
             markup=False,
             highlight=False,
         )
+
+
+def _without_unset(value):
+    """The registry with fields unset by ``--set FIELD=null`` left out: TOML has no
+    null, and an absent field is what an unset one means in a registry file."""
+    if isinstance(value, dict):
+        return {k: _without_unset(v) for k, v in value.items() if v is not None}
+    return value
