@@ -15,7 +15,8 @@ from diffuse_engine.cli.common import console, handle_errors, make_engine
 
 #: as diffuse_engine.testbed.bench.DEFAULT_SOLVERS (not imported here so --help stays fast)
 DEFAULT_SOLVERS = (
-    "pc,ancestral,ode,ddim,dpm_solver,dpm_solver_pp,dpm_solver_pp_ring,dpm_solver_pp3,edm,unipc"
+    "pc,ancestral,ode,ddim,dpm_solver,dpm_solver_pp,dpm_solver_pp_ring,dpm_solver_pp3,edm,unipc,"
+    "ipndm"
 )
 
 

@@ -41,6 +41,7 @@ DEFAULT_SOLVERS = (
     "dpm_solver_pp3",
     "edm",
     "unipc",
+    "ipndm",
 )
 DEFAULT_SCHEDULES = ALL_SCHEDULES
 DEFAULT_PROBLEMS = ("gmm", "gmm64")
