@@ -73,9 +73,7 @@ def test_run_keeps_the_grid_and_a_rerun_on_it_needs_no_pilot(app, tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["setup_nfe"] == 401 and metrics["fitted_solver"] == f"{GITS}-fitted"
-    assert f"--registry {out / FITTED_FILE} --solver {GITS}-fitted" in res.output.replace(
-        "\n", ""
-    )
+    assert f"--registry {out / FITTED_FILE} --solver {GITS}-fitted" in res.output.replace("\n", "")
     again = tmp_path / "again"
     res = runner.invoke(
         app,
