@@ -31,8 +31,10 @@ def fitted_toml(solver: dict[str, Any], times: list[float], *, fitted_on: str) -
 
     Fields the grid replaces (schedule, steps, eps, nfe, the fit's own) are left out, and
     so are unset (``None``) ones, which TOML cannot write, and non-finite floats (EDM's
-    ``s_tmax = inf``), which a registry file may not set: both can only be defaults,
-    since configs refuse them as input, so the entry gets the same values back."""
+    ``s_tmax = inf``), which a registry file may not set. Configs refuse non-finite
+    input, and every optional field of the solvers that fit a grid defaults to ``None``
+    (``--set FIELD=null`` can unset a field, but only ``dpm_adaptive``'s have other
+    defaults, and it fits no grid), so the entry gets the same values back."""
     entry = {k: v for k, v in solver.items() if k not in REPLACED and not _default_only(v)}
     entry["times"] = [float(t) for t in times]
     name = fitted_entry_name(solver["name"])
