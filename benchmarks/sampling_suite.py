@@ -191,6 +191,11 @@ def main() -> None:
                 "defaults-before-ipndm",
             ),
             (
+                "Replaced: best-vp-10's first iPNDM choice (eps 1e-3; the seed-0 minimax), "
+                "before the tie-break on seeds 100-103 took eps 1e-4, fresh seeds 1-8",
+                "ipndm-vp10-first-choice",
+            ),
+            (
                 "Rejected: iPNDM for best-vp-5 (54.3 -> 54.9) and best-vp-50-dim16 (equal), "
                 "chosen on seed 0, no better on fresh seeds 1-8 of the selection beds",
                 "ipndm-rejected",
