@@ -27,6 +27,7 @@ eps_{i-k}``. Score evaluations: ``steps``, plus one for the final denoising step
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import Literal
 
 import torch
@@ -112,7 +113,7 @@ class IPNDM(KernelSolver):
         for i, (ratio, weights) in enumerate(self.plan(g)):
             eps_hist.appendleft(predict(score, x, next(ts), g.a[i], g.s[i], "noise"))
             update = weights[0] * eps_hist[0]
-            for w, e in zip(weights[1:], list(eps_hist)[1:], strict=True):
+            for w, e in zip(weights[1:], islice(eps_hist, 1, None), strict=True):
                 update = update + w * e
             x = ratio * x + update
             del update
