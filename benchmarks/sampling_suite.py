@@ -67,6 +67,33 @@ def solver_fields(spec: str) -> tuple[str, dict]:
     return name, fields
 
 
+def beds_of(recs: dict, rec: dict, dims: int) -> int:
+    """How many selection beds ``rec``'s candidate was chosen on."""
+    return len(
+        {
+            r["bed"]
+            for r in recs.values()
+            if r["label"] == rec["label"]
+            and r["sde"] == rec["sde"]
+            and r["nfe_budget"] == rec["nfe_budget"]
+            and not r["held_out"]
+            and B.bed(r["bed"]).dims >= dims
+        }
+    )
+
+
+def entry_text(e: Engine, name: str, rec: dict, nfe: int, note: str) -> str:
+    """The registry entry ``name`` for the candidate of ``rec`` at budget ``nfe``."""
+    base = dict(e.registry.entry("solver", rec["solver"]).fields)
+    base.pop("steps", None)  # nfe sets it
+    f = rec["fields"]
+    if {**base, **f}.get("order") != 3:  # only 3M reads it
+        base.pop("third_order", None)
+    lines = [f"[solver.{name}]  # {note}", f'type = "{base.pop("type")}"', f"nfe = {nfe}"]
+    lines += [f"{k} = {B._toml(v)}" for k, v in sorted({**base, **f}.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=("sweep", "choose", "evaluate", "adaptive", "report"))
@@ -95,6 +122,12 @@ def main() -> None:
         default=1,
         help="choose: only beds of at least DIMS numbers per sample compete, for the "
         "table's best-SDE-NFE-dimDIMS entries (1: every bed, best-SDE-NFE)",
+    )
+    ap.add_argument(
+        "--tiebreak",
+        action="store_true",
+        help="choose: rerun the candidates within 5 %% of the pick on seeds 100-103 of "
+        "the selection beds (docs/suite/tiebreak.jsonl, resumable); the best there wins",
     )
     ap.add_argument(
         "--schedules",
@@ -143,25 +176,22 @@ def main() -> None:
                     print(f"# {sde} {nfe}: not measured on every bed")
                     continue
                 rec, worst = got
-                f = rec["fields"]
-                beds = {
-                    r["bed"]
-                    for r in recs.values()
-                    if r["label"] == rec["label"]
-                    and r["sde"] == sde
-                    and r["nfe_budget"] == nfe
-                    and B.bed(r["bed"]).dims >= args.dims
-                }
+                note = f"worst {worst:.2f} over {beds_of(recs, rec, args.dims)} beds"
+                if args.tiebreak:
+                    rec, figures = S.tiebreak(
+                        e, recs, sde, nfe, OUT / "tiebreak.jsonl", min_dims=args.dims
+                    )
+                    if figures:
+                        seeds = f"{S.TIEBREAK_SEEDS[0]}-{S.TIEBREAK_SEEDS[-1]}"
+                        worst = S.choose(recs, sde, nfe, min_dims=args.dims)[1]
+                        others = sorted(v for k, v in figures.items() if k != rec["label"])
+                        note = (
+                            f"seed 0: {worst:.2f}, {len(others)} more within 5 %; worst "
+                            f"{figures[rec['label']]:.2f} on seeds {seeds} (the others "
+                            f"{', '.join(f'{v:.2f}' for v in others)})"
+                        )
                 name = f"best-{sde}-{nfe}" + (f"-dim{args.dims}" if args.dims > 1 else "")
-                print(f"[solver.{name}]  # worst {worst:.2f} over {len(beds)} beds")
-                base = dict(e.registry.entry("solver", rec["solver"]).fields)
-                base.pop("steps", None)  # nfe sets it
-                if {**base, **f}.get("order") != 3:  # only 3M reads it
-                    base.pop("third_order", None)
-                print(f'type = "{base.pop("type")}"\nnfe = {nfe}')
-                for k, v in sorted({**base, **f}.items()):
-                    print(f"{k} = {B._toml(v)}")
-                print()
+                print(entry_text(e, name, rec, nfe, note))
     elif args.step == "evaluate":
         for b in B.BEDS:  # each bed with the entries `diffuse run --nfe` takes for its size
             entries = {k: v for k, v in table_entries(e, b.dims).items() if k[0] in sdes}
