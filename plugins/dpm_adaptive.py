@@ -57,7 +57,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from diffuse_engine import DiffuseError, IncompatibleError, hookimpl
+from diffuse_engine import DiffuseError, hookimpl
 from diffuse_engine.components.kernel_solver import KernelGrid, KernelSolver, KernelSolverConfig
 from diffuse_engine.components.schedules import log_snr, time_from_log_snr
 
@@ -98,12 +98,6 @@ class DPMAdaptiveConfig(KernelSolverConfig):
     norm: Literal["rms", "max"] = Field("rms", description="per-sample errors: rms or max")
     eps: float | None = Field(
         1e-4, gt=0, lt=1, description="smallest time (none: the SDE's sampling_eps)"
-    )
-    sigma_end: float | None = Field(
-        None,
-        gt=0,
-        description="stop where the noise-to-signal ratio s/a reaches sigma_end, when that "
-        "comes before eps (k-diffusion's and EDM's sigma_min: one noise level for every SDE)",
     )
     max_trials: int = Field(10_000, ge=1, description="most trial steps before giving up")
 
@@ -203,26 +197,6 @@ class DPMAdaptive(KernelSolver):
     name = "dpm_adaptive"
     supports_transform = True
     Config = DPMAdaptiveConfig
-
-    def eps(self, sde) -> float:
-        """The end time: ``eps``, or earlier the time where ``s / a = sigma_end``. At
-        ``t = 1e-5`` sub-VP's noise is ``1e-6`` of the signal where VP's is ``1e-3``:
-        the same ``eps`` makes sub-VP take a third more steps below any mode's width."""
-        eps = super().eps(sde)
-        if self.config.sigma_end is None:
-            return eps
-        sigma_end = self.config.sigma_end
-        lam_end = -math.log(sigma_end)
-        lam_T, lam_eps = log_snr(sde, [float(sde.T), eps])
-        if lam_end <= lam_T:
-            raise IncompatibleError(
-                f"solver {self.name!r}: sigma_end = {sigma_end:g} is at or above SDE "
-                f"{sde.name!r}'s noise-to-signal ratio s/a = {math.exp(-lam_T):.3g} at T, "
-                "so nothing would be sampled; give a smaller sigma_end"
-            )
-        if lam_eps <= lam_end:  # eps is already that noisy
-            return eps
-        return time_from_log_snr(sde, [lam_end], eps, float(sde.T))[0]
 
     def _points(self, sde, lam_s: float, lams: list[float], t_s: float, eps: float):
         """Times and kernel coefficients at the log-SNRs ``lams`` (bisection, float64)."""

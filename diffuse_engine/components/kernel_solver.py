@@ -31,6 +31,7 @@ Two options every kernel-based solver has, both off by default:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -43,6 +44,8 @@ from diffuse_engine.components.schedules import (
     Schedule,
     check_monotone,
     kernel_coefficients,
+    log_snr,
+    time_from_log_snr,
 )
 from diffuse_engine.components.score import ScoreFn, kernel_prediction
 from diffuse_engine.components.sde import SDE
@@ -62,6 +65,12 @@ class KernelSolverConfig(SolverConfig):
         max_length=MAX_STEPS + 1,
         description="explicit decreasing times (first <= T, last = the smallest time); "
         "replaces schedule, steps and eps",
+    )
+    sigma_end: float | None = Field(
+        None,
+        gt=0,
+        description="stop where the noise-to-signal ratio s/a reaches sigma_end, when that "
+        "comes before eps: one end for every SDE (k-diffusion's and EDM's sigma_min)",
     )
     denoise_rule: Literal["tweedie", "flow"] = Field(
         "tweedie",
@@ -103,6 +112,8 @@ class KernelSolverConfig(SolverConfig):
     @model_validator(mode="after")
     def _check_times(self):
         if self.times is not None:
+            if self.sigma_end is not None:
+                raise ValueError("times set the end; sigma_end is for a schedule's grid")
             t = self.times
             if not all(x > 0 for x in t) or any(b >= a for a, b in zip(t[:-1], t[1:], strict=True)):
                 raise ValueError("times must be strictly decreasing and > 0 (from T down to eps)")
@@ -162,8 +173,27 @@ class KernelSolver(Solver):
         check_monotone(sde, self.eps(sde), sde.T)
 
     def eps(self, sde: SDE) -> float:
-        times = self.config.times
-        return times[-1] if times is not None else super().eps(sde)
+        """The grid's last time: the explicit ``times``' last, else ``eps`` (or the SDE's
+        ``sampling_eps``), or earlier the time where ``s / a = sigma_end``. The same
+        ``eps`` is a different noise level on each SDE: at ``t = 1e-3`` VP's ``s / a``
+        is ``1e-2``, sub-VP's ``1e-4``, below any mode's width."""
+        c = self.config
+        if c.times is not None:
+            return c.times[-1]
+        eps = super().eps(sde)
+        if c.sigma_end is None:
+            return eps
+        lam_end = -math.log(c.sigma_end)
+        lam_T, lam_eps = log_snr(sde, [float(sde.T), eps])
+        if lam_end <= lam_T:
+            raise IncompatibleError(
+                f"solver {self.name!r}: sigma_end = {c.sigma_end:g} is at or above SDE "
+                f"{sde.name!r}'s noise-to-signal ratio s/a = {math.exp(-lam_T):.3g} at T, "
+                "so nothing would be sampled; give a smaller sigma_end"
+            )
+        if lam_eps <= lam_end:  # eps is already that noisy
+            return eps
+        return time_from_log_snr(sde, [lam_end], eps, float(sde.T))[0]
 
     def time_grid(
         self, sde: SDE, score: ScoreFn | None = None, like: Tensor | None = None
