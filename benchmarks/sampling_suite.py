@@ -183,12 +183,13 @@ def main() -> None:
                     )
                     if figures:
                         seeds = f"{S.TIEBREAK_SEEDS[0]}-{S.TIEBREAK_SEEDS[-1]}"
-                        worst = S.choose(recs, sde, nfe, min_dims=args.dims)[1]
+                        own = S.seed0_worst(recs, rec, args.dims)  # the winner's
                         others = sorted(v for k, v in figures.items() if k != rec["label"])
                         note = (
-                            f"seed 0: {worst:.2f}, {len(others)} more within 5 %; worst "
-                            f"{figures[rec['label']]:.2f} on seeds {seeds} (the others "
-                            f"{', '.join(f'{v:.2f}' for v in others)})"
+                            f"worst {own:.2f} over {beds_of(recs, rec, args.dims)} beds "
+                            f"(seed 0; the pick's {worst:.2f}, {len(others)} more within "
+                            f"5 %); {figures[rec['label']]:.2f} on seeds {seeds}, the "
+                            f"tie-break (the others {', '.join(f'{v:.2f}' for v in others)})"
                         )
                 name = f"best-{sde}-{nfe}" + (f"-dim{args.dims}" if args.dims > 1 else "")
                 print(entry_text(e, name, rec, nfe, note))

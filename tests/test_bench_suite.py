@@ -66,6 +66,7 @@ def test_near_ties_are_the_pick_and_those_within_the_margin_of_it():
     records = {f"{r['label']}/{r['bed']}": r for r in recs}
     ties = S.near_ties(records, "vp", 10, beds=beds)  # 2.08 <= 1.05 * 2.0 < 2.2
     assert [t["label"] for t in ties] == ["best", "close"]
+    assert S.seed0_worst(records, ties[1], beds=beds) == 2.08  # its own worst, not the pick's
     assert [t["label"] for t in S.near_ties(records, "vp", 10, beds=beds, margin=0.2)] == [
         "best",
         "close",
@@ -99,7 +100,7 @@ def test_tiebreak_reruns_the_near_ties_on_its_seeds_and_takes_the_best_there(tmp
         calls.append((bed.name, label, seed))
         assert not bed.held_out and fields == {"order": 3} and nfe == 10
         w = later[label][("a", "b").index(bed.name)] * (1.0 + 0.01 * (seed % 2))
-        return {**rec(bed.name, w, 1, 1, seed=seed), "label": label, "solver": solver}
+        return {**rec(bed.name, w, 0.1, 0.1, seed=seed), "label": label, "solver": solver}
 
     monkeypatch.setattr(S, "run_one", fake_run)
     out = tmp_path / "tiebreak.jsonl"
@@ -111,9 +112,17 @@ def test_tiebreak_reruns_the_near_ties_on_its_seeds_and_takes_the_best_there(tmp
     # resumable: a second call reads the records back instead of sampling again
     assert S.tiebreak(None, records, "vp", 10, out, beds=beds, seeds=(100, 101))[0] == pick
     assert len(calls) == 8
+    # equal worst cases: the smaller mean over the beds decides
+    # (within S.EQUAL = 1 %: the same worst bed, one better elsewhere, as a final step
+    # that only matters on one bed)
+    for i, (w_best, winner) in enumerate(((1.405, "best"), (1.45, "close"))):
+        later.update(best=(w_best, 0.2), close=(1.4, 1.0))
+        out2 = tmp_path / f"tiebreak{i}.jsonl"
+        picked = S.tiebreak(None, records, "vp", 10, out2, beds=beds, seeds=(100, 101))[0]
+        assert picked["label"] == winner
     # with nothing within the margin the seed-0 pick stands and nothing runs
     assert S.tiebreak(None, records, "vp", 10, out, beds=beds, margin=0.01)[0]["label"] == "best"
-    assert len(calls) == 8
+    assert len(calls) == 24
 
 
 def test_choose_for_a_data_size_reads_only_the_beds_of_that_size():

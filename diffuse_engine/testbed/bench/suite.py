@@ -235,6 +235,9 @@ def _worst_so_far(done, sde, nfe, labels, exclude) -> dict[str, float]:
     return worst
 
 
+#: worst cases :func:`tiebreak` counts as equal (relative): a final step that differs at
+#: noise 2e-3 moves a 2-D bed's figure by 1e-6, far below four seeds' noise
+EQUAL = 0.01
 #: the seeds :func:`tiebreak` reruns near ties on: neither the sweep (seed 0), the
 #: evaluation (seeds 1-8) nor the adaptive solver's (from 2) use them
 TIEBREAK_SEEDS = (100, 101, 102, 103)
@@ -261,13 +264,24 @@ def _competitors(records, sde: str, nfe: int, beds: Iterable[Bed], min_dims: int
     return full, {k: proto[k] for k in full}
 
 
-def _prefer_plain(worst: dict[str, float], proto: dict, fitted_margin: float) -> str:
+def _prefer_plain(
+    worst: dict[str, float], proto: dict, fitted_margin: float, then: dict | None = None
+) -> str:
     """The label of the smallest ``worst``, unless it fits its schedule on a pilot
-    (``setup_nfe > 0``) and is not more than ``fitted_margin`` below the best without."""
-    best = min(worst, key=lambda k: worst[k])
+    (``setup_nfe > 0``) and is not more than ``fitted_margin`` below the best without.
+    With ``then``, worst cases within :data:`EQUAL` of the smallest count as equal and
+    the smallest ``then`` among them wins."""
+
+    def smallest(labels):
+        low = min(worst[k] for k in labels)
+        if then is None:
+            return min(labels, key=lambda k: worst[k])
+        return min((k for k in labels if worst[k] <= (1 + EQUAL) * low), key=then.__getitem__)
+
+    best = smallest(list(worst))
     plain = [k for k in worst if not proto[k].get("setup_nfe")]
     if proto[best].get("setup_nfe") and plain:
-        cheap = min(plain, key=lambda k: worst[k])
+        cheap = smallest(plain)
         if worst[best] >= (1.0 - fitted_margin) * worst[cheap]:
             best = cheap
     return best
@@ -294,6 +308,18 @@ def choose(
         return None
     best = _prefer_plain(worst, proto, fitted_margin)
     return proto[best], worst[best]
+
+
+def seed0_worst(
+    records: dict[str, dict[str, Any]],
+    rec: dict[str, Any],
+    min_dims: int = 1,
+    beds: Iterable[Bed] = BEDS,
+) -> float:
+    """The worst case over the selection beds of ``rec``'s candidate at its SDE and
+    budget, as :func:`choose` ranks it."""
+    worst, _ = _competitors(records, rec["sde"], rec["nfe_budget"], beds, min_dims)
+    return worst[rec["label"]]
 
 
 def near_ties(
@@ -339,9 +365,10 @@ def tiebreak(
     candidates within ``margin`` of it (:func:`near_ties`, ``most`` in all) run again
     on ``seeds`` of the same selection beds (resumable, in ``results``), and the
     smallest worst case there wins (each bed's figure :func:`bed_error` over those
-    seeds; a pilot's cost weighed as in :func:`choose`). Returns the winner's record
-    and every tie's worst case on ``seeds`` (empty when nothing is within ``margin``:
-    the pick stands).
+    seeds; of equal ones the smaller mean over the beds, as where two candidates differ
+    on one bed only; a pilot's cost weighed as in :func:`choose`). Returns the
+    winner's record and every tie's worst case on ``seeds`` (empty when nothing is
+    within ``margin``: the pick stands).
 
     Seed 0 picks the minimax among ~100 candidates, so the pick's worst case is biased
     low by the noise of that seed; where several are within that noise the rerun, on
@@ -353,6 +380,7 @@ def tiebreak(
     path, floors = Path(results), floors or Floors()
     done = load(path)
     figure: dict[str, float] = {}
+    mean: dict[str, float] = {}  # over the beds: decides between equal worst cases
     for proto in ties:
         per_bed = []
         for b in beds:
@@ -379,8 +407,9 @@ def tiebreak(
                 recs.append(rec)
             per_bed.append(bed_error(recs))
         figure[proto["label"]] = max(per_bed)
+        mean[proto["label"]] = sum(per_bed) / len(per_bed)
     by_label = {p["label"]: p for p in ties}
-    return by_label[_prefer_plain(figure, by_label, fitted_margin)], figure
+    return by_label[_prefer_plain(figure, by_label, fitted_margin, mean)], figure
 
 
 def evaluate(
