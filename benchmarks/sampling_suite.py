@@ -216,6 +216,28 @@ def main() -> None:
                 "defaults",
             ),
             (
+                "Before: best-vp-50 and best-ve-10 before the tie-break on seeds 100-103 "
+                "(choose --tiebreak) changed them, fresh seeds 1-8",
+                "defaults-before-tiebreak",
+            ),
+            (
+                "Rejected: the tie-break's choices for best-vp-10 (the flow's final step; "
+                "8.49 -> 8.55) and best-ve-20 (the flow's step at eps 1e-4; 2.156 -> "
+                "2.161), no better on fresh seeds 1-8 of the selection beds",
+                "tiebreak-rejected",
+            ),
+            (
+                "Before: sub-VP's entries at 5, 10 and 20 before the sweep at sub-VP's own "
+                "noise levels (their ends eps 1e-5 to 1e-3 are s/a 1e-6 to 1e-4 on sub-VP), "
+                "fresh seeds 1-8",
+                "defaults-before-subvp-ends",
+            ),
+            (
+                "Rejected: best-subvp-50 ending at eps 1e-2 (UniPC-3, gits, the flow's "
+                "step; 1.23 -> 1.24 on fresh seeds of the selection beds)",
+                "subvp-ends-rejected",
+            ),
+            (
                 "Before: the thirteen entries iPNDM replaced (best-vp-10, -20, -10-dim16, "
                 "-20-dim16, -5-dim16; best-subvp-20, -50; best-ve-5, -10, -20, -50, "
                 "-5-dim16, -10-dim16), fresh seeds 1-8",
