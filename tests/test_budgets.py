@@ -179,9 +179,9 @@ def test_registry_table_entries_spend_their_budget(engine, sde):
     for m in map(BEST_NAME.fullmatch, engine.registry.names("solver")):
         if m and m["sde"] == sde:
             table.setdefault(int(m["dims"] or 1), {})[int(m["nfe"])] = m[0]
-    # any size, and (VP, VE) data of 16 or more numbers; sub-VP's -dim16 class was
-    # refuted by the held-out beds (registry.toml)
-    assert set(table) == ({1} if sde == "subvp" else {1, 16})
+    # any size, and data of 16 or more numbers (sub-VP's class since its own ends;
+    # registry.toml)
+    assert set(table) == {1, 16}
     for budgets in table.values():  # each class covers the same budgets
         assert set(budgets) == {5, 10, 20, 50}
         for nfe, name in budgets.items():
