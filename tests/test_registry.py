@@ -169,3 +169,14 @@ def test_registry_show_leaves_a_field_unset_by_null_out():
     assert res.exit_code == 0, res.output
     entry = res.output.split("[solver.dpm_adaptive_ms]")[1].split("\n[")[0]
     assert "ntol = 0.003" in entry and "sigma_end" not in entry
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("[1, null]", "Invalid value.*null is a value only on its own"), ("[1, 2", "Unclosed")],
+)
+def test_a_set_value_that_opens_an_array_but_is_not_toml_is_refused(text, why):
+    """Taken as a bare string, ``[1, null]`` would reach a list field as text."""
+    with pytest.raises(RegistryError, match=rf"--set value '\[1.*' is not a TOML value: {why}"):
+        parse_value(text)
+    assert parse_value("pc") == "pc"  # a bare word is still a string

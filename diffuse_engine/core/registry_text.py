@@ -20,18 +20,29 @@ MAX_DEPTH = 16
 
 #: the ``--set`` value that unsets a field (TOML has no null): ``--set sigma_end=null``
 NULL = "null"
+#: first characters of a ``--set`` value that is meant as TOML, never as a bare string
+STRUCTURED = ("[", "{", '"', "'")
 
 
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value as a TOML value (``0.2``, ``true``, ``[1, 2]``, ``"x"``);
     a bare ``null`` is ``None`` (the field unset, for fields that allow it; ``"null"``
     in quotes is the string); anything else that is not valid TOML is taken as a bare
-    string."""
+    string, unless it opens an array, a table or a quoted string: ``[1, null]`` or
+    ``[1, 2`` taken as text would reach the field as a string it never meant."""
     if text == NULL:
         return None
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text.lstrip()[:1] in STRUCTURED:
+            why = re.sub(r" \(at [^)]*\)$", "", str(exc))  # its columns count "v = "
+            if NULL in text:
+                why += " (null is a value only on its own: TOML arrays have none)"
+            raise RegistryError(
+                f"--set value {text[:60]!r} is not a TOML value: {why}; "
+                'e.g. [1, 2], {a = 1}, "text"'
+            ) from None
         return text
     except RecursionError:
         raise RegistryError(
