@@ -40,7 +40,7 @@ The best variant per bed and budget is the peer. The engine: the registry's
 budget, replace theirs; the others stay): per bed and budget the figure of each (each
 floor-normalised error's mean over seeds 1..K, the worst of the three;
 ``suite.bed_error``), the engine / best-peer ratio, its 90 % bootstrap interval over
-the seeds (:func:`ratio_interval`) and the verdict it gives (win, tie or loss).
+the seeds (``suite.ratio_interval``) and the verdict it gives (win, tie or loss).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch
 
 from diffuse_engine.components.solver import best_at_budget
 from diffuse_engine.testbed.bench import beds as B
-from diffuse_engine.testbed.bench.suite import bed_error, run_one
+from diffuse_engine.testbed.bench.suite import bed_error, ratio_interval, run_one
 
 VARIANTS = {
     "dpmpp2m": {},
@@ -179,21 +179,6 @@ KD_VARIANTS = (
     "kd-heun-karras",
     "kd-dpm-fast",
 )
-
-
-def ratio_interval(mine: list[dict], peer: list[dict], draws: int = 2000) -> tuple[float, float]:
-    """A 90 % bootstrap interval of the engine / peer figure ratio: seeds resampled with
-    replacement, the same seeds for both (seed ``k`` of each is one resampled unit), so
-    a ratio whose interval holds 1 is a tie at this many seeds, not a loss or a win."""
-    g = torch.Generator().manual_seed(0)
-    k = len(mine)
-    ratios = []
-    for _ in range(draws):
-        idx = torch.randint(k, (k,), generator=g).tolist()
-        a, b = bed_error([mine[i] for i in idx]), bed_error([peer[i] for i in idx])
-        ratios.append(a / b if b > 0 else math.inf)
-    ratios.sort()
-    return ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]
 
 
 def adaptive_comparison(e, floors, beds: list[str], seeds: range, K) -> None:

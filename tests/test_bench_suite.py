@@ -184,6 +184,24 @@ def test_budget_regressions_finds_a_larger_budget_that_scores_worse():
     assert worse == [("a", "vp", 20, 50, 2.0, 2.5)]
 
 
+def test_budget_interval_tells_a_worse_budget_from_the_seeds_noise():
+    """Paired by seed: a larger budget worse on every seed is worse; one whose seeds
+    scatter both ways around the smaller budget's is a tie."""
+    recs = [rec("a", 1, 1.0 + 0.1 * k, 1, seed=k, nfe=20) for k in range(8)]
+    recs += [rec("a", 1, 1.2 + 0.1 * k, 1, seed=k, nfe=50) for k in range(8)]  # +0.2 each
+    recs += [rec("b", 1, 1.0 + 0.1 * k, 1, seed=k, nfe=20) for k in range(8)]
+    noise = (0.3, -0.3, 0.25, -0.25, 0.3, -0.2, 0.2, -0.28)  # mean +0.00125
+    recs += [rec("b", 1, 1.0 + 0.1 * k + d, 1, seed=k, nfe=50) for k, d in enumerate(noise)]
+    records = {str(i): r for i, r in enumerate(recs)}
+    lo, hi = S.budget_interval(records, "a", "vp", 20, 50)
+    # (m + 0.2) / m for a resampled mean m between the seeds' 1.0 and 1.7
+    assert 1.9 / 1.7 - 1e-9 <= lo and hi <= 1.2 / 1.0 + 1e-9
+    lo, hi = S.budget_interval(records, "b", "vp", 20, 50)
+    assert lo < 1 < hi
+    with pytest.raises(ValueError, match="paired records needed"):
+        S.ratio_interval([], [])
+
+
 def test_a_sweep_record_says_its_start_and_another_start_measures_again(tmp_path):
     bed = B.Bed("tiny", B._ring(2.0, 0.1), n=500, sdes=("vp",))
     e = Engine(registry=[_write(B.registry_text((bed,)))])

@@ -227,7 +227,12 @@ def write_suite_report(
     section title, each bed's figure for exact samples, ``suite.exact_figures``) adds
     the figure over that: how far each default is from what a perfect sampler scores."""
     from diffuse_engine.testbed.bench.beds import METRICS
-    from diffuse_engine.testbed.bench.suite import bed_error, budget_regressions, summary
+    from diffuse_engine.testbed.bench.suite import (
+        bed_error,
+        budget_interval,
+        budget_regressions,
+        summary,
+    )
 
     lines = ["# Sampling suite: defaults on beds they were and were not chosen on", ""]
     if note:
@@ -279,14 +284,23 @@ def write_suite_report(
             )
         worse, steps = budget_regressions(recs)
         if steps:
+            spans = [budget_interval(recs, bed, sde, lo, hi) for bed, sde, lo, hi, *_ in worse]
+            beyond = sum(1 for low, _ in spans if low > 1)
             lines += [
                 "",
                 f"Larger budget worse than the next smaller one (target: never): "
-                f"{len(worse)} of {steps} steps" + (":" if worse else "."),
+                f"{len(worse)} of {steps} steps"
+                + (
+                    f"; {beyond} of them beyond the seeds' noise (the ratio's 90 % "
+                    "bootstrap interval over the seeds, paired, above 1):"
+                    if worse
+                    else "."
+                ),
             ]
             lines += [
-                f"- {bed} / {sde}: {a:.2f} at {lo} -> {b:.2f} at {hi} (x{b / a:.3f})"
-                for bed, sde, lo, hi, a, b in worse
+                f"- {bed} / {sde}: {a:.2f} at {lo} -> {b:.2f} at {hi} (x{b / a:.3f} "
+                f"[{low:.3f}, {high:.3f}], {'worse' if low > 1 else 'a tie at these seeds'})"
+                for (bed, sde, lo, hi, a, b), (low, high) in zip(worse, spans, strict=True)
             ]
         lines += ["", "Per bed (the figure; w / std / c: each ratio's mean over the seeds):", ""]
         lines += [

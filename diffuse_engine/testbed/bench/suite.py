@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffuse_engine.components.mixture import mode_statistics
 from diffuse_engine.core.errors import DiffuseError
 from diffuse_engine.testbed.bench.beds import BEDS, METRICS, Bed, Floors, normalised
@@ -492,6 +494,40 @@ def budget_regressions(records: dict[str, dict[str, Any]]) -> tuple[list[tuple],
             if b > a:
                 worse.append((bed, sde, lo, hi, a, b))
     return worse, steps
+
+
+def ratio_interval(
+    num: list[dict[str, Any]], den: list[dict[str, Any]], draws: int = 2000
+) -> tuple[float, float]:
+    """A 90 % bootstrap interval of the figure ratio :func:`bed_error` (``num``) over
+    :func:`bed_error` (``den``): seeds resampled with replacement, the same seeds for
+    both (item ``k`` of each list is seed ``k``'s record, one resampled unit), so a
+    ratio whose interval holds 1 is a tie at this many seeds."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired records needed: {len(num)} against {len(den)}")
+    g = torch.Generator().manual_seed(0)
+    k = len(num)
+    ratios = []
+    for _ in range(draws):
+        idx = torch.randint(k, (k,), generator=g).tolist()
+        a, b = bed_error([num[i] for i in idx]), bed_error([den[i] for i in idx])
+        ratios.append(a / b if b > 0 else math.inf)
+    ratios.sort()
+    return ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]
+
+
+def budget_interval(
+    records: dict[str, dict[str, Any]], bed: str, sde: str, lo: int, hi: int
+) -> tuple[float, float]:
+    """:func:`ratio_interval` of ``bed`` / ``sde``'s figure at budget ``hi`` over ``lo``,
+    the records paired by seed (the seeds both budgets ran): whether a larger budget's
+    worse figure is more than these seeds' noise."""
+    by: dict[int, dict[int, dict[str, Any]]] = {lo: {}, hi: {}}
+    for r in records.values():
+        if r["bed"] == bed and r["sde"] == sde and r["nfe_budget"] in by and "skipped" not in r:
+            by[r["nfe_budget"]][r["seed"]] = r
+    seeds = sorted(set(by[lo]) & set(by[hi]))
+    return ratio_interval([by[hi][s] for s in seeds], [by[lo][s] for s in seeds])
 
 
 def exact_figures(
