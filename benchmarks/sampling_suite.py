@@ -117,6 +117,13 @@ def main() -> None:
         "exactly: what a deterministic solver scores with those seeds",
     )
     ap.add_argument(
+        "--over",
+        default="",
+        metavar="K=V,...",
+        help="adaptive: fields over the entry's (numbers), a candidate measured before it "
+        "becomes the entry; records in adaptive-ENTRY-K-V....jsonl",
+    )
+    ap.add_argument(
         "--dims",
         type=int,
         default=1,
@@ -203,6 +210,11 @@ def main() -> None:
         name = "adaptive" if args.entry == "dpm_adaptive" else f"adaptive-{args.entry}"
         name += "-converged" if args.converged else ""
         extra = {"ntol": 3e-4} if args.converged else None
+        if args.over and args.converged:
+            ap.error("--over and --converged: give one (the converged flow has its own ntol)")
+        if args.over:
+            extra = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.over.split(","))}
+            name += "".join(f"-{k}-{v:g}" for k, v in extra.items())
         # its defaults were chosen on seed 1 of the selection beds: fresh seeds from 2
         seeds = tuple(range(2, 2 + args.seeds))
         S.evaluate(e, entries, OUT / f"{name}.jsonl", seeds=seeds, extra=extra)
@@ -310,6 +322,12 @@ def main() -> None:
                 "Rejected: dpm_adaptive_ms with order = 4 (4M / 3M) and ntol = 0.0025 "
                 "(worse on the selection beds for VP and sub-VP), fresh seeds 2-17",
                 "adaptive-dpm_adaptive_ms-order4",
+            ),
+            (
+                "Rejected: dpm_adaptive_ms with facmax = 1.3 and ntol = 0.0035 (the step "
+                "grows at most 1.3x; worse on scale-small, ring-1to50 and, for VE, "
+                "ring-narrow), fresh seeds 2-17",
+                "adaptive-dpm_adaptive_ms-facmax-1.3-ntol-0.0035",
             ),
             (
                 "Before: dpm_adaptive_ms with the noise tolerance (ntol 0.01), Tweedie's "
