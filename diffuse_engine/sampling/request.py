@@ -217,10 +217,11 @@ def sde_and_solver(
     guidance: str | None = None,
     classifier: Any = None,
     overrides: Mapping[str, Any] | None = None,
-) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]], SDE, Any]:
+) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]], SDE, Any, Any]:
     """The call's SDE and solver, built with the overrides routed to the chosen entries
     and checked against each other (and against the guidance's solvers): ``(sde name,
-    chosen classes, routed overrides, SDE, solver)``. These are :func:`build_job`'s
+    chosen classes, routed overrides, SDE, solver, guidance or None)``, the guidance
+    built once here and reused by :func:`build_job`. These are :func:`build_job`'s
     checks that need no score model, so a run makes them before it touches disk (a model
     may still have to be trained)."""
     b = builder
@@ -248,12 +249,13 @@ def sde_and_solver(
         sde_obj = b.build("sde", sde, **routed["sde"])
     solver_obj = b.build("solver", solver, **routed["solver"])
     solver_obj.check(sde_obj)
+    guidance_obj = None
     if guidance is not None:  # its solver and cond-key checks; the rest needs the model
         guidance_obj = b.build("guidance", guidance, **routed["guidance"])
         guidance_obj.check_solver(solver_obj)
         if isinstance(cond, Mapping):
             guidance_obj.check_keys(cond)
-    return sde, chosen, routed, sde_obj, solver_obj
+    return sde, chosen, routed, sde_obj, solver_obj, guidance_obj
 
 
 def build_job(
@@ -280,7 +282,7 @@ def build_job(
     b = builder
     seed = check_seed(seed)
     guidance = _guidance_name(b, guidance, cond)
-    sde, chosen, routed, sde_obj, solver_obj = sde_and_solver(
+    sde, chosen, routed, sde_obj, solver_obj, guidance_obj = sde_and_solver(
         b, score=score, sde=sde, solver=solver, cond=cond, guidance=guidance,
         classifier=classifier, overrides=overrides,
     )  # fmt: skip
@@ -304,9 +306,8 @@ def build_job(
     if moments is not None:  # computed once; each shard draws N(0, 1) and maps it
         loc, scale = sde_obj.data_prior(*moments)
         data_prior = (loc.to(device=device, dtype=dtype), scale.to(device=device, dtype=dtype))
-    guidance_obj = classifier_obj = None
-    if guidance is not None:
-        guidance_obj = b.build("guidance", guidance, **routed["guidance"])
+    classifier_obj = None
+    if guidance_obj is not None:  # built and checked against the solver above
         if isinstance(classifier, str):
             classifier_obj = b.build("classifier", classifier, sde=sde_obj, **routed["classifier"])
         elif classifier is not None and not callable(classifier):
