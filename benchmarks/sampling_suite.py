@@ -46,6 +46,20 @@ def engine() -> Engine:
     return Engine(registry=path)
 
 
+def over_fields(ap: argparse.ArgumentParser, text: str) -> dict[str, float]:
+    """``--over K=V,...`` as ``{K: float(V)}``; a malformed item is a one-line usage error."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            ap.error(f"--over {item!r}: expected KEY=NUMBER, e.g. facmax=1.3,ntol=0.0035")
+    return out
+
+
 def table_entries(e: Engine, dims: int) -> dict[tuple[str, int], str]:
     """``{(sde, nfe): entry}``: the registry's best-at-budget table as ``diffuse run
     --nfe`` reads it for data of ``dims`` numbers per sample (``best-SDE-NFE`` or, where
@@ -213,7 +227,7 @@ def main() -> None:
         if args.over and args.converged:
             ap.error("--over and --converged: give one (the converged flow has its own ntol)")
         if args.over:
-            extra = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.over.split(","))}
+            extra = over_fields(ap, args.over)
             name += "".join(f"-{k}-{v:g}" for k, v in extra.items())
         # its defaults were chosen on seed 1 of the selection beds: fresh seeds from 2
         seeds = tuple(range(2, 2 + args.seeds))
