@@ -33,12 +33,20 @@ ones:
   same for every SDE: the registry's ``dpm_adaptive_ms`` ends at ``sigma_end = 3e-3``
   (at the same ``eps = 1e-5`` sub-VP's ``s / a`` is ``1e-6`` where VP's is ``1e-3``:
   sub-VP spent a third more evaluations below any mode's width).
-* ``tolerance = "width"`` (the registry's ``dpm_adaptive_ms``): ``delta = ntol * s_t *
-  W``, ``W`` the width of ``p_t``'s modes over the noise std at the step's start, read off
-  the predicted noise (:meth:`DPMAdaptive._width`): ``ntol * s_t`` while the noise is
-  wider than the modes, about ``ntol`` times the modes' own width below. On batches of
-  fewer than ``WIDTH_MIN_NUMBERS`` numbers ``W = 1`` (the noise tolerance): one sample's
-  predicted noise in two dimensions says little about the modes' width.
+* ``tolerance = "width"``: ``delta = ntol * s_t * W``, ``W`` the width of ``p_t``'s
+  modes over the noise std at the step's start, read off the predicted noise
+  (:meth:`DPMAdaptive._width`): ``ntol * s_t`` while the noise is wider than the modes,
+  about ``ntol`` times the modes' own width below. On batches of fewer than
+  ``WIDTH_MIN_NUMBERS`` numbers ``W = 1`` (the noise tolerance): one sample's predicted
+  noise in two dimensions says little about the modes' width.
+* ``tolerance = "data_width"`` (the registry's ``dpm_adaptive_ms``): ``delta = ntol * a *
+  max(w_t, noise_share * sigma)``, ``w_t = sigma sqrt(W^2 - 1)`` the data's own mode
+  width as the predictions read it (``p_t``'s less the noise). Before the modes separate
+  ``w_t`` is the spread a sample may still land anywhere in, and an error there reaches
+  the sample as that spread's share of the noise; so the early steps are held to
+  ``noise_share * ntol * sigma``, and the steps below the modes' width to ``ntol * w``
+  (the width rule's ``ntol * sigma`` early let the narrow ring's centres err by 1.5 % of
+  a mode's std).
 * ``norm = "rms"`` (default) combines the per-sample errors by their root mean square
   over the batch, the error of the distribution the solver is after; ``"max"`` (the
   reference) lets a single outlying sample of a large batch shrink every step.
@@ -76,15 +84,24 @@ class DPMAdaptiveConfig(KernelSolverConfig):
     order: Literal[2, 3, 4] = Field(
         3, description="higher order of the embedded pair (2: 1/2, 3: 2/3; multistep 4: 3M/4M)"
     )
-    tolerance: Literal["noise", "width", "state"] = Field(
+    tolerance: Literal["noise", "width", "data_width", "state"] = Field(
         "noise",
         description="noise: each step's error at most ntol times the kernel's noise std at "
         "its end; width: ntol times the width of p_t's modes (the noise std over the RMS "
-        "of the predicted noise, never below the noise std); state (the reference): "
-        "max(atol * scale, rtol * |x|)",
+        "of the predicted noise, never below the noise std); data_width: ntol times the "
+        "larger of the data's mode width as the predictions read it and noise_share "
+        "times the noise std; state (the reference): max(atol * scale, rtol * |x|)",
     )
     ntol: float = Field(
-        0.1, gt=0, description="tolerance = noise or width: error over noise std or width"
+        0.1,
+        gt=0,
+        description="tolerance = noise, width or data_width: error over noise std or width",
+    )
+    noise_share: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="tolerance = data_width: the noise std's weight against the width",
     )
     rtol: float = Field(0.05, gt=0, description="tolerance = state: relative tolerance")
     atol: float = Field(
@@ -357,18 +374,34 @@ class DPMAdaptive(KernelSolver):
         errors once the noise is below the modes' width. The factor is taken at the
         step's start and applied to the end's noise std: below the modes' width that is
         ``ntol * a * w * e^-h``, a little tighter than ``ntol * a * w``. Batches of fewer
-        than :data:`WIDTH_MIN_NUMBERS` numbers get 1."""
-        if self.config.tolerance != "width" or x.numel() < WIDTH_MIN_NUMBERS:
+        than :data:`WIDTH_MIN_NUMBERS` numbers get 1.
+
+        ``tolerance = "data_width"`` returns ``max(sqrt(W^2 - 1), noise_share)``: in a
+        Gaussian mode ``sqrt(W^2 - 1) = w / sigma``, the data's own width rather than
+        ``p_t``'s, so ``delta = ntol * a * max(w_t, noise_share * sigma)`` with ``w_t``
+        the width the predictions read. While the modes are not yet apart ``w_t`` is
+        about the spread a sample may still end up anywhere in (the data's scale, then
+        the between-mode distance), and an error there reaches the sample as that
+        spread's share of the noise, not as a mode's: the noise alone, ``ntol *
+        sigma``, let `ring-narrow`'s centres err by 1.5 % of a mode's width, made where
+        ``sigma`` is above the ring's radius. Weighing the noise by ``noise_share``
+        tightens those steps and loosens the ones below the modes' width."""
+        c = self.config
+        if c.tolerance not in ("width", "data_width") or x.numel() < WIDTH_MIN_NUMBERS:
             return 1.0
         rms = float(((x - a * m) / s).pow(2).mean().sqrt())
-        return 1.0 / rms if 0.0 < rms < 1.0 else 1.0
+        W = 1.0 / rms if 0.0 < rms < 1.0 else 1.0
+        if c.tolerance == "width":
+            return W
+        # the data's own mode width over the noise std: W^2 = (w^2 + sigma^2) / sigma^2
+        return max(math.sqrt(W * W - 1.0), c.noise_share)
 
     def _error(self, low, high, x, s_t: float, scale: float, width: float = 1.0) -> float:
         """The step's error estimate ``E``: the RMS of ``(high - low) / delta`` per sample,
         combined over the batch by ``norm``; ``delta`` the configured tolerance
         (``width``: :meth:`_width`'s factor over the noise std)."""
         c = self.config
-        if c.tolerance in ("noise", "width"):
+        if c.tolerance in ("noise", "width", "data_width"):
             delta = torch.full_like(low, c.ntol * s_t * width)
         else:
             delta = torch.maximum(

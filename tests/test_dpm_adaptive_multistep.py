@@ -79,7 +79,7 @@ def test_the_width_tolerance_reads_the_modes_width_off_the_predictions(engine, s
     from diffuse_engine.components.schedules import kernel_coefficients
 
     sde = engine.build("sde", sde_name)
-    solver = engine.build("solver", "dpm_adaptive_ms")
+    solver = engine.build("solver", "dpm_adaptive_ms", tolerance="width")
     mu, w, n = 0.7, 0.03, 200_000
     score, _ = gaussian_flow(sde, mu, w)
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -99,6 +99,36 @@ def test_the_width_tolerance_reads_the_modes_width_off_the_predictions(engine, s
         assert solver._width(x, m + 3 * (s / a) * z, a, s) == 1.0
         # one 2-D sample (or a few) says nothing of the modes' width: the noise rule
         assert solver._width(x[:64], m[:64], a, s) == 1.0
+
+
+@pytest.mark.parametrize("sde_name", ("vp", "subvp", "ve"))
+def test_the_data_width_tolerance_reads_the_datas_own_width(engine, sde_name):
+    """``tolerance = "data_width"``: in data ``N(mu, w^2)`` at noise ``sigma`` the factor
+    must be ``w / sigma`` (the data's width, not ``p_t``'s ``sqrt(w^2 + sigma^2)``), and
+    ``noise_share`` where that is smaller: while the noise is wider than the data the
+    tolerance is ``noise_share`` times the noise rule's, tighter, not looser."""
+    from diffuse_engine.components.schedules import kernel_coefficients
+
+    sde = engine.build("sde", sde_name)
+    share = 0.3
+    solver = engine.build("solver", "dpm_adaptive_ms", tolerance="data_width", noise_share=share)
+    mu, w, n = 0.7, 0.03, 200_000
+    score, _ = gaussian_flow(sde, mu, w)
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    smallest = 0.0 if sde_name != "ve" else 0.0101
+    for sigma in (s for s in (1e-3, 3e-3, 1e-2, 3e-2, 1.0) if s > smallest):
+        t = _time_at_sigma(sde, sigma)
+        (a,), (s,), _ = kernel_coefficients(sde, [t])
+        x = a * (mu + math.sqrt(w**2 + sigma**2) * z)
+        m = (x + s**2 * score(x, torch.full((n,), t, dtype=torch.float64))) / a
+        want = max(share, w / sigma)
+        # W is read to 0.11 % (above); sqrt(W^2 - 1) amplifies it by W^2 / (W^2 - 1),
+        # 2x at sigma = w: 5 % is 20 of those where the floor does not apply, and the
+        # width rule's own factor (sqrt(2) there) is off by 41 %
+        assert solver._width(x, m, a, s) == pytest.approx(want, rel=0.05), (sigma, want)
+        # a prediction whose noise is a standard normal's or larger: the floor
+        assert solver._width(x, m + 3 * (s / a) * z, a, s) == share
+        assert solver._width(x[:64], m[:64], a, s) == 1.0  # too few numbers: the noise rule
 
 
 def _time_at_sigma(sde, sigma: float) -> float:
