@@ -135,7 +135,7 @@ def main() -> None:
         "--over",
         default="",
         metavar="K=V,...",
-        help="adaptive: fields over the entry's (numbers), a candidate measured before it "
+        help="adaptive: fields over the entry's (numbers or words), a candidate measured before it "
         "becomes the entry; records in adaptive-ENTRY-K-V....jsonl",
     )
     ap.add_argument(

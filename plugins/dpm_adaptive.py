@@ -383,7 +383,7 @@ class DPMAdaptive(KernelSolver):
         about the spread a sample may still end up anywhere in (the data's scale, then
         the between-mode distance), and an error there reaches the sample as that
         spread's share of the noise, not as a mode's: the noise alone, ``ntol *
-        sigma``, let `ring-narrow`'s centres err by 1.5 % of a mode's width, made where
+        sigma``, let ``ring-narrow``'s centres err by 1.5 % of a mode's width, made where
         ``sigma`` is above the ring's radius. Weighing the noise by ``noise_share``
         tightens those steps and loosens the ones below the modes' width."""
         c = self.config
