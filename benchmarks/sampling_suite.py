@@ -111,7 +111,9 @@ def entry_text(e: Engine, name: str, rec: dict, nfe: int, note: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("sweep", "choose", "evaluate", "adaptive", "report"))
+    ap.add_argument(
+        "step", choices=("sweep", "choose", "evaluate", "adaptive", "solver-error", "report")
+    )
     ap.add_argument("--minutes", type=float, default=14.0)
     ap.add_argument("--sdes", default=",".join(SDES))
     ap.add_argument("--budgets", default="10,20,50")
@@ -137,6 +139,11 @@ def main() -> None:
         metavar="K=V,...",
         help="adaptive: fields over the entry's (numbers or words), a candidate measured before it "
         "becomes the entry; records in adaptive-ENTRY-K-V....jsonl",
+    )
+    ap.add_argument(
+        "--beds",
+        default="",
+        help="solver-error: the beds (default: the selection beds, those not held out)",
     )
     ap.add_argument(
         "--dims",
@@ -235,6 +242,24 @@ def main() -> None:
         # its defaults were chosen on seed 1 of the selection beds: fresh seeds from 2
         seeds = tuple(range(2, 2 + args.seeds))
         S.evaluate(e, entries, OUT / f"{name}.jsonl", seeds=seeds, extra=extra)
+    elif args.step == "solver-error":
+        # the adaptive entry's own error against its converged flow, seeds 100.. (which
+        # neither the choice of its defaults on the figure nor the evaluation uses)
+        fields = over_fields(ap, args.over) if args.over else {}
+        try:
+            beds = (
+                [B.bed(n) for n in args.beds.split(",")]
+                if args.beds
+                else [b for b in B.BEDS if not b.held_out]
+            )
+        except KeyError as exc:
+            ap.error(f"--beds: {exc.args[0]}")
+        seeds = tuple(range(100, 100 + args.seeds))
+        for b in beds:
+            for sde in (s for s in sdes if s in b.sdes):
+                rec = S.solver_error(e, b, sde, args.entry, fields, seeds)
+                print(f"{b.name:16s} {sde:5s} {fields} error {rec['error']:.4f} nfe {rec['nfe']}")
+                S._append(OUT / "solver-error.jsonl", rec)
     else:
         from diffuse_engine.testbed.bench.report import write_suite_report
 

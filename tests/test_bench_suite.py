@@ -229,3 +229,15 @@ def test_ends_name_the_final_step_and_keep_the_first_sweeps_labels():
     assert all(c.fields["denoise_rule"] == "flow" and c.fields["eps"] == 1e-4 for c in flow)
     with pytest.raises(ValueError, match="tweedie, flow, none"):
         S.parse_ends("1e-3:mean")
+
+
+def test_solver_error_is_zero_for_the_reference_and_falls_with_the_tolerance():
+    """The distance to the converged flow from the same starts: none for the reference
+    itself (a deterministic solver), and smaller for a tighter tolerance."""
+    bed = B.Bed("tiny", B._ring(2.0, 0.1), n=512, sdes=("vp",))
+    e = Engine(registry=[_write(B.registry_text((bed,)))])
+    run = lambda **f: S.solver_error(e, bed, "vp", "dpm_adaptive_ms", f, (1, 2))  # noqa: E731
+    assert run(**S.CONVERGED)["error"] == 0.0
+    coarse, fine = run(ntol=0.05), run(ntol=0.005)
+    assert fine["error"] < 0.5 * coarse["error"]  # 10x the tolerance: well over 2x the error
+    assert fine["nfe"] > coarse["nfe"] and coarse["seeds"] == [1, 2]

@@ -445,6 +445,42 @@ def evaluate(
     return done
 
 
+#: the reference of :func:`solver_error`: the entry's own flow, all but converged
+CONVERGED = {"ntol": 3e-4}
+
+
+def solver_error(
+    engine: Any,
+    bed: Bed,
+    sde: str,
+    entry: str,
+    fields: dict[str, Any],
+    seeds: Iterable[int],
+    reference: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A deterministic solver's own error on ``bed``, without the seeds' noise: each
+    sample's distance to the entry's converged flow from the same start (the entry with
+    ``reference``'s fields, default :data:`CONVERGED`, not the candidate's ``fields``:
+    one reference for every candidate), the median over the batch in units of the
+    bed's mode std (``std``), averaged over ``seeds``; and the most evaluations. The
+    figure of merit (:func:`bed_error`) mixes this error with the seeds' luck, which a
+    deterministic solver keeps at any accuracy; this tells two candidates apart on a few
+    seeds where the figure needs many."""
+    w = float(bed.fields.get("std", 1.0))
+    kw = dict(score=bed.entry, sde=bed.sde_entry(sde), solver=entry, shape=bed.n)
+    seeds, errs, nfe = list(seeds), [], 0
+    for seed in seeds:
+        ref = engine.sampling(**kw, seed=seed, **(reference or CONVERGED))
+        run = engine.sampling(**kw, seed=seed, **fields)
+        d = (run.samples - ref.samples).flatten(1).norm(dim=1)
+        errs.append(float(d.median()) / w)
+        nfe = max(nfe, run.nfe)
+    return {
+        "bed": bed.name, "held_out": bed.held_out, "sde": sde, "label": entry,
+        "fields": fields, "seeds": seeds, "error": sum(errs) / len(errs), "nfe": nfe,
+    }  # fmt: skip
+
+
 def bed_error(recs: list[dict[str, Any]]) -> float:
     """One bed's figure over its seeds: each ratio's mean over the seeds, then the worst
     of the three. (The mean of each seed's worst is biased up by noise: for exact
