@@ -4,6 +4,13 @@
     python benchmarks/sampling_suite.py choose                 # step 2: the registry table
     python benchmarks/sampling_suite.py evaluate --minutes 14  # step 3: defaults, all beds
     python benchmarks/sampling_suite.py report                 # docs/benchmarks-suite.md
+    python benchmarks/sampling_suite.py adaptive --entry dpm_adaptive_ms --seeds 16
+    python benchmarks/sampling_suite.py solver-error --entry dpm_adaptive_ms \
+        --over tolerance=data_width,ntol=0.005   # error against its converged flow
+
+``adaptive`` scores an adaptive entry (``--over K=V,...``: a candidate) on fresh seeds
+2..K+1 of every bed; ``solver-error`` measures a deterministic entry's own error on the
+selection beds, seeds 100.., without the seeds' luck (``suite.solver_error``).
 
 Results are JSON lines in ``docs/suite/`` (``candidates.jsonl``, ``defaults.jsonl``);
 the logic is :mod:`diffuse_engine.testbed.bench.suite`, the beds
