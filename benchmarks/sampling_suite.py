@@ -9,8 +9,9 @@
         --over tolerance=data_width,ntol=0.005   # error against its converged flow
 
 ``adaptive`` scores an adaptive entry (``--over K=V,...``: a candidate) on fresh seeds
-2..K+1 of every bed; ``solver-error`` measures a deterministic entry's own error on the
-selection beds, seeds 100.., without the seeds' luck (``suite.solver_error``).
+2..K+1 of every bed; ``solver-error`` measures an adaptive entry's own error against its
+converged flow (the entry at ``ntol = 3e-4``) on the selection beds, seeds 100..,
+without the seeds' luck (``suite.solver_error``).
 
 Results are JSON lines in ``docs/suite/`` (``candidates.jsonl``, ``defaults.jsonl``);
 the logic is :mod:`diffuse_engine.testbed.bench.suite`, the beds
@@ -124,7 +125,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=14.0)
     ap.add_argument("--sdes", default=",".join(SDES))
     ap.add_argument("--budgets", default="10,20,50")
-    ap.add_argument("--seeds", type=int, default=8, help="evaluate: seeds 1..K; adaptive: 2..K+1")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=8,
+        help="evaluate: seeds 1..K; adaptive: 2..K+1; solver-error: 100..99+K",
+    )
     ap.add_argument("--keep", type=int, default=None, help="sweep: prune to the best K")
     ap.add_argument(
         "--prior",

@@ -458,7 +458,8 @@ def solver_error(
     seeds: Iterable[int],
     reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A deterministic solver's own error on ``bed``, without the seeds' noise: each
+    """An adaptive, deterministic solver's own error on ``bed``, without the seeds'
+    noise (the default ``reference`` tightens ``ntol``; give another for other solvers): each
     sample's distance to the entry's converged flow from the same start (the entry with
     ``reference``'s fields, default :data:`CONVERGED`, not the candidate's ``fields``:
     one reference for every candidate), the median over the batch in units of the
