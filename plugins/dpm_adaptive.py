@@ -135,6 +135,12 @@ class DPMAdaptiveConfig(KernelSolverConfig):
 
     @model_validator(mode="after")
     def _own_steps(self):
+        default = type(self).model_fields["steps"].default  # what a config's dump holds
+        if "steps" in self.model_fields_set and self.steps != default:
+            raise ValueError(
+                f"steps ({self.steps}) does not apply: the adaptive solver's error control "
+                "picks its own steps; leave steps out (nfe = N caps the evaluations)"
+            )
         if self.schedule != "logsnr" or self.times is not None:
             raise ValueError(
                 "the adaptive solver picks its own times in log-SNR: leave "

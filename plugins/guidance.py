@@ -54,6 +54,10 @@ class ClassifierFree(LabelGuidance):
     needs_conditional_score = True
     needs_unconditional_score = True
 
+    def calls_per_evaluation(self) -> int:
+        """Two model calls (conditional and unconditional), one at ``scale = 0``."""
+        return 1 if self.config.scale == 0 else 2
+
     def bind(self, score, sde, cond, *, classifier=None, generator=None):
         w = self.config.scale
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from diffuse_engine import Engine
 from diffuse_engine.components.mixture import mode_statistics
@@ -289,3 +290,94 @@ def test_a_plans_data_size_is_the_score_models_or_the_training_datas(engine):
     assert data_dims(engine.builder, engine.plan_run(score="gmm")) == 2
     assert data_dims(engine.builder, engine.plan_run(score="mlp", data="gmm")) == 2
     assert data_dims(engine.builder, engine.plan_run(score="mlp")) == 2  # train.default: gmm
+
+
+@pytest.mark.parametrize("solver", ["dpm_adaptive", "dpm_adaptive_ms"])
+def test_an_adaptive_solver_refuses_steps_in_one_line(engine, solver):
+    """The error control picks the steps: ``steps`` alone or beside a cap is refused
+    (it was silently ignored alone, and a KeyError traceback beside ``nfe``), while the
+    config's own dump, which holds the default ``steps``, validates again."""
+    for kw in ({"steps": 5}, {"steps": 5, "nfe": 10}):
+        with pytest.raises(RegistryError, match=r"steps \(5\) does not apply") as info:
+            engine.build("solver", solver, **kw)
+        assert "\n" not in str(info.value)
+    c = engine.build("solver", solver, nfe=10).config
+    assert type(c).model_validate(c.model_dump()) == c
+
+
+def test_a_gits_grid_beyond_its_steps_is_refused_by_the_config(engine):
+    from diffuse_engine.components.gits import MAX_STEPS
+
+    with pytest.raises(RegistryError, match=f"fits at most {MAX_STEPS} steps, not 300"):
+        engine.build("solver", "best-vp-50", nfe=300)
+
+
+def test_run_nfe_beyond_a_fitted_grid_takes_log_snr_steps(tmp_path):
+    """``--nfe 300`` takes ``best-vp-50`` (a ``gits`` entry, at most 250 steps): it runs on
+    ``logsnr`` steps with a note and spends 300, where it failed after creating the
+    output folder; an SDE without a table keeps the preset's solver, with a note."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    res = CliRunner().invoke(build_app(), ["run", "--nfe", "300", "--sde", "vp", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "takes 'logsnr' steps" in res.stderr
+    plan = json.loads(res.stdout)
+    assert plan["plan"]["solver"] == "best-vp-50"
+    assert plan["entries"]["solver"]["schedule"] == "logsnr"
+    assert plan["entries"]["solver"]["nfe"] == 300
+    res = CliRunner().invoke(build_app(), ["run", "--nfe", "10", "--sde", "ddpm", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "no best-ddpm-N entries" in res.stderr
+    assert json.loads(res.stdout)["plan"]["solver"] == "pc"
+
+
+def test_a_cfg_budget_counts_model_calls(engine):
+    """Classifier-free guidance calls the model twice per guided evaluation; ``nfe = N``
+    spends at most N calls, the count the run reports (it spent 2N)."""
+    labels = torch.arange(8) % 8
+    for nfe, calls in [(10, 10), (11, 10), (2, 2)]:
+        r = engine.sampling(
+            sde="vp", solver="ddim", shape=8, cond={"label": labels}, guidance="cfg", nfe=nfe
+        )
+        assert r.nfe == calls
+        assert r.config["solver"]["nfe"] == nfe // 2
+    r = engine.sampling(
+        sde="vp", solver="ddim", shape=8, cond={"label": labels}, guidance="cfg", scale=0.0, nfe=10
+    )
+    assert r.nfe == 10  # one call per evaluation at scale 0
+    with pytest.raises(DiffuseError, match="calls the model 2 times per evaluation"):
+        engine.sampling(
+            sde="vp", solver="ddim", shape=8, cond={"label": labels}, guidance="cfg", nfe=1
+        )
+
+
+def test_a_later_registry_layers_nfe_replaces_an_earlier_layers_steps(tmp_path):
+    """A file's ``nfe`` on a built-in entry replaces the built-in ``steps`` (it was refused
+    as if both had been given), a later ``--set`` replaces a file's; both in one table
+    are still refused."""
+    f = tmp_path / "r.toml"
+    f.write_text("[solver.ddim]\nnfe = 3\n")
+    assert Engine(registry=f).build("solver", "ddim").config.steps == 2
+    assert Engine(sets=["solver.ddim.nfe=3"]).build("solver", "ddim").config.steps == 2
+    assert (
+        Engine(registry=f, sets=["solver.ddim.steps=7"]).build("solver", "ddim").config.nfe is None
+    )
+    both = tmp_path / "both.toml"
+    both.write_text("[solver.ddim]\nnfe = 3\nsteps = 7\n")
+    with pytest.raises(RegistryError, match=r"nfe \(3\) and steps \(7\) both fix the steps"):
+        Engine(registry=both)
+
+
+def test_cli_budget_and_steps_must_be_positive_naming_the_option():
+    from typer.testing import CliRunner
+
+    from diffuse_engine.cli import build_app
+
+    for opt in ("--nfe", "--steps"):
+        res = CliRunner().invoke(build_app(), ["run", opt, "0", "--dry-run"])
+        assert res.exit_code == 2
+        assert f"'{opt}'" in res.stderr and "greater than or equal to 1" in res.stderr

@@ -34,9 +34,10 @@ def register(app: typer.Typer) -> None:
         sde: str | None = typer.Option(None, help="SDE entry, e.g. vp, subvp, ve, ddpm"),
         solver: str | None = typer.Option(None, help="solver entry, e.g. pc, ode"),
         score: str | None = typer.Option(None, help="score-model entry, e.g. gmm"),
-        steps: int | None = typer.Option(None, help="solver steps"),
+        steps: int | None = typer.Option(None, min=1, help="solver steps"),
         nfe: int | None = typer.Option(
             None,
+            min=1,
             help="score evaluations per sample; without --solver the registry's "
             "best-SDE-NFE entry for the data's size (the benchmark's best at that budget)",
         ),
@@ -70,12 +71,30 @@ def register(app: typer.Typer) -> None:
         check_names(engine, sde=("sde", sde), solver=("solver", solver), score=("score", score))
         budget = {} if nfe is None else {"nfe": nfe}
         if nfe is not None and solver is None:  # the best-at-budget table (registry.toml)
-            from diffuse_engine.components.solver import best_at_budget
+            from diffuse_engine.components.solver import (
+                GITS_MAX_STEPS,
+                best_at_budget,
+                schedule_for_budget,
+            )
             from diffuse_engine.runs.plan import data_dims
 
             base = engine.plan_run(preset, sde=sde, score=score)
             dims = data_dims(engine.builder, base)  # the table has entries by data size
-            solver = best_at_budget(engine.registry.names("solver"), base.sde, nfe, dims) or solver
+            picked = best_at_budget(engine.registry.names("solver"), base.sde, nfe, dims)
+            if picked is None:
+                err(
+                    f"note: no best-{base.sde}-N entries in the registry; --nfe {nfe} "
+                    f"spends its budget on the preset's solver {base.solver!r}"
+                )
+            else:
+                solver = picked
+                long = schedule_for_budget(engine.resolve("solver", picked)[1], nfe)
+                if long is not None:
+                    budget["schedule"] = long
+                    err(
+                        f"note: {picked}'s fitted gits grid fits at most {GITS_MAX_STEPS} "
+                        f"steps; --nfe {nfe} takes {long!r} steps"
+                    )
         plan = engine.plan_run(
             preset,
             sde=sde,

@@ -80,6 +80,12 @@ class Guidance(Component):
     projects: ClassVar[bool] = False
     solvers: ClassVar[tuple[str, ...] | None] = None
 
+    def calls_per_evaluation(self) -> int:
+        """Score-model calls per evaluation of the guided score. A budget ``nfe = N``
+        counts model calls (as the run's reported ``nfe`` does), so the solver is given
+        ``N // calls`` guided evaluations."""
+        return 1
+
     def check_solver(self, solver) -> None:
         """Raise :class:`IncompatibleError` if this method cannot run with ``solver``: the
         part of :meth:`check` that needs no score model, so a run makes it before it

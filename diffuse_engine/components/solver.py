@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from diffuse_engine.components.gits import MAX_STEPS as GITS_MAX_STEPS
 from diffuse_engine.components.guidance import StepTransform
 from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_grid
 from diffuse_engine.components.score import ScoreFn
@@ -77,13 +78,26 @@ class SolverConfig(ComponentConfig):
         if self.nfe is not None:
             spend = self.budget(self.nfe)
             given = "steps" in self.model_fields_set  # in one entry or one call
-            if given and self.steps != spend["steps"]:
+            # a budget that leaves the steps to the solver (an adaptive one's cap) has
+            # no steps to compare; such a solver refuses steps itself
+            if given and "steps" in spend and self.steps != spend["steps"]:
                 raise ValueError(
                     f"nfe ({self.nfe}) and steps ({self.steps}) both fix the steps "
                     f"(nfe {self.nfe} takes {spend['steps']}); give one of them"
                 )
             # the config is frozen: the budget's fields are written once, here
             self.__dict__.update(spend)
+        return self
+
+    @model_validator(mode="after")
+    def _gits_fits(self):
+        """A fitted grid's step limit, checked with the config (a dry run and a run
+        refuse alike, before any output) rather than when the grid is fitted."""
+        if self.schedule == "gits" and self.steps > GITS_MAX_STEPS:
+            raise ValueError(
+                f"schedule 'gits' fits at most {GITS_MAX_STEPS} steps, not {self.steps}; "
+                'for long runs use schedule = "logsnr" or "quadratic"'
+            )
         return self
 
 
@@ -250,6 +264,16 @@ def best_at_budget(names, sde: str, nfe: int, dims: int | None = None) -> str | 
     found = classes[max(fits)]
     within = [b for b in found if b <= nfe]
     return found[max(within) if within else min(found)]
+
+
+def schedule_for_budget(config: SolverConfig, nfe: int) -> str | None:
+    """``"logsnr"`` when ``config``'s fitted ``gits`` grid cannot take the steps ``nfe``
+    spends (more than :data:`~diffuse_engine.components.gits.MAX_STEPS`), else
+    ``None``. A best-at-budget entry chosen for a smaller budget is on a fitted grid
+    that stops paying beyond that many steps; log-SNR steps are the grid it refines."""
+    if config.schedule != "gits":
+        return None
+    return "logsnr" if config.budget(nfe).get("steps", 0) > GITS_MAX_STEPS else None
 
 
 def innermost(score: ScoreFn) -> ScoreFn:

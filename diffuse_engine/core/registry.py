@@ -20,6 +20,8 @@ allowed, on one line.
 
 from __future__ import annotations
 
+import itertools
+import math
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -94,6 +96,10 @@ class Entry:
     name: str
     fields: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)
+    #: the merge layer each field came from (0: the first file merged; a call's
+    #: overrides lie above all): a later layer's field replaces the earlier layers'
+    #: fields it stands for (``ComponentConfig.override_replaces``)
+    layers: dict[str, float] = field(default_factory=dict)
 
     @property
     def type(self) -> str | None:
@@ -163,15 +169,17 @@ class Registry:
         """Merge the default registry, ``files`` and qualified ``sets``; validate all.
         ``allow_imports`` lets a ``type`` be an import path (off: files are data)."""
         entries: dict[str, dict[str, Entry]] = {}
+        layers = itertools.count()  # merge order: a later layer's field wins
         if with_default:
-            _merge(entries, tomllib.loads(default_registry_text()), DEFAULT_SOURCE)
+            _merge(entries, tomllib.loads(default_registry_text()), DEFAULT_SOURCE, next(layers))
         for f in files:
-            _merge(entries, read_toml(f), str(f))
+            _merge(entries, read_toml(f), str(f), next(layers))
         for key, value in sets:
             parts = key.split(".")
             if len(parts) != 3:
                 raise RegistryError(f"--set {key}: expected KIND.NAME.FIELD")
-            _merge(entries, {parts[0]: {parts[1]: {parts[2]: value}}}, f"--set {key}")
+            table = {parts[0]: {parts[1]: {parts[2]: value}}}
+            _merge(entries, table, f"--set {key}", next(layers))
         reg = cls(entries, catalogue, allow_imports=allow_imports, train_model=train_model)
         reg.validate()
         return reg
@@ -220,6 +228,7 @@ class Registry:
                 name,
                 {**entry.fields, **overrides},
                 {**entry.sources, **{k: override_source for k in overrides}},
+                {**entry.layers, **dict.fromkeys(overrides, math.inf)},
             )
         if entry.type is None:
             raise RegistryError(
@@ -232,19 +241,21 @@ class Registry:
                 + ", ".join(self.catalogue.names(kind))
             )
         impl = self.implementation(kind, entry.type, entry.where("type"))
-        replaced = {  # an override of None unsets its field and replaces nothing
-            f
-            for k, v in (overrides or {}).items()
+        layer = entry.layers
+        replaced = {  # a field of None unsets itself and replaces nothing; fields of one
+            f  # layer (one table, one call) are checked against each other instead
+            for k, v in entry.fields.items()
             if v is not None
             for f in impl.Config.override_replaces.get(k, ())
-            if f not in overrides
+            if f in entry.fields and layer.get(f, 0) < layer.get(k, 0)
         }
-        if replaced:  # what an override replaces goes with it (override_replaces)
+        if replaced:  # what a later layer's field replaces goes with it
             entry = Entry(
                 kind,
                 name,
                 {k: v for k, v in entry.fields.items() if k not in replaced},
                 {k: v for k, v in entry.sources.items() if k not in replaced},
+                {k: v for k, v in entry.layers.items() if k not in replaced},
             )
         try:
             config = impl.Config.model_validate(entry.config_fields)
@@ -344,7 +355,7 @@ class Registry:
         }
 
 
-def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str) -> None:
+def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str, layer: int) -> None:
     allowed = ", ".join((*COMPONENT_TABLES, RUN_TABLE, TRAIN_TABLE))
     for kind, table in data.items():
         if kind not in COMPONENT_TABLES and kind not in (RUN_TABLE, TRAIN_TABLE):
@@ -360,7 +371,12 @@ def _merge(entries: dict[str, dict[str, Entry]], data: dict, source: str) -> Non
             if old is not None and fields.get("type", old.type) == old.type:
                 old.fields.update(fields)
                 old.sources.update({k: source for k in fields})
+                old.layers.update(dict.fromkeys(fields, layer))
             else:
                 entries[kind][name] = Entry(
-                    kind, name, dict(fields), {k: source for k in fields} or {"type": source}
+                    kind,
+                    name,
+                    dict(fields),
+                    {k: source for k in fields} or {"type": source},
+                    dict.fromkeys(fields, layer),
                 )

@@ -207,6 +207,22 @@ def _sde_choice(b: Builder, sde: str | None, score: Any, overrides: Mapping[str,
     return DEFAULT_SDE, None
 
 
+def _budget_in_model_calls(b: Builder, solver: str, routed, solver_obj, guidance_obj):
+    """The solver again with ``nfe // k`` guided evaluations when the guidance calls the
+    model ``k > 1`` times per evaluation (classifier-free guidance), so ``nfe = N``
+    spends at most ``N`` model calls, the count the run reports."""
+    k = guidance_obj.calls_per_evaluation()
+    nfe = getattr(solver_obj.config, "nfe", None)
+    if k == 1 or nfe is None:
+        return solver_obj
+    if nfe < k:
+        raise DiffuseError(
+            f"nfe = {nfe} is below one evaluation of guidance {guidance_obj.name!r}, "
+            f"which calls the model {k} times per evaluation; give nfe >= {k}"
+        )
+    return b.build("solver", solver, **{**routed["solver"], "nfe": nfe // k})
+
+
 def sde_and_solver(
     builder: Builder,
     *,
@@ -248,10 +264,12 @@ def sde_and_solver(
     else:
         sde_obj = b.build("sde", sde, **routed["sde"])
     solver_obj = b.build("solver", solver, **routed["solver"])
-    solver_obj.check(sde_obj)
     guidance_obj = None
-    if guidance is not None:  # its solver and cond-key checks; the rest needs the model
+    if guidance is not None:
         guidance_obj = b.build("guidance", guidance, **routed["guidance"])
+        solver_obj = _budget_in_model_calls(b, solver, routed, solver_obj, guidance_obj)
+    solver_obj.check(sde_obj)
+    if guidance_obj is not None:  # its solver and cond-key checks; the rest needs the model
         guidance_obj.check_solver(solver_obj)
         if isinstance(cond, Mapping):
             guidance_obj.check_keys(cond)
@@ -348,6 +366,8 @@ def build_job(
             "name": guidance,
             "type": guidance_obj.name,
             **guidance_obj.config.model_dump(mode="json"),
+            # the solver's nfe counts guided evaluations: each is this many model calls
+            "calls_per_evaluation": guidance_obj.calls_per_evaluation(),
         }
         config["cond"] = describe_cond(cond)
         if classifier is not None:
