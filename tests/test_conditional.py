@@ -259,6 +259,9 @@ def test_given_noise_is_the_starting_point(engine):
 def test_the_run_config_records_condition_and_guidance(engine):
     r = engine.sampling(sde="vp", solver="ddim", shape=(20, 2), cond=labels(20), guidance="cfg")
     assert r.config["guidance"] == {
-        "name": "cfg", "type": "cfg", "scale": 2.0, "calls_per_evaluation": 2
+        "name": "cfg",
+        "type": "cfg",
+        "scale": 2.0,
+        "calls_per_evaluation": 2,
     }
     assert r.config["cond"]["label"]["counts"] == {K: 20}

@@ -34,10 +34,9 @@ def register(app: typer.Typer) -> None:
         sde: str | None = typer.Option(None, help="SDE entry, e.g. vp, subvp, ve, ddpm"),
         solver: str | None = typer.Option(None, help="solver entry, e.g. pc, ode"),
         score: str | None = typer.Option(None, help="score-model entry, e.g. gmm"),
-        steps: int | None = typer.Option(None, min=1, help="solver steps"),
+        steps: int | None = typer.Option(None, help="solver steps"),
         nfe: int | None = typer.Option(
             None,
-            min=1,
             help="score evaluations per sample; without --solver the registry's "
             "best-SDE-NFE entry for the data's size (the benchmark's best at that budget)",
         ),

@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
         ),
         solver: str = typer.Option("pc", help="solver entry, e.g. pc, ode, ancestral"),
         n: int = typer.Option(1000, "--n", "-n", help="number of samples"),
-        steps: int | None = typer.Option(None, min=1, help="solver steps"),
-        nfe: int | None = typer.Option(None, min=1, help="score evaluations per sample"),
+        steps: int | None = typer.Option(None, help="solver steps"),
+        nfe: int | None = typer.Option(None, help="score evaluations per sample"),
         seed: int = typer.Option(0, help="random seed"),
         prior: str = typer.Option(
             "auto",
