@@ -70,11 +70,8 @@ def register(app: typer.Typer) -> None:
         check_names(engine, sde=("sde", sde), solver=("solver", solver), score=("score", score))
         budget = {} if nfe is None else {"nfe": nfe}
         if nfe is not None and solver is None:  # the best-at-budget table (registry.toml)
-            from diffuse_engine.components.solver import (
-                GITS_MAX_STEPS,
-                best_at_budget,
-                schedule_for_budget,
-            )
+            from diffuse_engine.components.gits import MAX_STEPS as GITS_MAX_STEPS
+            from diffuse_engine.components.solver import best_at_budget, schedule_for_budget
             from diffuse_engine.runs.plan import data_dims
 
             base = engine.plan_run(preset, sde=sde, score=score)

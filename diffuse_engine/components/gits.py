@@ -46,6 +46,16 @@ MIN_FINE_PER_STEP = 2
 MAX_STEPS = 250
 
 
+def too_many_steps(steps: int) -> str | None:
+    """Why a grid of ``steps`` cannot be fitted (more than :data:`MAX_STEPS`), or ``None``."""
+    if steps <= MAX_STEPS:
+        return None
+    return (
+        f"schedule 'gits' fits at most {MAX_STEPS} steps, not {steps}; "
+        'for long runs use schedule = "logsnr" or "quadratic"'
+    )
+
+
 def _data_prediction(score: ScoreFn, x: Tensor, t: float, a: float, s: float) -> Tensor:
     """Tweedie's ``x0_hat`` at time ``t``, as the kernel solvers compute it."""
     return kernel_prediction(score, x, t, a, s, "data")
@@ -153,11 +163,8 @@ def gits_time_grid(
     data prior, :meth:`~diffuse_engine.components.sde.SDE.data_prior`), else the SDE's prior.
     See the module docstring for the algorithm (GITS, Chen et al. 2024).
     """
-    if steps > MAX_STEPS:
-        raise DiffuseError(
-            f"schedule 'gits' fits at most {MAX_STEPS} steps, not {steps}; "
-            'for long runs use schedule = "logsnr" or "quadratic"'
-        )
+    if (problem := too_many_steps(steps)) is not None:
+        raise DiffuseError(problem)
     check_monotone(sde, eps, sde.T)
     fine = max(fine, MIN_FINE_PER_STEP * steps)
     lam_T, lam_eps = log_snr(sde, [sde.T, eps])

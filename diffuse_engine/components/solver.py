@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from diffuse_engine.components.gits import MAX_STEPS as GITS_MAX_STEPS
+from diffuse_engine.components.gits import too_many_steps
 from diffuse_engine.components.guidance import StepTransform
 from diffuse_engine.components.schedules import SCHEDULE_HELP, Schedule, time_grid
 from diffuse_engine.components.score import ScoreFn
@@ -93,11 +93,8 @@ class SolverConfig(ComponentConfig):
     def _gits_fits(self):
         """A fitted grid's step limit, checked with the config (a dry run and a run
         refuse alike, before any output) rather than when the grid is fitted."""
-        if self.schedule == "gits" and self.steps > GITS_MAX_STEPS:
-            raise ValueError(
-                f"schedule 'gits' fits at most {GITS_MAX_STEPS} steps, not {self.steps}; "
-                'for long runs use schedule = "logsnr" or "quadratic"'
-            )
+        if self.schedule == "gits" and (problem := too_many_steps(self.steps)) is not None:
+            raise ValueError(problem)
         return self
 
 
@@ -273,7 +270,7 @@ def schedule_for_budget(config: SolverConfig, nfe: int) -> str | None:
     that stops paying beyond that many steps; log-SNR steps are the grid it refines."""
     if config.schedule != "gits":
         return None
-    return "logsnr" if config.budget(nfe).get("steps", 0) > GITS_MAX_STEPS else None
+    return "logsnr" if too_many_steps(config.budget(nfe).get("steps", 0)) else None
 
 
 def innermost(score: ScoreFn) -> ScoreFn:
