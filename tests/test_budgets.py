@@ -329,6 +329,11 @@ def test_run_nfe_beyond_a_fitted_grid_takes_log_snr_steps(tmp_path):
     assert plan["plan"]["solver"] == "best-vp-50"
     assert plan["entries"]["solver"]["schedule"] == "logsnr"
     assert plan["entries"]["solver"]["nfe"] == 300
+    args = ["run", "--nfe", "300", "--set", "schedule=quadratic", "--dry-run"]
+    res = CliRunner().invoke(build_app(), args)  # a schedule the user set is kept
+    assert res.exit_code == 0, res.output
+    assert "logsnr" not in res.stderr
+    assert json.loads(res.stdout)["entries"]["solver"]["schedule"] == "quadratic"
     res = CliRunner().invoke(build_app(), ["run", "--nfe", "10", "--sde", "ddpm", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "no best-ddpm-N entries" in res.stderr

@@ -26,6 +26,19 @@ from diffuse_engine.cli.common import (
 from diffuse_engine.core.errors import DiffuseError
 
 
+def _past_fitted_grid(engine, base, solver: str, nfe: int) -> str | None:
+    """:func:`~diffuse_engine.components.solver.schedule_for_budget` for table entry
+    ``solver`` as the run would configure it (with the engine-wide ``--set`` fields, so
+    a schedule the user set is seen, not the entry's)."""
+    from diffuse_engine.components.solver import schedule_for_budget
+
+    names = {"sde": base.sde, "solver": solver, "score": base.score}
+    chosen = {k: engine.resolve(k, n)[0] for k, n in names.items()}
+    fields = engine.route_overrides(chosen, base.overrides)["solver"]
+    fields.pop("nfe", None)  # the budget is what is being tried
+    return schedule_for_budget(engine.resolve("solver", solver, **fields)[1], nfe)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
@@ -71,7 +84,7 @@ def register(app: typer.Typer) -> None:
         budget = {} if nfe is None else {"nfe": nfe}
         if nfe is not None and solver is None:  # the best-at-budget table (registry.toml)
             from diffuse_engine.components.gits import MAX_STEPS as GITS_MAX_STEPS
-            from diffuse_engine.components.solver import best_at_budget, schedule_for_budget
+            from diffuse_engine.components.solver import best_at_budget
             from diffuse_engine.runs.plan import data_dims
 
             base = engine.plan_run(preset, sde=sde, score=score)
@@ -84,7 +97,7 @@ def register(app: typer.Typer) -> None:
                 )
             else:
                 solver = picked
-                long = schedule_for_budget(engine.resolve("solver", picked)[1], nfe)
+                long = _past_fitted_grid(engine, base, picked, nfe)
                 if long is not None:
                     budget["schedule"] = long
                     err(
