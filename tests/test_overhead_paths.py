@@ -162,6 +162,95 @@ def test_boundary_fast_path_keeps_conditions_and_conversions(vp):
     assert net.calls == 3
 
 
+def test_once_checked_call_checks_each_shard_first_call_and_counts_all(vp):
+    def score(x, t):  # right for a batch of 4, wrong for any other
+        return -x if x.shape[0] == 4 else -x[:, :1]
+
+    b = ScoreBoundary(CallableScore(score, sde=vp), "odd")
+    once = b.call_once_checked
+    assert once.fn is b.fn and once.conditional is False
+    x, t = torch.randn(4, 2), torch.rand(4)
+    b.rearm()
+    for _ in range(3):
+        assert torch.equal(once(x, t), -x)
+    assert b.calls == 3
+    b.rearm()  # a new shard, of another size: its first call is checked
+    with pytest.raises(DiffuseError, match=r"shape \(3, 1\) .*; expected .* shape \(3, 2\)"):
+        once(x[:3], t[:3])
+    with pytest.raises(DiffuseError, match="takes no condition"):
+        once(x, t, {"label": 1})  # a condition for a plain model: refused on every call
+    assert b.calls == 5
+
+
+def test_once_checked_call_keeps_conditions_and_conversions(vp):
+    seen = []
+
+    def cond_score(x, t, cond):
+        seen.append(cond)
+        return -x
+
+    b = ScoreBoundary(CallableScore(cond_score, sde=vp), "c")
+    x, t = torch.randn(3, 2), torch.rand(3)
+    b.rearm()
+    for label in (1, 2, None):
+        b.call_once_checked(x, t, None if label is None else {"label": label})
+    assert seen == [{"label": 1}, {"label": 2}, None]
+
+    class Net(torch.nn.Module):  # float64 weights, sampled in float32
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def forward(self, x, t):
+            assert x.dtype == torch.float64 and t.dtype == torch.float64
+            return -self.w * x
+
+    net = ScoreBoundary(Net(), "net")
+    net.rearm()
+    for _ in range(3):  # converted on every call, not only the first
+        out = net.call_once_checked(x, t)
+        assert out.dtype == torch.float32 and torch.equal(out, -x)
+    assert net.calls == 3
+
+
+def test_each_shard_of_a_run_is_checked_and_counted(engine):
+    calls = []
+
+    def score(x, t):  # wrong only for the remainder shard (size 3)
+        calls.append(x.shape[0])
+        return -x if x.shape[0] == 4 else -x[:, :1]
+
+    out = engine.sampling(
+        score=score, sde="vp", solver="ddim", shape=(8, 2), seed=0, steps=5, shard_size=4
+    )
+    assert out.samples.shape == (8, 2) and calls == [4] * (2 * out.nfe)
+    with pytest.raises(DiffuseError, match=r"shape \(3, 1\)"):  # the second shard's first call
+        engine.sample(
+            score=score, sde="vp", solver="ddim", shape=(7, 2), seed=0, steps=5, shard_size=4
+        )
+
+
+def test_a_solver_that_changes_layout_gets_the_checking_score():
+    from diffuse_engine import Solver, module_plugin
+
+    class Doubling(Solver):  # evaluates a doubled batch on its second step
+        name = "doubling"
+        fixed_layout = False
+
+        def sample(self, score, sde, x, *, generator=None, callback=None):
+            t = torch.full((x.shape[0],), 0.5)
+            score(x, t)
+            score(torch.cat([x, x]), torch.cat([t, t]))
+            return x
+
+    def score(x, t):
+        return -x if x.shape[0] == 4 else -x[:, :1]
+
+    engine = Engine(plugins=[module_plugin(diffuse_register_solvers=lambda: [Doubling])])
+    with pytest.raises(DiffuseError, match=r"shape \(8, 1\)"):
+        engine.sample(score=score, sde="vp", solver="doubling", shape=(4, 2), seed=0)
+
+
 def _times_seen(engine, solver, **overrides):
     seen = []
 

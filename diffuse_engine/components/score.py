@@ -181,6 +181,12 @@ class ScoreBoundary:
     exactly what calling the boundary does with a Python frame less per evaluation.
     The per-call comparison is of shape and dtype: a run's tensors stay on its device
     (the first call of a layout checks the device too).
+
+    :attr:`call_once_checked` drops that comparison too, for a run whose layout cannot
+    change (an unguided shard of a ``fixed_layout`` solver): after :meth:`rearm`, its
+    first call is checked like any new layout and the later ones count and call the
+    model, until the next :meth:`rearm`. A plain model asked for a condition, and dtype
+    conversions, take the checking path on every call, as with :attr:`call`.
     """
 
     def __init__(self, fn, name: str):
@@ -192,6 +198,13 @@ class ScoreBoundary:
         self._state = _Checked(fn, name, self.conditional, self.dtype)
         #: the score function solvers call: ``call(x, t[, cond])``
         self.call = _fast_call(self._state, self._direct)
+        #: ``call`` without the per-call layout comparison (see the class docstring)
+        self.call_once_checked = _once_checked_call(self._state, self._direct)
+
+    def rearm(self) -> None:
+        """Check the next call's layout again (a new shard of
+        :attr:`call_once_checked`)."""
+        self._state.shape = None
 
     @property
     def calls(self) -> int:
@@ -268,6 +281,31 @@ def _fast_call(state: _Checked, direct):
         def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
             state.calls += 1
             if cond is None and x.shape == state.shape and x.dtype is state.layout_dtype:
+                return direct(x, t)
+            return first(x, t, cond)
+
+    call.fn = state.fn  # what innermost() looks through to
+    call.conditional = state.conditional
+    return call
+
+
+def _once_checked_call(state: _Checked, direct):
+    """:attr:`ScoreBoundary.call_once_checked`: count, and once a layout is checked
+    since the last :meth:`~ScoreBoundary.rearm`, call ``direct`` without comparing."""
+    first = state.first
+    if state.conditional:
+
+        def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+            state.calls += 1
+            if state.shape is not None:
+                return direct(x, t, cond)
+            return first(x, t, cond)
+
+    else:
+
+        def call(x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+            state.calls += 1
+            if cond is None and state.shape is not None:
                 return direct(x, t)
             return first(x, t, cond)
 

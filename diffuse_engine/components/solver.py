@@ -117,12 +117,20 @@ class Solver(Component):
     ``supports_transform = True`` and accepts ``transform=`` in :meth:`sample`. Solvers
     that integrate inside a library (torchsde, torchdiffeq) cannot, and the engine
     refuses projection guidance with them.
+
+    Within one :meth:`sample` call a solver hands the score tensors of one layout (the
+    shape and dtype of its first call: the sample's, or its own flattened view), so the
+    engine checks the score's output on the first call of each shard only. A solver
+    that changes layout mid-run (evaluating a larger batch for some steps) sets
+    ``fixed_layout = False`` and gets a score that checks every new layout.
     """
 
     kind: ClassVar[str] = "solver"
     Config: ClassVar[type[ComponentConfig]] = SolverConfig
     #: applies ``transform=`` after each step (see the class docstring)
     supports_transform: ClassVar[bool] = False
+    #: calls the score on one layout per :meth:`sample` (see the class docstring)
+    fixed_layout: ClassVar[bool] = True
 
     def __init__(self, config: SolverConfig | None = None, *, catalogue=None, **fields):
         super().__init__(config, **fields)

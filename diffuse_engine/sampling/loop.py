@@ -102,6 +102,7 @@ def run_sampling(
     setup_nfe = counted.calls
 
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    once, fixed = counted.call_once_checked, solver.fixed_layout
 
     def shard(j: int) -> tuple[Tensor, torch.Generator, Guided]:
         """Shard ``j``'s prior sample, generator and guided score (seeded by ``j``)."""
@@ -111,8 +112,8 @@ def run_sampling(
             x = sde.start_sample(size, job.data_prior, generator=gen, device=device, dtype=dtype)
         else:
             x = job.noise[starts[j] : starts[j] + sizes[j]].to(device=device, dtype=dtype)
-        if job.guidance is None:
-            return x, gen, Guided(score=counted.call)
+        if job.guidance is None:  # one layout per shard: checked on its first call
+            return x, gen, Guided(score=once if fixed else counted.call)
         g = job.guidance
         cond = shard_cond(job.cond or {}, starts[j], starts[j] + sizes[j], g.shared, device)
         return x, gen, g.bind(counted.call, sde, cond, classifier=job.classifier, generator=gen)
@@ -140,6 +141,7 @@ def run_sampling(
             x, gen, guided = shard(j)
             scored = FiniteWatch(guided.score, job.check_every) if job.check_every else guided.score
             calls = counted.calls
+            counted.rearm()
             try:
                 with torch.no_grad():
                     out = solve(x, gen, guided, scored, callback)
@@ -167,6 +169,7 @@ def run_sampling(
         x_T, g, guided = shard(failed)
 
         def replay(score_fn, step_callback):  # the failed shard again, same seed
+            counted.rearm()
             with torch.no_grad():
                 return solve(x_T, g, guided, score_fn, step_callback)
 
