@@ -53,13 +53,15 @@ ones:
 
 ``nfe`` is a cap, not a target: when what is left would not pay for another trial step
 and the start of the next, the solver takes its last step to ``eps`` with what it can
-afford (the higher order, or DDIM when no evaluation is left). Score evaluations are
+afford (the higher order, or DDIM when no evaluation is left), and warns that this
+step is not held to the tolerance. Score evaluations are
 counted by the engine; the final denoising step (``denoise``) is one more.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -248,6 +250,8 @@ class DPMAdaptive(KernelSolver):
             if lam_s >= lam_eps - 1e-12:
                 break
             final = left < 2 * k + 1  # no trial after this one could be paid for
+            if final and h < lam_eps - lam_s:
+                self._cap_bound(t_s, eps)
             last = final or h >= lam_eps - lam_s
             h = lam_eps - lam_s if last else h
             lam_t = lam_eps if last else lam_s + h  # land on eps exactly
@@ -312,6 +316,8 @@ class DPMAdaptive(KernelSolver):
             # no evaluation left for the end of another step (the first step's trial
             # needs one more, at its midpoint); landing on eps needs none
             final = left < (2 if len(hist) == 1 else 1)
+            if final and h < lam_eps - lam_s:
+                self._cap_bound(t_s, eps)
             last = final or h >= lam_eps - lam_s
             h = lam_eps - lam_s if last else h
             lam_t = lam_eps if last else lam_s + h
@@ -360,6 +366,17 @@ class DPMAdaptive(KernelSolver):
         else:
             raise self._no_end()
         return self.finish(score, sde, x, eps)
+
+    def _cap_bound(self, t: float, eps: float) -> None:
+        """Warn that the ``nfe`` cap, not the error control, ends the run: the last
+        step, from ``t`` to ``eps``, is longer than the tolerance allows."""
+        warnings.warn(
+            f"solver {self.name!r}: the nfe = {self.config.nfe} cap ended the error "
+            f"control at t = {t:.3g}; the step from there to eps = {eps:.3g} is not held "
+            f"to ntol = {self.config.ntol:g}: raise nfe or ntol",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _no_end(self) -> DiffuseError:
         """The error for a run that used ``max_trials`` trial steps without reaching eps."""

@@ -100,10 +100,18 @@ def test_nfe_must_be_positive(engine):
         engine.build("solver", "unipc", nfe=0)
 
 
-def test_adaptive_solver_keeps_to_its_cap(engine):
-    for cap in (6, 9, 15):
-        r = engine.sampling(score="gmm", sde="vp", solver="dpm_adaptive", shape=64, nfe=cap)
+@pytest.mark.parametrize("solver", ["dpm_adaptive", "dpm_adaptive_ms"])
+def test_adaptive_solver_keeps_to_its_cap_and_says_when_it_binds(engine, solver):
+    import warnings
+
+    for cap in (6, 9, 15):  # far below what the tolerance asks on the ring
+        with pytest.warns(UserWarning, match=rf"nfe = {cap} cap ended the error control"):
+            r = engine.sampling(score="gmm", sde="vp", solver=solver, shape=64, nfe=cap)
         assert r.nfe <= cap
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cap the error control stays under: silent
+        r = engine.sampling(score="gmm", sde="vp", solver=solver, shape=64, nfe=200)
+    assert r.nfe < 200
 
 
 @pytest.mark.parametrize("solver,most", [("dpm_adaptive", 60), ("dpm_adaptive_ms", 40)])
