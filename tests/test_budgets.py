@@ -100,6 +100,14 @@ def test_nfe_must_be_positive(engine):
         engine.build("solver", "unipc", nfe=0)
 
 
+@pytest.mark.parametrize("field", ["nfe", "steps", "eps"])
+def test_a_boolean_is_not_a_number(engine, field):
+    # pydantic alone reads True as 1: nfe = true would spend one evaluation
+    with pytest.raises(DiffuseError, match=rf"{field}: expected a number, not a boolean"):
+        engine.build("solver", "ddim", **{field: True})
+    assert engine.build("solver", "ddim", denoise=False).config.denoise is False  # a flag
+
+
 @pytest.mark.parametrize("solver", ["dpm_adaptive", "dpm_adaptive_ms"])
 def test_adaptive_solver_keeps_to_its_cap_and_says_when_it_binds(engine, solver):
     import warnings

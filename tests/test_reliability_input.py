@@ -125,6 +125,8 @@ SET_MISTAKES = {
     ),
     "wrong type": (["--set", "steps=many"], ["[solver.pc] steps", "valid integer", "'many'"]),
     "out of range": (["--set", "snr=-1"], ["[solver.pc] snr", "greater than 0"]),
+    # pydantic would read true as 1: a one-evaluation run nobody asked for
+    "boolean for a number": (["--set", "nfe=true"], ["[solver.pc] nfe", "not a boolean"]),
     "not a finite number": (["--set", "snr=nan"], ["snr"]),
     "kind not in this call": (["--set", "loss.foo=1"], ["'loss' is not part of this call"]),
     "qualified, unknown field": (
@@ -149,8 +151,11 @@ def test_set_mistake_is_one_line(app, tmp_path, mistake):
 
 # ---- run options ------------------------------------------------------------------------
 OPTION_MISTAKES = {
-    "zero samples": (["-n", "0"], ["command line: [run.default] n", "got 0"]),
-    "zero steps": (["--steps", "0"], ["steps", "greater than or equal to 1"]),
+    "zero samples": (["-n", "0"], ["--n must be >= 1, got 0"]),
+    "zero steps": (["--steps", "0"], ["--steps must be >= 1, got 0"]),
+    # named as the option, not as the best-at-budget entry it would have picked
+    "zero nfe": (["--nfe", "0"], ["--nfe must be >= 1, got 0"]),
+    "negative nfe": (["--nfe", "-4"], ["--nfe must be >= 1, got -4"]),
     # refused before the time grid of 10**12 floats is built (it would exhaust memory)
     "absurd steps": (["--steps", str(10**12)], ["steps", "less than or equal to 10000000"]),
     "seed out of range": (["--seed", str(2**70)], ["seed", "less than"]),

@@ -181,6 +181,14 @@ def use_loggers(names: list[str] | None) -> None:
         os.environ["DIFFUSE_LOG"] = ",".join(extra)
 
 
+def check_counts(**options: int | None) -> None:
+    """Refuse a count option below 1 (``--nfe 0``, ``--steps -2``) by its own name, before
+    a registry entry it would pick or override is looked up."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise DiffuseError(f"--{name} must be >= 1, got {value}")
+
+
 def refuse_nproc_here(nproc: int | None) -> None:
     """``--nproc N`` is taken off the command line by ``main()`` (which relaunches under
     torchrun); reaching a command means it bypassed ``main()``, so say so, not ignore it."""

@@ -12,6 +12,7 @@ from diffuse_engine.cli.common import (
     NprocOpt,
     RegistryOpt,
     SetOpt,
+    check_counts,
     check_names,
     console,
     err,
@@ -77,6 +78,7 @@ def register(app: typer.Typer) -> None:
         from diffuse_engine.runs import default_out
 
         refuse_nproc_here(nproc)
+        check_counts(nfe=nfe, steps=steps, n=n)
         out = out_option(out_)
         use_loggers(log)  # before the engine: its logger plugins read DIFFUSE_LOG
         engine = make_engine(registry, set_)

@@ -17,6 +17,7 @@ from diffuse_engine.cli.common import (
     NprocOpt,
     RegistryOpt,
     SetOpt,
+    check_counts,
     check_names,
     err,
     handle_errors,
@@ -89,8 +90,7 @@ def register(app: typer.Typer) -> None:
             raise DiffuseError(
                 f"unknown sample format {sample_format!r}; choices: {', '.join(SAMPLE_FORMATS)}"
             )
-        if n < 1:
-            raise DiffuseError(f"--n must be >= 1, got {n}")
+        check_counts(n=n, nfe=nfe, steps=steps)
         from diffuse_engine.sampling.request import PRIORS
 
         if prior not in PRIORS:

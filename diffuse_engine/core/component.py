@@ -9,9 +9,11 @@ to the constructor, so implementations never see unchecked input.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 class ComponentConfig(BaseModel):
@@ -24,6 +26,24 @@ class ComponentConfig(BaseModel):
     #: ``{field: fields it replaces}``: an override of ``field`` drops the entry's own
     #: values of those (``steps=`` on an entry with an ``nfe`` budget samples ``steps``)
     override_replaces: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse ``true`` / ``false`` for a number field (``nfe = true``, ``--set
+        steps=true``): pydantic reads it as 1 / 0, a run nobody asked for."""
+        if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name]):
+            raise ValueError("expected a number, not a boolean")
+        return value
+
+
+def _takes_numbers(field) -> bool:
+    """Whether a field's type is a number (``int``, ``float``, optionally ``None``) and
+    not also a boolean."""
+    kinds = {field.annotation}
+    while any(typing.get_origin(k) in (typing.Union, types.UnionType) for k in kinds):
+        kinds = {a for k in kinds for a in (typing.get_args(k) or (k,))}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class ComponentRef:
