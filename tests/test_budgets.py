@@ -85,6 +85,7 @@ def test_torchsde_spends_at_most_its_budget(engine):
         ("ode_adaptive", {}, "error control picks the steps"),
         ("torchsde", {"adaptive": True}, "adaptive = true"),
         ("torchsde", {"method": "euler"}, "below one euler step"),
+        ("torchsde", {}, r"below one srk step \(12\); srk spends 2 \+ 10 k evaluations"),
         ("dpm_solver_pp", {"times": [1.0, 0.5, 0.001]}, "nfe and times"),
     ],
 )
