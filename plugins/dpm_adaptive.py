@@ -449,14 +449,15 @@ class DPMAdaptive(KernelSolver):
             fac = min(fac, 1.0 if rejected else c.facmax)
         return fac
 
-    @staticmethod
-    def _progress(callback, ticks: int, done: float, t: float) -> int:
-        """Report progress in log-SNR as 100 ticks up to the fraction ``done``."""
+    def _progress(self, callback, ticks: int, done: float, t: float) -> int:
+        """Report progress in log-SNR up to the fraction ``done``, in ``steps`` ticks (the
+        total the engine's progress bar counts per shard)."""
         if callback is None:
             return ticks
-        now = min(100, int(100 * done + 1e-9))
+        total = self.config.steps
+        now = min(total, int(total * done + 1e-9))
         for tick in range(ticks + 1, now + 1):
-            callback(tick, 100, t)
+            callback(tick, total, t)
         return max(ticks, now)
 
     def _pair(self, score, x, m_s, s_s, g, h, r):

@@ -351,3 +351,16 @@ def test_a_projecting_guidance_restarts_the_extrapolation(engine):
     assert guided.nfe <= 4 * free.nfe, (guided.nfe, free.nfe)
     assert torch.allclose(guided.samples[:, 0], cond["y"][:, 0])
     assert guided.samples[:, 1].std() > 0.5  # the free coordinate still spreads
+
+
+@pytest.mark.parametrize("solver", ["dpm_adaptive", "dpm_adaptive_ms"])
+def test_progress_fills_the_bar_the_engine_sizes(engine, solver):
+    # the engine's bar counts config.steps per shard; the log-SNR progress must end there
+    from diffuse_engine import Engine, module_plugin
+
+    seen = []
+    observer = module_plugin(diffuse_sampling_step=lambda step, total, t: seen.append(step))
+    watched = Engine(plugins=[observer])
+    watched.sampling(score="gmm", sde="vp", solver=solver, shape=(64, 2), seed=0)
+    steps = engine.build("solver", solver).config.steps
+    assert seen == list(range(1, steps + 1))
