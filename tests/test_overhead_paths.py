@@ -23,6 +23,18 @@ from diffuse_engine.components.solver import TIME_BLOCK_ELEMENTS, time_tensors
 from diffuse_engine.core.errors import DiffuseError
 
 
+class Float64Net(torch.nn.Module):
+    """A score with float64 weights, to be sampled in float32 (the converting path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x, t):
+        assert x.dtype == torch.float64 and t.dtype == torch.float64
+        return -self.w * x
+
+
 @pytest.fixture(scope="module")
 def engine():
     return Engine()
@@ -127,37 +139,34 @@ def test_boundary_peels_only_wrappers_that_do_nothing(vp):
     assert torch.equal(first, again) and torch.equal(first, eps_model(x, t))
 
 
-def test_boundary_fast_path_keeps_conditions_and_conversions(vp):
+@pytest.mark.parametrize("path", ["call", "call_once_checked"])
+def test_boundary_fast_paths_keep_conditions_and_conversions(vp, path):
     seen = []
 
     def cond_score(x, t, cond):
         seen.append(cond)
         return -x
 
-    b = ScoreBoundary(CallableScore(cond_score, sde=vp), "c")
+    def fast(boundary):  # the function a solver gets, at a shard's start
+        boundary.rearm()
+        return getattr(boundary, path)
+
+    b = fast(ScoreBoundary(CallableScore(cond_score, sde=vp), "c"))
     x, t = torch.randn(3, 2), torch.rand(3)
     b(x, t, {"label": 1})
     b(x, t, {"label": 2})
     b(x, t, None)
     assert seen == [{"label": 1}, {"label": 2}, None]
 
-    plain = ScoreBoundary(CallableScore(lambda x, t: -x, sde=vp), "p")
+    plain = fast(ScoreBoundary(CallableScore(lambda x, t: -x, sde=vp), "p"))
     plain(x, t)
     with pytest.raises(DiffuseError, match="takes no condition"):
         plain(x, t, {"label": 1})  # refused on the fast path too
 
-    class Net(torch.nn.Module):  # float64 weights, sampled in float32
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
-
-        def forward(self, x, t):
-            assert x.dtype == torch.float64 and t.dtype == torch.float64
-            return -self.w * x
-
-    net = ScoreBoundary(Net(), "net")
+    net = ScoreBoundary(Float64Net(), "net")
+    net_fast = fast(net)
     for _ in range(3):  # converted on every call, not only the first
-        out = net(x, t)
+        out = net_fast(x, t)
         assert out.dtype == torch.float32 and torch.equal(out, -x)
     assert net.calls == 3
 
@@ -180,37 +189,6 @@ def test_once_checked_call_checks_each_shard_first_call_and_counts_all(vp):
     with pytest.raises(DiffuseError, match="takes no condition"):
         once(x, t, {"label": 1})  # a condition for a plain model: refused on every call
     assert b.calls == 5
-
-
-def test_once_checked_call_keeps_conditions_and_conversions(vp):
-    seen = []
-
-    def cond_score(x, t, cond):
-        seen.append(cond)
-        return -x
-
-    b = ScoreBoundary(CallableScore(cond_score, sde=vp), "c")
-    x, t = torch.randn(3, 2), torch.rand(3)
-    b.rearm()
-    for label in (1, 2, None):
-        b.call_once_checked(x, t, None if label is None else {"label": label})
-    assert seen == [{"label": 1}, {"label": 2}, None]
-
-    class Net(torch.nn.Module):  # float64 weights, sampled in float32
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
-
-        def forward(self, x, t):
-            assert x.dtype == torch.float64 and t.dtype == torch.float64
-            return -self.w * x
-
-    net = ScoreBoundary(Net(), "net")
-    net.rearm()
-    for _ in range(3):  # converted on every call, not only the first
-        out = net.call_once_checked(x, t)
-        assert out.dtype == torch.float32 and torch.equal(out, -x)
-    assert net.calls == 3
 
 
 def test_each_shard_of_a_run_is_checked_and_counted(engine):
