@@ -55,9 +55,12 @@ ones:
 and the start of the next, the solver takes its last step to ``eps`` with what it can
 afford (the higher order, or DDIM when no evaluation is left). The multistep method,
 whose steps cost one evaluation each, instead spreads what is left evenly in log-SNR
-from the step where the error control's step is shorter than that even share (one
-leap to ``eps`` from there made garbage: std error 20x at ``nfe = 20`` on the ring).
-Either way it warns that those steps are not held to the tolerance. Score evaluations are
+once, in the cap's second half, steps of the controller's size (or of the run's mean
+step so far, if larger) would not reach ``eps`` on what is left: one leap to ``eps``
+made garbage (std error 20 at ``nfe = 20`` on the ring; now 0.05, DPM-Solver++'s).
+A cap under twice the run's need may spread where the run would have fitted (on
+``scale-large``, needing 38, a cap of 40 doubles the std error). Either way it warns
+that those steps are not held to the tolerance. Score evaluations are
 counted by the engine; the final denoising step (``denoise``) is one more.
 """
 
@@ -313,6 +316,8 @@ class DPMAdaptive(KernelSolver):
         left -= 1
         scale = max(float(hist[0][1].pow(2).mean().sqrt()), 1e-12)
         h, rejected, ticks, done, warned = c.h_init, False, 0, 0, False
+        spread = False  # the cap binds: even steps from here
+        reserve = max(4, math.ceil(cap / 2)) if math.isfinite(cap) else 0
         for _ in range(c.max_trials):
             if lam_s >= lam_eps - 1e-12:
                 break
@@ -320,10 +325,18 @@ class DPMAdaptive(KernelSolver):
             # needs one more, at its midpoint); landing on eps needs none
             final = left < (2 if len(hist) == 1 else 1)
             # once steps cost one evaluation each, the cap pays for left + 1 more (the
-            # last lands on eps with none): a step shorter than the rest's even share
-            # would leave one long uncontrolled step at the end, so the share is a floor
-            # and the steps from there on are spread evenly in log-SNR, accepted as is
-            spread = len(hist) > 1 and not final and h * (left + 1) < lam_eps - lam_s
+            # last lands on eps with none). In the cap's last quarter, when steps of the
+            # controller's size would not reach eps on those, the run would end in one
+            # long uncontrolled leap; so from there on the steps are spread evenly in
+            # log-SNR over what is left, accepted as they are. (Earlier, the controller's
+            # steps say little about the rest: they shrink mid-run and grow again below
+            # the modes' width, so a cap the run stays under never spreads.)
+            spread = spread or (
+                len(hist) > 1
+                and not final
+                and left + 1 <= reserve
+                and max(h, (lam_s - lam_T) / done) * (left + 1) < lam_eps - lam_s
+            )
             if spread:
                 h = (lam_eps - lam_s) / (left + 1)
             if (spread or final and h < lam_eps - lam_s - 1e-12) and not warned:
