@@ -131,7 +131,11 @@ def diffuse_register_solvers():
     ``self.time_grid(sde, score, x_T)`` so every registry ``schedule`` works, the
     score-fitted ``gits`` one included (the engine fits it once per run through
     ``prepare``, on rank 0 alone in a distributed run when ``fits_grid`` is true, and
-    counts those evaluations apart).
+    counts those evaluations apart). Within one ``sample`` call, call the score on one
+    layout (the shape and dtype of the first call): the engine checks the score's
+    output on each shard's first call only. A solver that evaluates another batch
+    size or dtype mid-run (a doubled batch for some steps) sets ``fixed_layout =
+    False`` and gets a score that checks every new layout.
     """
 
 
