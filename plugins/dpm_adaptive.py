@@ -325,8 +325,9 @@ class DPMAdaptive(KernelSolver):
             # needs one more, at its midpoint); landing on eps needs none
             final = left < (2 if len(hist) == 1 else 1)
             # once steps cost one evaluation each, the cap pays for left + 1 more (the
-            # last lands on eps with none). In the cap's last quarter, when steps of the
-            # controller's size would not reach eps on those, the run would end in one
+            # last lands on eps with none). In the cap's second half, when steps of the
+            # controller's size (or the run's mean step, if larger) would not reach eps
+            # on those, the run would end in one
             # long uncontrolled leap; so from there on the steps are spread evenly in
             # log-SNR over what is left, accepted as they are. (Earlier, the controller's
             # steps say little about the rest: they shrink mid-run and grow again below
