@@ -70,10 +70,10 @@ class TorchSDEConfig(SolverConfig):
             )
         steps = (nfe - int(self.denoise) - FIXED[self.method]) // COST[self.method]
         if steps < 1:
-            need = FIXED[self.method] + COST[self.method] + int(self.denoise)
             fixed = FIXED[self.method] + int(self.denoise)
             raise ValueError(
-                f"nfe = {nfe} is below one {self.method} step ({need}); {self.method} "
+                f"nfe = {nfe} is below one {self.method} step ({fixed + COST[self.method]}); "
+                f"{self.method} "
                 f"spends {fixed} + {COST[self.method]} k evaluations on k steps, the most k "
                 "that fits nfe"
             )
