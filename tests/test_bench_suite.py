@@ -241,3 +241,20 @@ def test_solver_error_is_zero_for_the_reference_and_falls_with_the_tolerance():
     coarse, fine = run(ntol=0.05), run(ntol=0.005)
     assert fine["error"] < 0.5 * coarse["error"]  # 10x the tolerance: well over 2x the error
     assert fine["nfe"] > coarse["nfe"] and coarse["seeds"] == [1, 2]
+
+
+def test_a_results_file_mixing_two_entries_on_one_bed_is_refused():
+    """Pooled by (SDE, budget, bed), two entries' seeds would score neither: the
+    summary and the budget checks refuse the file instead, naming the cell."""
+    recs = [{**rec("a", 1, 1, 1, seed=k), "label": "best-vp-10"} for k in (1, 2)]
+    recs.append({**rec("a", 1, 1, 1, seed=3), "label": "best-vp-10-dim16"})
+    records = {str(i): r for i, r in enumerate(recs)}
+    for check in (
+        lambda: S.summary(records, held_out=False),
+        lambda: S.budget_regressions(records),
+        lambda: S.budget_interval(records, "a", "vp", 10, 20),
+    ):
+        with pytest.raises(ValueError, match="'best-vp-10' and 'best-vp-10-dim16' on bed 'a'"):
+            check()
+    records.pop("2")  # one entry per cell: fine
+    assert S.summary(records, held_out=False)[("vp", 10)]["seeds"] == 2

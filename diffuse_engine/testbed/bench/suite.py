@@ -491,6 +491,25 @@ def bed_error(recs: list[dict[str, Any]]) -> float:
     return max(sum(r[f"{m}_ratio"] for r in recs) / len(recs) for m in METRICS)
 
 
+def measured(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records that are measurements (not ``skipped``), refusing a results file
+    whose cell (SDE, budget, bed) holds two entries' records: pooled by that cell, as
+    :func:`summary` and the budget checks read them, their seeds would score neither
+    (a table entry replaced without moving its records aside did that)."""
+    out, seen = [], {}
+    for r in records.values():
+        if "skipped" in r:
+            continue
+        cell, label = (r["sde"], r["nfe_budget"], r["bed"]), r.get("label")
+        if seen.setdefault(cell, label) != label:
+            raise ValueError(
+                f"results mix entries {seen[cell]!r} and {label!r} on bed {cell[2]!r} "
+                f"({cell[0]}, budget {cell[1]}): move one entry's records to a file of its own"
+            )
+        out.append(r)
+    return out
+
+
 def summary(
     records: dict[str, dict[str, Any]],
     held_out: bool,
@@ -501,10 +520,9 @@ def summary(
     divided by ``relative_to[bed]`` when given (exact samples' figure there,
     :func:`exact_figures`: how far from what a perfect sampler scores)."""
     per: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    for r in records.values():
-        if r["held_out"] != held_out or "skipped" in r:
-            continue
-        per.setdefault((r["sde"], r["nfe_budget"], r["bed"]), []).append(r)
+    for r in measured(records):
+        if r["held_out"] == held_out:
+            per.setdefault((r["sde"], r["nfe_budget"], r["bed"]), []).append(r)
     out: dict[tuple[str, int], dict] = {}
     for (sde, nfe, b), recs in per.items():
         v = bed_error(recs) / (relative_to[b] if relative_to is not None else 1.0)
@@ -519,8 +537,8 @@ def budget_regressions(records: dict[str, dict[str, Any]]) -> tuple[list[tuple],
     larger, figure at smaller, figure at larger), ...], steps compared)``, each bed's
     and SDE's consecutive budgets compared by :func:`bed_error`."""
     per: dict[tuple[str, str], dict[int, list[dict[str, Any]]]] = {}
-    for r in records.values():
-        if "skipped" not in r and r["nfe_budget"] is not None:
+    for r in measured(records):
+        if r["nfe_budget"] is not None:
             per.setdefault((r["bed"], r["sde"]), {}).setdefault(r["nfe_budget"], []).append(r)
     worse, steps = [], 0
     for (bed, sde), by in sorted(per.items()):
@@ -560,8 +578,8 @@ def budget_interval(
     the records paired by seed (the seeds both budgets ran): whether a larger budget's
     worse figure is more than these seeds' noise."""
     by: dict[int, dict[int, dict[str, Any]]] = {lo: {}, hi: {}}
-    for r in records.values():
-        if r["bed"] == bed and r["sde"] == sde and r["nfe_budget"] in by and "skipped" not in r:
+    for r in measured(records):
+        if r["bed"] == bed and r["sde"] == sde and r["nfe_budget"] in by:
             by[r["nfe_budget"]][r["seed"]] = r
     seeds = sorted(set(by[lo]) & set(by[hi]))
     return ratio_interval([by[hi][s] for s in seeds], [by[lo][s] for s in seeds])
