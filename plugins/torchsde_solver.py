@@ -73,9 +73,8 @@ class TorchSDEConfig(SolverConfig):
             fixed = FIXED[self.method] + int(self.denoise)
             raise ValueError(
                 f"nfe = {nfe} is below one {self.method} step ({fixed + COST[self.method]}); "
-                f"{self.method} "
-                f"spends {fixed} + {COST[self.method]} k evaluations on k steps, the most k "
-                "that fits nfe"
+                f"{self.method} spends {fixed} + {COST[self.method]} k evaluations on k "
+                "steps, the most k that fits nfe"
             )
         return {"steps": steps}
 
