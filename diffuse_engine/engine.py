@@ -378,6 +378,7 @@ class Engine:
             job.score,
             setup_nfe,
             fitted_times=job.solver.fitted_times,
+            fitted_fields=job.solver.fitted_fields,
         )
 
     # ---- likelihood ----------------------------------------------------------------------

@@ -18,24 +18,30 @@ The coefficients are those of equal steps whatever the grid (``coefficients =
 for diffusion models in around 5 steps", CVPR, run it). ``"variable"`` integrates the
 polynomial through the last ``k`` predictions in ``sigma`` exactly over the step (the
 variable-step Adams-Bashforth method, Hairer, Norsett & Wanner I, III.5; the
-``rho``-AB of Zhang & Chen 2023): the two agree on a grid uniform in ``sigma``. Order 1
-is DDIM. In ``x``: ``x_next = (a_next / a) x + a_next (sigma_next - sigma) sum_k c_k
+``rho``-AB of Zhang & Chen 2023): the two agree on a grid uniform in ``sigma``.
+``"fitted"`` fits each step's weights to the score model once per run, by least
+squares against an accurate teacher on a pilot batch (the linear-subspace idea of Duan
+et al. 2023 and PAS, Wang et al. 2024; :mod:`diffuse_engine.components.step_fit`): the
+run's ``setup_nfe``, and ``fitted.toml`` keeps the weights (``weights``) with their
+``times`` so they are fitted once. Order 1 is DDIM. In ``x``: ``x_next = (a_next / a) x + a_next (sigma_next - sigma) sum_k c_k
 eps_{i-k}``. Score evaluations: ``steps``, plus one for the final denoising step when
 ``denoise`` is on (``nfe = N`` spends exactly ``N``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from itertools import islice
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffuse_engine import hookimpl
 from diffuse_engine.components.kernel_solver import KernelSolver, KernelSolverConfig
-from diffuse_engine.components.solver import time_tensors
+from diffuse_engine.components.solver import innermost, time_tensors
+from diffuse_engine.components.step_fit import FittedSteps, fit_multistep_weights
 
 #: Adams-Bashforth coefficients of equal steps, newest prediction first
 ADAMS_BASHFORTH = {
@@ -48,11 +54,39 @@ ADAMS_BASHFORTH = {
 
 class IPNDMConfig(KernelSolverConfig):
     order: int = Field(4, ge=1, le=4, description="Adams-Bashforth order (1 = DDIM)")
-    coefficients: Literal["fixed", "variable"] = Field(
+    coefficients: Literal["fixed", "variable", "fitted"] = Field(
         "fixed",
         description="fixed: the equal-step Adams-Bashforth weights (iPNDM); variable: "
-        "the exact integral of the interpolating polynomial in sigma over each step",
+        "the exact integral of the interpolating polynomial in sigma over each step; "
+        "fitted: per-step weights fitted to the score model on a pilot batch",
     )
+    weights: list[list[float]] | None = Field(
+        None,
+        description="coefficients = fitted: the weights of a earlier fit (newest eps "
+        "first, one list per step; fitted.toml writes them with their times), used "
+        "instead of fitting again",
+    )
+
+    @model_validator(mode="after")
+    def _check_weights(self):
+        """Given weights belong to one grid and one order: they need ``times`` and
+        ``coefficients = "fitted"``, and one list of ``min(order, i + 1)`` per step."""
+        w = self.weights
+        if w is None:
+            return self
+        if self.coefficients != "fitted":
+            raise ValueError('weights are fitted coefficients: set coefficients = "fitted"')
+        if self.times is None:
+            raise ValueError("weights belong to the grid they were fitted on: give its times")
+        want = [min(self.order, i + 1) for i in range(len(self.times) - 1)]
+        if [len(v) for v in w] != want:
+            raise ValueError(
+                f"weights: give {len(want)} lists (one per step) of lengths {want} "
+                f"(order {self.order}), not lengths {[len(v) for v in w]}"
+            )
+        if not all(math.isfinite(x) for v in w for x in v):
+            raise ValueError("weights must be finite")
+        return self
 
 
 def variable_coefficients(sig: list[float], i: int, order: int) -> tuple[float, ...]:
@@ -88,18 +122,102 @@ class IPNDM(KernelSolver):
     supports_transform = True
     Config = IPNDMConfig
 
-    def plan(self, g) -> list[tuple[float, tuple[float, ...]]]:
-        """Each step's ``(a_next / a, a_next * (sigma_next - sigma) * c)`` as Python
-        floats, before the loop: the warm-up takes order ``i + 1`` at step ``i``."""
+    def base_weights(self, g) -> list[tuple[float, ...]]:
+        """Each step's weights ``c`` (newest first) before any fit: the warm-up takes
+        order ``i + 1`` at step ``i``; ``fitted`` starts from the variable-step ones."""
         c = self.config
         sig = [s / a for a, s in zip(g.a, g.s, strict=True)]
         out = []
         for i in range(len(g) - 1):
             order = min(c.order, i + 1)
             if c.coefficients == "fixed":
-                w = ADAMS_BASHFORTH[order]
+                out.append(ADAMS_BASHFORTH[order])
             else:
-                w = variable_coefficients(sig, i, order)
+                out.append(variable_coefficients(sig, i, order))
+        return out
+
+    @property
+    def fits_weights(self) -> bool:
+        """Whether :meth:`prepare` fits the weights (``fitted``, none given)."""
+        return self.config.coefficients == "fitted" and self.config.weights is None
+
+    @property
+    def fits_grid(self) -> bool:
+        return self.fits_weights or super().fits_grid
+
+    def prepare(self, score, sde, like):
+        """Fit the schedule (``gits``) and then, with ``coefficients = "fitted"``, the
+        weights on that grid (:mod:`diffuse_engine.components.step_fit`): the grid, or
+        the :class:`~diffuse_engine.components.step_fit.FittedSteps`, for :meth:`adopt`."""
+        times = super().prepare(score, sde, like)
+        if not self.fits_weights:
+            return times
+        return self._fit(score, sde, like)
+
+    def adopt(self, fitted) -> None:
+        """Pin :meth:`prepare`'s result: a fitted grid, or the fitted steps (and their
+        grid, when it was fitted too)."""
+        if not isinstance(fitted, FittedSteps):
+            return super().adopt(fitted)
+        if super().fits_grid:
+            super().adopt(list(fitted.times))
+        self._steps_pinned = fitted
+
+    @property
+    def fitted_steps(self) -> FittedSteps | None:
+        """The weights :meth:`prepare` fitted (``coefficients = "fitted"``), else ``None``."""
+        pinned = getattr(self, "_steps_pinned", None)
+        if pinned is not None:
+            return pinned
+        cached = getattr(self, "_steps_fit", None)
+        return None if cached is None else cached[2]
+
+    @property
+    def fitted_fields(self) -> dict | None:
+        """The fitted grid's ``times`` and the fitted ``weights``: the fields that
+        sample again without either pilot."""
+        fields = super().fitted_fields
+        steps = self.fitted_steps
+        if steps is None:
+            return fields
+        return {"times": list(steps.times), "weights": [list(w) for w in steps.weights]}
+
+    def _fit(self, score, sde, like) -> FittedSteps:
+        """The weights fitted to ``score`` on this run's grid, from the run's start; kept
+        for the next call with the same score, SDE, data layout, grid and start."""
+        g = self.grid(sde, score, like)
+        start = getattr(self, "_pilot_start", None)
+        key = (innermost(score), sde, tuple(like.shape[1:]), like.device, like.dtype, tuple(g.t))
+        cached = getattr(self, "_steps_fit", None)
+        # score, SDE and start (tensors: never ==) compare by identity
+        if cached is None or cached[0] != key or cached[1] is not start:
+            w = fit_multistep_weights(
+                score, sde, g.t, self.base_weights(g), like, pilot=self.config.pilot, start=start
+            )
+            fit = FittedSteps(tuple(g.t), tuple(w))
+            self._steps_fit = cached = (key, start, fit)
+        return cached[2]
+
+    def weights(self, g, score, sde, x) -> list[tuple[float, ...]]:
+        """The weights to step ``g`` with: fixed, variable or fitted (those the run
+        pinned for this grid, else fitted now to ``score`` on a pilot shaped like ``x``)."""
+        c = self.config
+        if c.coefficients != "fitted":
+            return self.base_weights(g)
+        if c.weights is not None:
+            return [tuple(w) for w in c.weights]
+        pinned = getattr(self, "_steps_pinned", None)
+        if pinned is not None and list(pinned.times) == list(g.t):
+            return list(pinned.weights)
+        return list(self._fit(score, sde, x).weights)
+
+    def plan(self, g, weights=None) -> list[tuple[float, tuple[float, ...]]]:
+        """Each step's ``(a_next / a, a_next * (sigma_next - sigma) * c)`` as Python
+        floats, before the loop (``weights``: the ``c``, default :meth:`base_weights`)."""
+        sig = [s / a for a, s in zip(g.a, g.s, strict=True)]
+        weights = self.base_weights(g) if weights is None else weights
+        out = []
+        for i, w in enumerate(weights):
             scale = g.a[i + 1] * (sig[i + 1] - sig[i])
             out.append((g.a[i + 1] / g.a[i], tuple(scale * v for v in w)))
         return out
@@ -110,7 +228,8 @@ class IPNDM(KernelSolver):
         predict = self.predictor()
         ts = time_tensors(g.t[:-1], x)  # the (B,) time of each step (blocks or fills)
         eps_hist: deque = deque(maxlen=self.config.order)  # newest first
-        for i, (ratio, weights) in enumerate(self.plan(g)):
+        plan = self.plan(g, self.weights(g, score, sde, x))
+        for i, (ratio, weights) in enumerate(plan):
             eps_hist.appendleft(predict(score, x, next(ts), g.a[i], g.s[i], "noise"))
             update = weights[0] * eps_hist[0]
             for w, e in zip(weights[1:], islice(eps_hist, 1, None), strict=True):

@@ -51,6 +51,11 @@ SAMPLE_GITS = dict(
     fine=30,
     shard_size=7,
 )
+# fitted multistep weights (and a fitted grid under them): rank 0's fit on every rank
+SAMPLE_FITTED = {
+    **{k: v for k, v in SAMPLE_GITS.items() if k != "steps"},
+    **dict(solver="ipndm", coefficients="fitted", order=3, nfe=6),
+}
 # a class-conditional sample: each shard (and rank) gets its rows of the labels
 SAMPLE_COND = dict(SAMPLE, cond={"label": torch.arange(50) % 8}, guidance="cfg", scale=1.0)
 # an inverse problem: a per-sample mask and observation are sharded with their samples,
@@ -95,6 +100,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         gits = engine.sampling(**SAMPLE_GITS)
         got = {"samples": engine.sample(**SAMPLE), "gits": gits.samples}
         got["gits_setup_nfe"] = gits.setup_nfe
+        fitted = engine.sampling(**SAMPLE_FITTED)
+        got["fitted"], got["fitted_setup_nfe"] = fitted.samples, fitted.setup_nfe
         got["cond"] = engine.sample(**SAMPLE_COND)
         got["inverse"] = engine.sample(**SAMPLE_INV)
         full = engine.training(out=os.path.join(folder, "full"), **TRAIN)
@@ -138,14 +145,18 @@ def test_distributed_sampling_equals_single_process_bit_for_bit(ranks, engine):
     single = engine.sample(**SAMPLE)
     single_gits = engine.sample(**SAMPLE_GITS)
     single_cond = engine.sample(**SAMPLE_COND)
+    single_fitted = engine.sampling(**SAMPLE_FITTED)
     single_inverse = engine.sample(**SAMPLE_INV)
     for r in range(WORLD):
         assert torch.equal(got[r]["samples"], single), r
         assert torch.equal(got[r]["gits"], single_gits), r
         assert torch.equal(got[r]["cond"], single_cond), r
+        assert torch.equal(got[r]["fitted"], single_fitted.samples), r
         assert torch.equal(got[r]["inverse"], single_inverse), r
     # the pilot ran on rank 0 alone (4 * fine + 1 evaluations of its batch)
     assert [got[r]["gits_setup_nfe"] for r in range(WORLD)] == [4 * 30 + 1, 0]
+    assert [got[r]["fitted_setup_nfe"] for r in range(WORLD)] == [single_fitted.setup_nfe, 0]
+    assert single_fitted.setup_nfe > 4 * 30 + 1  # the grid's pilot and the weights'
 
 
 def test_weights_and_ema_identical_on_all_ranks(ranks):

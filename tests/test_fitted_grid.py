@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from diffuse_engine import Engine
 from diffuse_engine.cli import build_app
+from diffuse_engine.core.errors import RegistryError
 from diffuse_engine.runs.fitted import FITTED_FILE, fitted_toml
 
 runner = CliRunner()
@@ -52,7 +53,7 @@ def test_fitted_entry_keeps_the_solver_and_drops_what_the_grid_replaces(tmp_path
         "denoise": True,
         "x0_clip": None,
     }
-    text = fitted_toml(solver, [1.0, 0.5, 0.01], fitted_on="a test")
+    text = fitted_toml(solver, {"times": [1.0, 0.5, 0.01]}, fitted_on="a test")
     entry = tomllib.loads(text)["solver"]["best-vp-10-fitted"]
     assert entry == {"type": "dpm_solver", "order": 2, "denoise": True, "times": [1.0, 0.5, 0.01]}
     path = tmp_path / FITTED_FILE
@@ -174,3 +175,39 @@ def test_a_pinned_grid_stays_with_its_run(engine):
     assert vp.setup_nfe > 0 and ve.setup_nfe > 0
     assert vp.fitted_times != ve.fitted_times
     assert engine.sampling(sde="vp", **kw).fitted_times == vp.fitted_times  # seeded fit
+
+
+@pytest.mark.parametrize("schedule", ["logsnr", "gits"])
+def test_fitted_weights_sample_again_without_any_pilot(engine, tmp_path, schedule):
+    """``ipndm``'s fitted weights go into ``fitted.toml`` with their grid (fitted or not),
+    and the entry samples the same, bit for bit, with no pilot at all."""
+    from diffuse_engine.runs.fitted import write_fitted
+
+    args = dict(score="gmm", sde="vp", shape=200, seed=2)
+    first = engine.sampling(
+        solver="ipndm", coefficients="fitted", nfe=8, schedule=schedule, pilot=64, **args
+    )
+    assert first.setup_nfe > 0 and len(first.fitted_fields["weights"]) == 7
+    assert (first.fitted_times is None) == (schedule != "gits")  # only gits fits the grid
+    name = write_fitted(tmp_path, first)
+    entry = tomllib.loads((tmp_path / FITTED_FILE).read_text())["solver"][name]
+    assert entry["coefficients"] == "fitted" and len(entry["times"]) == 8
+    again = Engine(autoload=False, registry=tmp_path / FITTED_FILE).sampling(solver=name, **args)
+    assert again.setup_nfe == 0 and again.nfe == 8 and again.fitted_fields is None
+    assert torch.equal(first.samples, again.samples)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"weights": [[1.0]]}, 'set coefficients = "fitted"'),
+        ({"coefficients": "fitted", "weights": [[1.0]]}, "give its times"),
+        (
+            {"coefficients": "fitted", "weights": [[1.0], [1.0]], "times": [1.0, 0.5, 0.1]},
+            r"lengths \[1, 2\] \(order 4\), not lengths \[1, 1\]",
+        ),
+    ],
+)
+def test_given_weights_must_fit_their_grid_and_order(engine, fields, match):
+    with pytest.raises(RegistryError, match=match):
+        engine.build("solver", "ipndm", **fields)

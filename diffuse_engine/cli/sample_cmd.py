@@ -232,7 +232,7 @@ def _write(engine, folder, result, model, ckpt, checkpoint, sample_format, solve
         _plot_class_rows(x, per_class, dataset, folder.path / "samples.png", title)
     else:
         plot_result(x, folder.path / "samples.png", dataset=dataset, title=title)
-    if result.fitted_times is not None:  # keep the grid, so it is fitted once
+    if result.fitted_fields is not None:  # keep the fit, so it is fitted once
         fitted = write_fitted(folder.path, result)  # None: the solver takes no times
         if fitted is not None:
             metrics["fitted_solver"] = fitted

@@ -202,6 +202,14 @@ class Solver(Component):
         fitted = getattr(self, "_gits_fit", None)
         return None if fitted is None else list(fitted[2])
 
+    @property
+    def fitted_fields(self) -> dict | None:
+        """Fields that sample again on what :meth:`prepare` fitted, without fitting:
+        ``{"times": fitted_times}`` for a fitted grid (a solver that fits more, e.g.
+        weights, adds them), else ``None``."""
+        times = self.fitted_times
+        return None if times is None else {"times": times}
+
     def start_from(self, loc: Tensor, scale: Tensor) -> None:
         """The run's samples start from ``N(loc, scale^2)`` (the data prior): a fitted
         ``gits`` schedule draws its pilot batch there too, not from the SDE's prior."""

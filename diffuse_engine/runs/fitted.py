@@ -1,7 +1,8 @@
 """A fitted time grid kept as a registry entry, so a schedule fitted once (``gits``'s
-pilot batch, Chen et al. 2024 fit theirs once per model too) is reused instead of fitted
-on every run: ``diffuse run`` and ``diffuse sample`` write ``fitted.toml`` into the run
-folder, and ``--registry OUT/fitted.toml --solver NAME-fitted`` samples on that grid.
+pilot batch, Chen et al. 2024 fit theirs once per model too; ``ipndm``'s fitted weights
+with it) is reused instead of fitted on every run: ``diffuse run`` and ``diffuse
+sample`` write ``fitted.toml`` into the run folder, and ``--registry OUT/fitted.toml
+--solver NAME-fitted`` samples on that grid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from diffuse_engine.output.files import atomic_write_bytes
 #: the file in a run folder that holds the fitted solver entry
 FITTED_FILE = "fitted.toml"
 #: fields an explicit ``times`` grid replaces, or that only the fit reads
-REPLACED = ("name", "schedule", "steps", "eps", "nfe", "times", "pilot", "fine", "rho")
+REPLACED = ("name", "schedule", "steps", "eps", "nfe", "times", "weights", "pilot", "fine", "rho")
 
 
 def fitted_entry_name(solver: str) -> str:
@@ -25,9 +26,11 @@ def fitted_entry_name(solver: str) -> str:
     return f"{solver}-fitted"
 
 
-def fitted_toml(solver: dict[str, Any], times: list[float], *, fitted_on: str) -> str:
+def fitted_toml(solver: dict[str, Any], fitted: dict[str, Any], *, fitted_on: str) -> str:
     """A registry file with one entry, ``[solver.NAME-fitted]``: the run's resolved
-    solver config ``solver`` (its ``name``, ``type`` and fields) sampling on ``times``.
+    solver config ``solver`` (its ``name``, ``type`` and fields) with the ``fitted``
+    fields (:attr:`SamplingResult.fitted_fields`: ``times``, and ``ipndm``'s fitted
+    ``weights``), so it samples on them without a pilot.
 
     Fields the grid replaces (schedule, steps, eps, nfe, the fit's own) are left out, and
     so are unset (``None``) ones, which TOML cannot write, and non-finite floats (EDM's
@@ -36,7 +39,9 @@ def fitted_toml(solver: dict[str, Any], times: list[float], *, fitted_on: str) -
     (``--set FIELD=null`` can unset a field, but only ``dpm_adaptive``'s have other
     defaults, and it fits no grid), so the entry gets the same values back."""
     entry = {k: v for k, v in solver.items() if k not in REPLACED and not _default_only(v)}
-    entry["times"] = [float(t) for t in times]
+    entry["times"] = [float(t) for t in fitted["times"]]
+    if "weights" in fitted:
+        entry["weights"] = [[float(c) for c in w] for w in fitted["weights"]]
     name = fitted_entry_name(solver["name"])
     head = (
         f"# {solver['name']!r} on the time grid fitted for {fitted_on}.\n"
@@ -51,8 +56,8 @@ def _default_only(value: Any) -> bool:
 
 
 def write_fitted(folder: Path, result) -> str | None:
-    """Write ``folder/fitted.toml`` for a :class:`SamplingResult` whose schedule was
-    fitted; the entry's name. ``None``, and no file, for a solver without a ``times``
+    """Write ``folder/fitted.toml`` for a :class:`SamplingResult` whose schedule (or
+    weights) was fitted; the entry's name. ``None``, and no file, for a solver without a ``times``
     field (the PC sampler, the ODE solver): it fits a grid but cannot be given one."""
     cfg = result.config
     if "times" not in cfg["solver"]:  # the resolved config lists every field
@@ -62,6 +67,6 @@ def write_fitted(folder: Path, result) -> str | None:
         f"score {cfg['score']['name']!r} / SDE {cfg['sde']['name']!r}, samples of shape "
         f"{shape}, {result.samples.dtype} on {result.samples.device.type}"
     )
-    text = fitted_toml(cfg["solver"], result.fitted_times, fitted_on=on)
+    text = fitted_toml(cfg["solver"], result.fitted_fields, fitted_on=on)
     atomic_write_bytes(Path(folder) / FITTED_FILE, text.encode())
     return fitted_entry_name(cfg["solver"]["name"])

@@ -243,7 +243,7 @@ def execute_run(
         save_tensor(x, folder.path / f"samples.{sample_format}")
         title = f"{plan.sde} / {plan.solver}: {plan.n} samples, {result.nfe} score evaluations"
         plot_samples(x, folder.path / "samples.png", reference=reference, title=title)
-        if result.fitted_times is not None:  # keep the grid, so it is fitted once
+        if result.fitted_fields is not None:  # keep the fit, so it is fitted once
             fitted = write_fitted(folder.path, result)  # None: the solver takes no times
             if fitted is not None:
                 metrics["fitted_solver"] = fitted
