@@ -287,6 +287,12 @@ def main() -> None:
                 "defaults",
             ),
             (
+                "Before: the ten entries at 10 and 20 evaluations that fitted iPNDM weights "
+                "(coefficients = fitted) replaced (best-vp-10, -20, -10-dim16, -20-dim16; "
+                "best-subvp-10, -20; best-ve-10, -20, -10-dim16, -20-dim16), fresh seeds 1-16",
+                "defaults-before-fitted",
+            ),
+            (
                 "Before: sub-VP's 2-D entries on the beds of 16 or more dimensions, before "
                 "the sub-VP -dim16 class replaced them there, fresh seeds 1-8",
                 "defaults-before-subvp-dim16",

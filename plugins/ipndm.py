@@ -23,9 +23,10 @@ variable-step Adams-Bashforth method, Hairer, Norsett & Wanner I, III.5; the
 squares against an accurate teacher on a pilot batch (the linear-subspace idea of Duan
 et al. 2023 and PAS, Wang et al. 2024; :mod:`diffuse_engine.components.step_fit`): the
 run's ``setup_nfe``, and ``fitted.toml`` keeps the weights (``weights``) with their
-``times`` so they are fitted once. Order 1 is DDIM. In ``x``: ``x_next = (a_next / a) x + a_next (sigma_next - sigma) sum_k c_k
-eps_{i-k}``. Score evaluations: ``steps``, plus one for the final denoising step when
-``denoise`` is on (``nfe = N`` spends exactly ``N``).
+``times`` so they are fitted once. Order 1 is DDIM. In ``x``: ``x_next = (a_next / a) x
++ a_next (sigma_next - sigma) sum_k c_k eps_{i-k}``. Score evaluations: ``steps``, plus
+one for the final denoising step when ``denoise`` is on (``nfe = N`` spends exactly
+``N``).
 """
 
 from __future__ import annotations

@@ -239,12 +239,13 @@ def print_table(title: str, rows: list[tuple[Any, ...]], columns: list[str]) -> 
 
 
 def print_fitted_hint(out: Any, name: str) -> None:
-    """After a run whose schedule was fitted: where the grid is and how to reuse it."""
+    """After a run whose schedule (or weights) was fitted: where the fit is kept and how
+    to reuse it."""
     from diffuse_engine.runs.fitted import FITTED_FILE
 
     path = Path(out) / FITTED_FILE
     console.print(
-        f"fitted time grid kept in {path}; sample on it without the pilot: "
+        f"fitted solver kept in {path}; sample with it without the pilot: "
         f"--registry {path} --solver {name}",
         markup=False,
         highlight=False,

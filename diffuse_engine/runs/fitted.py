@@ -43,8 +43,9 @@ def fitted_toml(solver: dict[str, Any], fitted: dict[str, Any], *, fitted_on: st
     if "weights" in fitted:
         entry["weights"] = [[float(c) for c in w] for w in fitted["weights"]]
     name = fitted_entry_name(solver["name"])
+    what = " and with the step weights" if "weights" in fitted else ""
     head = (
-        f"# {solver['name']!r} on the time grid fitted for {fitted_on}.\n"
+        f"# {solver['name']!r} on the time grid{what} fitted for {fitted_on}.\n"
         f"# Reuse it without the pilot: --registry THIS_FILE --solver {name}\n"
     )
     return head + tomli_w.dumps({"solver": {name: entry}})
