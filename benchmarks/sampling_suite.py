@@ -287,10 +287,15 @@ def main() -> None:
                 "defaults",
             ),
             (
-                "Before: the ten entries at 10 and 20 evaluations that fitted iPNDM weights "
-                "(coefficients = fitted) replaced (best-vp-10, -20, -10-dim16, -20-dim16; "
-                "best-subvp-10, -20; best-ve-10, -20, -10-dim16, -20-dim16), fresh seeds 1-16",
+                "Before: the nine entries at 10 and 20 evaluations that fitted iPNDM weights "
+                "(coefficients = fitted) replaced (best-vp-10, -20, -10-dim16; best-subvp-10, "
+                "-20; best-ve-10, -20, -10-dim16, -20-dim16), fresh seeds 1-16",
                 "defaults-before-fitted",
+            ),
+            (
+                "Rejected: fitted weights for best-vp-20-dim16 (chosen on seed 0: 1.11 -> "
+                "1.05; on fresh seeds 1-16 of the selection beds 1.10 -> 1.14)",
+                "fitted-rejected",
             ),
             (
                 "Before: sub-VP's 2-D entries on the beds of 16 or more dimensions, before "
