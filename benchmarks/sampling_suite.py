@@ -287,9 +287,9 @@ def main() -> None:
                 "defaults",
             ),
             (
-                "Before: the nine entries at 10 and 20 evaluations that fitted iPNDM weights "
-                "(coefficients = fitted) replaced (best-vp-10, -20, -10-dim16; best-subvp-10, "
-                "-20; best-ve-10, -20, -10-dim16, -20-dim16), fresh seeds 1-16",
+                "Before: the entries that fitted iPNDM weights (coefficients = fitted) "
+                "replaced (best-vp-5, -10, -20, -10-dim16; best-subvp-5, -10, -20; best-ve-5, "
+                "-10, -20, -10-dim16, -20-dim16, and those at 50 below), fresh seeds 1-16",
                 "defaults-before-fitted",
             ),
             (
