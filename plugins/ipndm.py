@@ -63,7 +63,7 @@ class IPNDMConfig(KernelSolverConfig):
     )
     weights: list[list[float]] | None = Field(
         None,
-        description="coefficients = fitted: the weights of a earlier fit (newest eps "
+        description="coefficients = fitted: the weights of an earlier fit (newest eps "
         "first, one list per step; fitted.toml writes them with their times), used "
         "instead of fitting again",
     )

@@ -194,9 +194,10 @@ def run_sampling(
     return out, nfe, setup_nfe, time.perf_counter() - start
 
 
-def _fit_on_main(solver, score, sde, like, dist: DistContext) -> list[float]:
-    """Rank 0's fitted grid on every rank (:meth:`Solver.prepare` there alone). A failed
-    fit is re-raised on rank 0 and reported on the others, so no rank waits for it."""
+def _fit_on_main(solver, score, sde, like, dist: DistContext) -> Any:
+    """Rank 0's fit on every rank (:meth:`Solver.prepare` there alone: a grid, or what
+    the solver fits besides, as ``ipndm``'s fitted weights). A failed fit is re-raised
+    on rank 0 and reported on the others, so no rank waits for it."""
     fitted, failure = None, None
     if dist.is_main:
         try:
