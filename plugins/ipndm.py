@@ -22,7 +22,7 @@ variable-step Adams-Bashforth method, Hairer, Norsett & Wanner I, III.5; the
 ``"fitted"`` fits each step's weights to the score model once per run, by least
 squares against an accurate teacher on a pilot batch (the linear-subspace idea of Duan
 et al. 2023 and PAS, Wang et al. 2024; :mod:`diffuse_engine.components.step_fit`): the
-run's ``setup_nfe``, and ``fitted.toml`` keeps the weights (``weights``) with their
+run's ``setup_nfe``, and ``fitted.toml`` keeps the weights (``step_weights``) with their
 ``times`` so they are fitted once. Order 1 is DDIM. In ``x``: ``x_next = (a_next / a) x
 + a_next (sigma_next - sigma) sum_k c_k eps_{i-k}``. Score evaluations: ``steps``, plus
 one for the final denoising step when ``denoise`` is on (``nfe = N`` spends exactly
@@ -61,7 +61,7 @@ class IPNDMConfig(KernelSolverConfig):
         "the exact integral of the interpolating polynomial in sigma over each step; "
         "fitted: per-step weights fitted to the score model on a pilot batch",
     )
-    weights: list[list[float]] | None = Field(
+    step_weights: list[list[float]] | None = Field(
         None,
         description="coefficients = fitted: the weights of an earlier fit (newest eps "
         "first, one list per step; fitted.toml writes them with their times), used "
@@ -70,23 +70,23 @@ class IPNDMConfig(KernelSolverConfig):
 
     @model_validator(mode="after")
     def _check_weights(self):
-        """Given weights belong to one grid and one order: they need ``times`` and
+        """Given step weights belong to one grid and one order: they need ``times`` and
         ``coefficients = "fitted"``, and one list of ``min(order, i + 1)`` per step."""
-        w = self.weights
+        w = self.step_weights
         if w is None:
             return self
         if self.coefficients != "fitted":
-            raise ValueError('weights are fitted coefficients: set coefficients = "fitted"')
+            raise ValueError('step_weights are fitted coefficients: set coefficients = "fitted"')
         if self.times is None:
-            raise ValueError("weights belong to the grid they were fitted on: give its times")
+            raise ValueError("step_weights belong to the grid they were fitted on: give its times")
         want = [min(self.order, i + 1) for i in range(len(self.times) - 1)]
         if [len(v) for v in w] != want:
             raise ValueError(
-                f"weights: give {len(want)} lists (one per step) of lengths {want} "
+                f"step_weights: give {len(want)} lists (one per step) of lengths {want} "
                 f"(order {self.order}), not lengths {[len(v) for v in w]}"
             )
         if not all(math.isfinite(x) for v in w for x in v):
-            raise ValueError("weights must be finite")
+            raise ValueError("step_weights must be finite")
         return self
 
 
@@ -140,7 +140,7 @@ class IPNDM(KernelSolver):
     @property
     def fits_weights(self) -> bool:
         """Whether :meth:`prepare` fits the weights (``fitted``, none given)."""
-        return self.config.coefficients == "fitted" and self.config.weights is None
+        return self.config.coefficients == "fitted" and self.config.step_weights is None
 
     @property
     def fits_grid(self) -> bool:
@@ -175,13 +175,13 @@ class IPNDM(KernelSolver):
 
     @property
     def fitted_fields(self) -> dict | None:
-        """The fitted grid's ``times`` and the fitted ``weights``: the fields that
+        """The fitted grid's ``times`` and the fitted ``step_weights``: the fields that
         sample again without either pilot."""
         fields = super().fitted_fields
         steps = self.fitted_steps
         if steps is None:
             return fields
-        return {"times": list(steps.times), "weights": [list(w) for w in steps.weights]}
+        return {"times": list(steps.times), "step_weights": [list(w) for w in steps.weights]}
 
     def _fit(self, score, sde, like) -> FittedSteps:
         """The weights fitted to ``score`` on this run's grid, from the run's start; kept
@@ -205,8 +205,8 @@ class IPNDM(KernelSolver):
         c = self.config
         if c.coefficients != "fitted":
             return self.base_weights(g)
-        if c.weights is not None:
-            return [tuple(w) for w in c.weights]
+        if c.step_weights is not None:
+            return [tuple(w) for w in c.step_weights]
         pinned = getattr(self, "_steps_pinned", None)
         if pinned is not None and list(pinned.times) == list(g.t):
             return list(pinned.weights)

@@ -187,7 +187,7 @@ def test_fitted_weights_sample_again_without_any_pilot(engine, tmp_path, schedul
     first = engine.sampling(
         solver="ipndm", coefficients="fitted", nfe=8, schedule=schedule, pilot=64, **args
     )
-    assert first.setup_nfe > 0 and len(first.fitted_fields["weights"]) == 7
+    assert first.setup_nfe > 0 and len(first.fitted_fields["step_weights"]) == 7
     assert (first.fitted_times is None) == (schedule != "gits")  # only gits fits the grid
     name = write_fitted(tmp_path, first)
     entry = tomllib.loads((tmp_path / FITTED_FILE).read_text())["solver"][name]
@@ -195,15 +195,20 @@ def test_fitted_weights_sample_again_without_any_pilot(engine, tmp_path, schedul
     again = Engine(autoload=False, registry=tmp_path / FITTED_FILE).sampling(solver=name, **args)
     assert again.setup_nfe == 0 and again.nfe == 8 and again.fitted_fields is None
     assert torch.equal(first.samples, again.samples)
+    # in Python the fitted fields are overrides (names no score field shadows)
+    direct = engine.sampling(
+        solver="ipndm", coefficients="fitted", order=4, **first.fitted_fields, **args
+    )
+    assert direct.setup_nfe == 0 and torch.equal(first.samples, direct.samples)
 
 
 @pytest.mark.parametrize(
     "fields, match",
     [
-        ({"weights": [[1.0]]}, 'set coefficients = "fitted"'),
-        ({"coefficients": "fitted", "weights": [[1.0]]}, "give its times"),
+        ({"step_weights": [[1.0]]}, 'set coefficients = "fitted"'),
+        ({"coefficients": "fitted", "step_weights": [[1.0]]}, "give its times"),
         (
-            {"coefficients": "fitted", "weights": [[1.0], [1.0]], "times": [1.0, 0.5, 0.1]},
+            {"coefficients": "fitted", "step_weights": [[1.0], [1.0]], "times": [1.0, 0.5, 0.1]},
             r"lengths \[1, 2\] \(order 4\), not lengths \[1, 1\]",
         ),
     ],

@@ -18,7 +18,18 @@ from diffuse_engine.output.files import atomic_write_bytes
 #: the file in a run folder that holds the fitted solver entry
 FITTED_FILE = "fitted.toml"
 #: fields an explicit ``times`` grid replaces, or that only the fit reads
-REPLACED = ("name", "schedule", "steps", "eps", "nfe", "times", "weights", "pilot", "fine", "rho")
+REPLACED = (
+    "name",
+    "schedule",
+    "steps",
+    "eps",
+    "nfe",
+    "times",
+    "step_weights",
+    "pilot",
+    "fine",
+    "rho",
+)
 
 
 def fitted_entry_name(solver: str) -> str:
@@ -30,7 +41,7 @@ def fitted_toml(solver: dict[str, Any], fitted: dict[str, Any], *, fitted_on: st
     """A registry file with one entry, ``[solver.NAME-fitted]``: the run's resolved
     solver config ``solver`` (its ``name``, ``type`` and fields) with the ``fitted``
     fields (:attr:`SamplingResult.fitted_fields`: ``times``, and ``ipndm``'s fitted
-    ``weights``), so it samples on them without a pilot.
+    ``step_weights``), so it samples on them without a pilot.
 
     Fields the grid replaces (schedule, steps, eps, nfe, the fit's own) are left out, and
     so are unset (``None``) ones, which TOML cannot write, and non-finite floats (EDM's
@@ -40,10 +51,10 @@ def fitted_toml(solver: dict[str, Any], fitted: dict[str, Any], *, fitted_on: st
     defaults, and it fits no grid), so the entry gets the same values back."""
     entry = {k: v for k, v in solver.items() if k not in REPLACED and not _default_only(v)}
     entry["times"] = [float(t) for t in fitted["times"]]
-    if "weights" in fitted:
-        entry["weights"] = [[float(c) for c in w] for w in fitted["weights"]]
+    if "step_weights" in fitted:
+        entry["step_weights"] = [[float(c) for c in w] for w in fitted["step_weights"]]
     name = fitted_entry_name(solver["name"])
-    what = " and with the step weights" if "weights" in fitted else ""
+    what = " and with the step weights" if "step_weights" in fitted else ""
     head = (
         f"# {solver['name']!r} on the time grid{what} fitted for {fitted_on}.\n"
         f"# Reuse it without the pilot: --registry THIS_FILE --solver {name}\n"

@@ -46,7 +46,7 @@ class SamplingResult:
     #: the time grid fitted for this run (``gits``), ``None`` when nothing was fitted:
     #: ``times=fitted_times`` samples on it again without the pilot
     fitted_times: list[float] | None = None
-    #: every field of what was fitted (``times``, and ``weights`` for ``ipndm``'s
+    #: every field of what was fitted (``times``, and ``step_weights`` for ``ipndm``'s
     #: fitted coefficients): given as overrides, they sample again without any pilot
     fitted_fields: dict[str, Any] | None = None
 
