@@ -69,8 +69,9 @@ def _default_only(value: Any) -> bool:
 
 def write_fitted(folder: Path, result) -> str | None:
     """Write ``folder/fitted.toml`` for a :class:`SamplingResult` whose schedule (or
-    weights) was fitted; the entry's name. ``None``, and no file, for a solver without a ``times``
-    field (the PC sampler, the ODE solver): it fits a grid but cannot be given one."""
+    weights) was fitted; the entry's name. ``None``, and no file, for a solver without a
+    ``times`` field (the PC sampler, the ODE solver): it fits a grid but cannot be given
+    one."""
     cfg = result.config
     if "times" not in cfg["solver"]:  # the resolved config lists every field
         return None
