@@ -124,7 +124,36 @@ def main() -> None:
     )
     ap.add_argument("--minutes", type=float, default=14.0)
     ap.add_argument("--sdes", default=",".join(SDES))
-    ap.add_argument("--budgets", default="10,20,50")
+    ap.add_argument(
+        "--budgets",
+        default=None,
+        help="sweep, choose: the budgets (default 10,20,50); evaluate: only the table's "
+        "entries at these budgets (default every budget the table has)",
+    )
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="evaluate: seeds FIRST..FIRST+K-1 (100: the tie-break's seeds, for choosing)",
+    )
+    ap.add_argument(
+        "--selection-only",
+        action="store_true",
+        help="evaluate: only the selection beds (to choose on, not to report)",
+    )
+    ap.add_argument(
+        "--only",
+        default="",
+        metavar="K=V",
+        help="evaluate: only the table's entries whose registry fields have K = V "
+        "(coefficients=fitted)",
+    )
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="evaluate, adaptive: the records' file, docs/suite/RESULTS.jsonl (resumable; "
+        "default defaults, and adaptive-ENTRY...)",
+    )
     ap.add_argument(
         "--seeds",
         type=int,
@@ -153,7 +182,8 @@ def main() -> None:
         default="",
         metavar="K=V,...",
         help="adaptive: fields over the entry's (numbers or words), a candidate measured before it "
-        "becomes the entry; records in adaptive-ENTRY-K-V....jsonl",
+        "becomes the entry; records in adaptive-ENTRY-K-V....jsonl; evaluate: over every "
+        "entry's",
     )
     ap.add_argument(
         "--beds",
@@ -196,7 +226,7 @@ def main() -> None:
     torch.set_num_threads(1)
     deadline = time.time() + 60 * args.minutes
     sdes = tuple(args.sdes.split(","))
-    budgets = tuple(int(b) for b in args.budgets.split(","))
+    budgets = tuple(int(b) for b in (args.budgets or "10,20,50").split(","))
     e = engine()
     if args.step == "sweep":
         S.sweep_candidates(
@@ -240,10 +270,27 @@ def main() -> None:
                 name = f"best-{sde}-{nfe}" + (f"-dim{args.dims}" if args.dims > 1 else "")
                 print(entry_text(e, name, rec, nfe, note))
     elif args.step == "evaluate":
+        only = over_fields(ap, args.only) if args.only else {}
+        extra = over_fields(ap, args.over) if args.over else None
         for b in B.BEDS:  # each bed with the entries `diffuse run --nfe` takes for its size
-            entries = {k: v for k, v in table_entries(e, b.dims).items() if k[0] in sdes}
-            seeds = tuple(range(1, 1 + args.seeds))
-            S.evaluate(e, entries, OUT / "defaults.jsonl", beds=(b,), seeds=seeds)
+            if args.selection_only and b.held_out:
+                continue
+            entries = {
+                k: v
+                for k, v in table_entries(e, b.dims).items()
+                if k[0] in sdes
+                and (args.budgets is None or k[1] in budgets)
+                and all(e.registry.entry("solver", v).fields.get(f) == x for f, x in only.items())
+            }
+            seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
+            S.evaluate(
+                e,
+                entries,
+                OUT / f"{args.results or 'defaults'}.jsonl",
+                beds=(b,),
+                seeds=seeds,
+                extra=extra,
+            )
     elif args.step == "adaptive":
         entries = {(sde, None): args.entry for sde in sdes}
         name = "adaptive" if args.entry == "dpm_adaptive" else f"adaptive-{args.entry}"
@@ -258,7 +305,7 @@ def main() -> None:
             )
         # its defaults were chosen on seed 1 of the selection beds: fresh seeds from 2
         seeds = tuple(range(2, 2 + args.seeds))
-        S.evaluate(e, entries, OUT / f"{name}.jsonl", seeds=seeds, extra=extra)
+        S.evaluate(e, entries, OUT / f"{args.results or name}.jsonl", seeds=seeds, extra=extra)
     elif args.step == "solver-error":
         # the adaptive entry's own error against its converged flow, seeds 100.. (which
         # neither the choice of its defaults on the figure nor the evaluation uses)

@@ -61,6 +61,13 @@ class IPNDMConfig(KernelSolverConfig):
         "the exact integral of the interpolating polynomial in sigma over each step; "
         "fitted: per-step weights fitted to the score model on a pilot batch",
     )
+    fit_ridge: float = Field(
+        1e-3,
+        ge=0,
+        description="coefficients = fitted: how hard each step's weights are pulled "
+        "toward the variable-step ones, a fraction of the fit's normal matrix's mean "
+        "diagonal (docs/sampling.md, Fitted weights)",
+    )
     step_weights: list[list[float]] | None = Field(
         None,
         description="coefficients = fitted: the weights of an earlier fit (newest eps "
@@ -193,7 +200,15 @@ class IPNDM(KernelSolver):
         # score, SDE and start (tensors: never ==) compare by identity
         if cached is None or cached[0] != key or cached[1] is not start:
             w = fit_multistep_weights(
-                score, sde, g.t, self.base_weights(g), like, pilot=self.config.pilot, start=start
+                score,
+                sde,
+                g.t,
+                self.base_weights(g),
+                like,
+                pilot=self.config.pilot,
+                ridge=self.config.fit_ridge,
+                seed=self.config.pilot_seed,
+                start=start,
             )
             fit = FittedSteps(tuple(g.t), tuple(w))
             self._steps_fit = cached = (key, start, fit)

@@ -226,3 +226,38 @@ def test_fit_is_counted_apart_shared_by_shards_and_reproducible(engine):
     assert torch.equal(r.samples, again.samples)
     other = engine.sampling(nfe=8, pilot=64, shard_size=100, **{**kw, "seed": 3})
     assert not torch.equal(r.samples, other.samples)
+
+
+def test_fit_ridge_pulls_the_fitted_weights_toward_the_variable_step_ones(engine):
+    """``fit_ridge`` reaches the fit: a ridge a billion times the normal matrix's scale
+    leaves each step's weights at the variable-step ones (within 1e-6 of weights of
+    order 1), none lets the pilot move them (the last, longest step's by more than 1e-2
+    on the ring), and a negative one is a one-line config error naming the field."""
+    from diffuse_engine.core.errors import DiffuseError
+
+    kw = dict(score="gmm", sde="vp", solver="ipndm", coefficients="fitted", shape=64, seed=1)
+    kw.update(nfe=6, pilot=128, order=3, schedule="logsnr")
+    pinned = engine.sampling(fit_ridge=1e9, **kw).fitted_fields
+    free = engine.sampling(fit_ridge=0.0, **kw).fitted_fields
+    solver = engine.build(
+        "solver", "ipndm", order=3, coefficients="variable", times=pinned["times"]
+    )
+    base = solver.base_weights(solver.grid(engine.build("sde", "vp")))
+    for got, want in zip(pinned["step_weights"], base, strict=True):
+        assert got == pytest.approx(list(want), abs=1e-6)
+    last = max(abs(u - v) for u, v in zip(free["step_weights"][-1], base[-1], strict=True))
+    assert last > 1e-2
+    with pytest.raises(DiffuseError, match="fit_ridge"):
+        engine.sampling(fit_ridge=-1.0, **kw)
+
+
+def test_pilot_seed_draws_another_pilot_for_the_grid_and_the_weights(engine):
+    """``pilot_seed`` seeds the pilot batch both fits draw (the ``gits`` grid and the
+    weights): the same seed fits the same grid and weights, another seed others."""
+    kw = dict(score="gmm", sde="vp", solver="ipndm", coefficients="fitted", shape=64, seed=1)
+    kw.update(nfe=6, pilot=64, order=3, schedule="gits")
+    first = engine.sampling(**kw).fitted_fields
+    assert engine.sampling(pilot_seed=0, **kw).fitted_fields == first
+    other = engine.sampling(pilot_seed=1, **kw).fitted_fields
+    assert other["times"] != first["times"]
+    assert other["step_weights"] != first["step_weights"]

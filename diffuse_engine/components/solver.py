@@ -44,6 +44,12 @@ class SolverConfig(ComponentConfig):
     rho: float = Field(7.0, gt=0, description="exponent of the karras schedule")
     pilot: int = Field(512, ge=1, description="gits schedule: pilot batch size")
     fine: int = Field(100, ge=2, description="gits schedule: fine log-SNR grid intervals")
+    pilot_seed: int = Field(
+        0,
+        ge=0,
+        description="gits schedule and fitted weights: the pilot batch's seed (another "
+        "shows how much a fit owes to its pilot)",
+    )
     nfe: int | None = Field(
         None,
         ge=1,
@@ -172,7 +178,15 @@ class Solver(Component):
         # score, SDE and start (tensors: never ==) compare by identity
         if fitted is None or fitted[0] != key or fitted[1] is not start:
             grid = gits_time_grid(
-                score, sde, c.steps, self.eps(sde), like, pilot=c.pilot, fine=c.fine, start=start
+                score,
+                sde,
+                c.steps,
+                self.eps(sde),
+                like,
+                pilot=c.pilot,
+                fine=c.fine,
+                start=start,
+                seed=c.pilot_seed,
             )
             self._gits_fit = fitted = (key, start, grid)
         return list(fitted[2])
