@@ -261,3 +261,28 @@ def test_pilot_seed_draws_another_pilot_for_the_grid_and_the_weights(engine):
     other = engine.sampling(pilot_seed=1, **kw).fitted_fields
     assert other["times"] != first["times"]
     assert other["step_weights"] != first["step_weights"]
+
+
+def test_vp_and_subvp_share_the_flow_in_x_over_a_and_s_over_a(engine):
+    """VP and sub-VP perturb the data to the same ``p_t`` in ``y = x / a`` at equal
+    ``sigma = s / a``, so a solver stepping in ``sigma`` gives VP's samples on sub-VP
+    when both end at the same ``sigma`` (``best-subvp-10`` is ``best-vp-10`` moved so:
+    its ``eps`` 6.19e-3 is where sub-VP's ``sigma`` is VP's at 1e-5). Both start at
+    ``sigma(T)`` 152.17 / 152.16; the median sample in ``y`` moves by 1e-4 at most
+    (measured 7e-6; float32, and the few samples between two modes move up to 3e-4),
+    where sub-VP's ``eps`` a tenth off moves it 3e-3."""
+    from diffuse_engine.components.schedules import kernel_coefficients
+
+    def y(sde_name, eps):
+        sde = engine.build("sde", sde_name)
+        r = engine.sampling(
+            score="gmm", sde=sde_name, solver="ipndm", coefficients="variable", order=3,
+            steps=10, schedule="logsnr", eps=eps, denoise=False, shape=500, seed=4,
+            prior="sde",
+        )  # fmt: skip
+        (a,), _, _ = kernel_coefficients(sde, [eps])
+        return r.samples / a
+
+    vp = y("vp", 1e-5)
+    assert (y("subvp", 0.00619113) - vp).norm(dim=1).median() < 1e-4
+    assert (y("subvp", 0.0068) - vp).norm(dim=1).median() > 1e-3
