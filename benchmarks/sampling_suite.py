@@ -334,6 +334,34 @@ def main() -> None:
                 "defaults",
             ),
             (
+                "Registry defaults at 50 evaluations, fresh seeds 1-64 (at 16 seeds exact "
+                "samples themselves score up to 1.10, the target's own level)",
+                "defaults-50-seeds64",
+            ),
+            (
+                "Before: the five entries the fit's ridge (fit_ridge, chosen on seeds "
+                "100-103) replaced: best-vp-10, best-vp-10-dim16, best-ve-10-dim16, "
+                "best-ve-20-dim16, and best-subvp-10 (now best-vp-10 on sub-VP's time "
+                "axis), fresh seeds 1-16",
+                "defaults-before-ridge",
+            ),
+            (
+                "Rejected: fit_ridge for best-vp-20, best-subvp-20 and best-ve-20 (worse "
+                "on fresh seeds of the selection beds) and for best-subvp-10 alone (better "
+                "there, worse held out), fresh seeds 1-16",
+                "ridge-rejected",
+            ),
+            (
+                "The fitted entries at 10 and 20 with another pilot batch (pilot_seed = 1), "
+                "seeds 1-4",
+                "pilot-seed-1",
+            ),
+            (
+                "The fitted entries at 10 and 20 with another pilot batch (pilot_seed = 2), "
+                "seeds 1-4",
+                "pilot-seed-2",
+            ),
+            (
                 "Before: the entries that fitted iPNDM weights (coefficients = fitted) "
                 "replaced (best-vp-5, -10, -20, -10-dim16; best-subvp-5, -10, -20; best-ve-5, "
                 "-10, -20, -10-dim16, -20-dim16, and those at 50 below), fresh seeds 1-16",
@@ -434,6 +462,11 @@ def main() -> None:
                 "embedded 2M estimate; tolerance by the data's width, ntol 0.005, "
                 "noise_share 0.3; the flow's final step; no cap), fresh seeds 2-17",
                 "adaptive-dpm_adaptive_ms",
+            ),
+            (
+                "The adaptive solver on multistep updates (dpm_adaptive_ms, as above), fresh "
+                "seeds 2-65",
+                "adaptive-dpm_adaptive_ms-seeds64",
             ),
             (
                 "Before: dpm_adaptive_ms with the width tolerance (p_t's modes' width, ntol "
