@@ -185,13 +185,21 @@ def test_fitted_weights_sample_again_without_any_pilot(engine, tmp_path, schedul
 
     args = dict(score="gmm", sde="vp", shape=200, seed=2)
     first = engine.sampling(
-        solver="ipndm", coefficients="fitted", nfe=8, schedule=schedule, pilot=64, **args
+        solver="ipndm",
+        coefficients="fitted",
+        nfe=8,
+        schedule=schedule,
+        pilot=64,
+        pilot_seed=3,
+        fit_ridge=1e-4,
+        **args,
     )
     assert first.setup_nfe > 0 and len(first.fitted_fields["step_weights"]) == 7
     assert (first.fitted_times is None) == (schedule != "gits")  # only gits fits the grid
     name = write_fitted(tmp_path, first)
     entry = tomllib.loads((tmp_path / FITTED_FILE).read_text())["solver"][name]
     assert entry["coefficients"] == "fitted" and len(entry["times"]) == 8
+    assert not {"pilot", "pilot_seed", "fit_ridge"} & set(entry)  # only the fit reads them
     again = Engine(autoload=False, registry=tmp_path / FITTED_FILE).sampling(solver=name, **args)
     assert again.setup_nfe == 0 and again.nfe == 8 and again.fitted_fields is None
     assert torch.equal(first.samples, again.samples)

@@ -27,7 +27,9 @@ REPLACED = (
     "times",
     "step_weights",
     "pilot",
+    "pilot_seed",
     "fine",
+    "fit_ridge",
     "rho",
 )
 
